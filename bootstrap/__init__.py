@@ -1,0 +1,1 @@
+"""Rootfs bootstrapper: distribution backends and image import."""

@@ -1,0 +1,57 @@
+"""The ``pymachine`` command: argument parsing and dispatch only.
+
+Each verb group lives in its own module exposing ``register(subparsers)``; a
+module imports what its verbs need inside the handlers, so ``pymachine list``
+never pays for pyroute2 or the bootstrapper.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from machined.errors import ExitCode, PymachineError
+
+# Verb groups, in the order their verbs appear in --help.
+VERB_MODULES = (
+    "machined.cli.machines",
+    "machined.cli.images",
+    "machined.cli.units",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pymachine",
+        description="Manage nspawn-style machines as systemd units.",
+    )
+    parser.add_argument("--version", action="version", version="pymachine 0.1.0")
+    subparsers = parser.add_subparsers(dest="verb", metavar="VERB")
+    subparsers.required = True
+    for module_name in VERB_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue  # a verb group not written yet
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.func(args)
+    except PymachineError as exc:
+        print(f"pymachine: {exc}", file=sys.stderr)
+        return int(exc.exit_code)
+    except KeyboardInterrupt:
+        return 130
+    return int(result if result is not None else ExitCode.OK)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
