@@ -1,0 +1,1 @@
+"""Test harness: throwaway systemd hosts (tier 1) and the skip policy."""
