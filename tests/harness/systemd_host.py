@@ -52,6 +52,10 @@ __all__ = [
     "SystemdHost",
     "cgroup2_root",
     "cleanup_stale_cgroups",
+    "default_binds",
+    "new_workdir",
+    "remove_workdir",
+    "PERSISTENT_CACHE",
 ]
 
 #: Units of the machine's image that must not start in a test host. Names that
@@ -399,10 +403,18 @@ class SystemdHost:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(self._pid, signal.SIGKILL)
             if self._proc is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    self._proc.kill()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self._proc.wait(timeout=10)
+                # unshare reaps the dead PID 1 and exits by itself; kill it only if it
+                # does not (killing it first would leave PID 1 a zombie for init to reap)
+                if self._pid is None:  # boot failed early: --kill-child does the rest
+                    with contextlib.suppress(ProcessLookupError):
+                        self._proc.kill()
+                try:
+                    self._proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        self._proc.kill()
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        self._proc.wait(timeout=5)
             _remove_cgroup(self.cgroup)
         finally:
             with _live_lock:
@@ -668,6 +680,29 @@ def _stop_all() -> None:
     for host in hosts:
         with contextlib.suppress(Exception):
             host.stop()
+
+
+#: Where debian bootstraps and other downloads are cached across test runs
+#: (bound to the host's /var/cache/pymachine); override with PYMTEST_CACHE.
+PERSISTENT_CACHE = Path(os.environ.get("PYMTEST_CACHE", "/var/cache/pymachine-tests"))
+
+
+def default_binds(base: Path | str) -> dict[str, Path]:
+    """The bind mounts every test host gets.
+
+    pymachine's ``/var/lib/machines`` and ``/var/lib/pymachine`` hold overlay
+    upper dirs, which cannot live on the host's overlay root: fresh real
+    directories under BASE. ``/var/cache/pymachine`` is the persistent cache.
+    """
+    base = Path(base)
+    binds = {
+        "/var/lib/machines": base / "var-lib-machines",
+        "/var/lib/pymachine": base / "var-lib-pymachine",
+        "/var/cache/pymachine": PERSISTENT_CACHE,
+    }
+    for src in binds.values():
+        src.mkdir(parents=True, exist_ok=True)
+    return binds
 
 
 def new_workdir(base: Path | str | None = None, prefix: str = "pymtest-") -> Path:
