@@ -1,0 +1,377 @@
+"""pymachine's nftables table, changed through libnftables' JSON interface.
+
+Every change is one atomic batch fed to ``nft -j -f -``; what is there is read
+with ``nft -j list table inet pymachine`` (JSON, never scraped text). The
+Python bindings of libnftables (Debian's ``python3-nftables``) would save the
+subprocess, but they exist only for the distribution's Python; the command
+is the same library behind a stable JSON contract.
+
+One table, ``inet pymachine``, holds everything:
+
+* sets ``bridges`` (ifname), ``subnets4``, ``subnets6``: pymachine's bridges and
+  their subnets; a bridge is added on its first setup, so the fixed rules below
+  cover every bridge without per-bridge rules.
+* base chains whose rules never change (rewritten atomically by every setup
+  with ``flush chain`` + ``add rule`` in one batch, so concurrent setups and
+  upgrades converge on the same content):
+  ``prerouting``/``output`` (nat, dstnat): ``fib daddr type local jump ports``,
+  i.e. ``Port=`` applies to every local address, 127.0.0.1 and ::1 included;
+  ``postrouting`` (nat, srcnat): masquerade of machine traffic leaving the
+  bridges, of loopback-sourced forwards into a bridge, and of hairpin
+  forwards (machine → host port → machine);
+  ``forward`` (filter): into a bridge only replies, ``Port=`` forwards and
+  traffic from pymachine bridges;
+  ``input`` (filter): drop ``127.0.0.0/8`` arriving on a bridge (route_localnet).
+* chain ``ports``: the per-machine DNAT rules, each with the comment
+  ``pymachine:MACHINE:PROTO:HOSTPORT:CONTAINERPORT``. Teardown deletes exactly
+  the rules whose comment names the machine, found by listing the table, so it
+  needs nothing but the machine's name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import subprocess
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from machined.errors import Conflict, PymachineError
+from machined.network.config import PortForward
+
+FAMILY = "inet"
+TABLE = "pymachine"
+COMMENT_PREFIX = "pymachine:"
+PORTS_CHAIN = "ports"
+
+Cmd = dict[str, Any]
+
+
+# --- running nft -----------------------------------------------------------------
+
+
+def _nft() -> str:
+    path = shutil.which("nft") or shutil.which("nft", path="/usr/sbin:/sbin")
+    if path is None:
+        raise PymachineError("nft not found: install nftables (apt-get install nftables)")
+    return path
+
+
+def run(commands: list[Cmd]) -> None:
+    """Apply ``commands`` as one atomic batch."""
+    if not commands:
+        return
+    proc = subprocess.run(
+        [_nft(), "-j", "-f", "-"],
+        input=json.dumps({"nftables": commands}),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise PymachineError(f"nft failed: {proc.stderr.strip() or proc.stdout.strip()}")
+
+
+def list_table() -> list[dict[str, Any]] | None:
+    """The table's objects (``{"rule": {...}}`` …), or None if there is no table."""
+    proc = subprocess.run(
+        [_nft(), "-j", "list", "table", FAMILY, TABLE],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        if "No such file or directory" in proc.stderr:
+            return None
+        raise PymachineError(f"nft list table failed: {proc.stderr.strip()}")
+    return json.loads(proc.stdout).get("nftables", [])
+
+
+# --- expressions -----------------------------------------------------------------
+
+
+def _match(left: Any, right: Any, op: str = "==") -> Cmd:
+    return {"match": {"op": op, "left": left, "right": right}}
+
+
+def _meta(key: str) -> Cmd:
+    return {"meta": {"key": key}}
+
+
+def _payload(protocol: str, field: str) -> Cmd:
+    return {"payload": {"protocol": protocol, "field": field}}
+
+
+def _prefix(network: Any) -> Cmd:
+    return {"prefix": {"addr": str(network.network_address), "len": network.prefixlen}}
+
+
+_LOCAL = _match({"fib": {"result": "type", "flags": ["daddr"]}}, "local")
+_TO_BRIDGE = _match(_meta("oifname"), "@bridges")
+_FROM_BRIDGE = _match(_meta("iifname"), "@bridges")
+_MASQ: Cmd = {"masquerade": None}
+_ACCEPT: Cmd = {"accept": None}
+_DROP: Cmd = {"drop": None}
+
+
+def _rule(chain: str, *expr: Cmd, comment: str | None = None) -> Cmd:
+    rule: dict[str, Any] = {"family": FAMILY, "table": TABLE, "chain": chain, "expr": list(expr)}
+    if comment is not None:
+        rule["comment"] = comment
+    return {"add": {"rule": rule}}
+
+
+def _base_chain(name: str, type_: str, hook: str, prio: int) -> dict[str, Any]:
+    return {
+        "family": FAMILY,
+        "table": TABLE,
+        "name": name,
+        "type": type_,
+        "hook": hook,
+        "prio": prio,
+        "policy": "accept",
+    }
+
+
+def _base_rules() -> dict[str, list[list[Cmd]]]:
+    loopback4 = _match(_payload("ip", "saddr"), {"prefix": {"addr": "127.0.0.0", "len": 8}})
+    loopback6 = _match(_payload("ip6", "saddr"), "::1")
+    from4 = _match(_payload("ip", "saddr"), "@subnets4")
+    from6 = _match(_payload("ip6", "saddr"), "@subnets6")
+    dnat = _match({"ct": {"key": "status"}}, "dnat", "in")  # a flag test, not equality
+    jump_ports = [_LOCAL, {"jump": {"target": PORTS_CHAIN}}]
+    return {
+        "prerouting": [jump_ports],
+        "output": [jump_ports],
+        "postrouting": [
+            # machines → anywhere but a pymachine subnet: the host's address (outbound NAT)
+            [
+                from4,
+                _match(_payload("ip", "daddr"), "@subnets4", "!="),
+                _match(_meta("oifname"), "@bridges", "!="),
+                _MASQ,
+            ],
+            [
+                from6,
+                _match(_payload("ip6", "daddr"), "@subnets6", "!="),
+                _match(_meta("oifname"), "@bridges", "!="),
+                _MASQ,
+            ],
+            # the host's 127.0.0.1 / ::1 → Port= → machine: a loopback source may not leave
+            [_TO_BRIDGE, loopback4, _MASQ],
+            [_TO_BRIDGE, loopback6, _MASQ],
+            # machine → host:PORT → machine on the same bridge (hairpin): replies must come back
+            [_TO_BRIDGE, dnat, from4, _MASQ],
+            [_TO_BRIDGE, dnat, from6, _MASQ],
+        ],
+        "forward": [
+            [_FROM_BRIDGE, _ACCEPT],
+            [
+                _TO_BRIDGE,
+                _match({"ct": {"key": "state"}}, ["established", "related"], "in"),
+                _ACCEPT,
+            ],
+            [_TO_BRIDGE, dnat, _ACCEPT],
+            [_TO_BRIDGE, _DROP],
+        ],
+        "input": [
+            # route_localnet is on for the bridges: never accept 127/8 arriving on one
+            [
+                _FROM_BRIDGE,
+                _match(_payload("ip", "daddr"), {"prefix": {"addr": "127.0.0.0", "len": 8}}),
+                _DROP,
+            ],
+        ],
+    }
+
+
+_BASE_CHAINS = (
+    # name, type, hook, priority (dstnat = -100, srcnat = 100, filter = 0)
+    ("prerouting", "nat", "prerouting", -100),
+    ("output", "nat", "output", -100),
+    ("postrouting", "nat", "postrouting", 100),
+    ("forward", "filter", "forward", 0),
+    ("input", "filter", "input", 0),
+)
+
+
+def skeleton() -> list[Cmd]:
+    """Table, sets and base chains, the base chains' rules rewritten: idempotent, atomic."""
+    cmds: list[Cmd] = [{"add": {"table": {"family": FAMILY, "name": TABLE}}}]
+    for name, type_ in (
+        ("bridges", "ifname"),
+        ("subnets4", "ipv4_addr"),
+        ("subnets6", "ipv6_addr"),
+    ):
+        s: dict[str, Any] = {"family": FAMILY, "table": TABLE, "name": name, "type": type_}
+        if type_ != "ifname":
+            s["flags"] = ["interval"]
+        cmds.append({"add": {"set": s}})
+    cmds.append({"add": {"chain": {"family": FAMILY, "table": TABLE, "name": PORTS_CHAIN}}})
+    rules = _base_rules()
+    for name, type_, hook, prio in _BASE_CHAINS:
+        cmds.append({"add": {"chain": _base_chain(name, type_, hook, prio)}})
+        cmds.append({"flush": {"chain": {"family": FAMILY, "table": TABLE, "name": name}}})
+        cmds.extend(_rule(name, *expr) for expr in rules[name])
+    return cmds
+
+
+def bridge_elements(bridge: str, subnet: Any, subnet6: Any | None) -> list[Cmd]:
+    """Make the fixed rules cover ``bridge``: its name and subnets go into the sets."""
+
+    def element(set_name: str, elem: Any) -> Cmd:
+        return {
+            "add": {"element": {"family": FAMILY, "table": TABLE, "name": set_name, "elem": [elem]}}
+        }
+
+    cmds = [element("bridges", bridge), element("subnets4", _prefix(subnet))]
+    if subnet6 is not None:
+        cmds.append(element("subnets6", _prefix(subnet6)))
+    return cmds
+
+
+# --- per-machine rules -----------------------------------------------------------
+
+
+def comment_for(machine: str, port: PortForward) -> str:
+    return f"{COMMENT_PREFIX}{machine}:{port}"
+
+
+@dataclass(frozen=True)
+class MachineRule:
+    machine: str
+    chain: str
+    handle: int
+    port: PortForward | None
+
+
+def parse_comment(comment: Any) -> tuple[str, PortForward | None] | None:
+    """``pymachine:web:tcp:8080:80`` → ("web", tcp:8080:80); None if not pymachine's."""
+    if not isinstance(comment, str) or not comment.startswith(COMMENT_PREFIX):
+        return None
+    machine, _, rest = comment[len(COMMENT_PREFIX) :].partition(":")
+    if not machine:
+        return None
+    try:
+        return machine, PortForward.parse(rest) if rest else None
+    except Exception:  # noqa: BLE001 - a rule someone edited: still the machine's
+        return machine, None
+
+
+def machine_rules(listing: Iterable[dict[str, Any]] | None) -> list[MachineRule]:
+    """The per-machine rules in a table listing (any chain, identified by comment)."""
+    found = []
+    for obj in listing or ():
+        rule = obj.get("rule")
+        if not rule:
+            continue
+        parsed = parse_comment(rule.get("comment"))
+        if parsed is not None:
+            found.append(MachineRule(parsed[0], rule["chain"], rule["handle"], parsed[1]))
+    return found
+
+
+def _delete(rule: MachineRule) -> Cmd:
+    return {
+        "delete": {
+            "rule": {"family": FAMILY, "table": TABLE, "chain": rule.chain, "handle": rule.handle}
+        }
+    }
+
+
+def port_rules(
+    machine: str, ports: Iterable[PortForward], address: str, address6: str | None
+) -> list[Cmd]:
+    """DNAT for each ``Port=``: one rule per IP family, tagged with the machine's name."""
+    cmds = []
+    for port in ports:
+        comment = comment_for(machine, port)
+        dport = _match(_payload(port.protocol, "dport"), port.host_port)
+        cmds.append(
+            _rule(
+                PORTS_CHAIN,
+                _match(_meta("nfproto"), "ipv4"),
+                dport,
+                {"dnat": {"family": "ip", "addr": address, "port": port.container_port}},
+                comment=comment,
+            )
+        )
+        if address6:
+            cmds.append(
+                _rule(
+                    PORTS_CHAIN,
+                    _match(_meta("nfproto"), "ipv6"),
+                    dport,
+                    {"dnat": {"family": "ip6", "addr": address6, "port": port.container_port}},
+                    comment=comment,
+                )
+            )
+    return cmds
+
+
+def install_machine(
+    machine: str,
+    ports: list[PortForward],
+    address: str,
+    address6: str | None,
+    bridge_cmds: list[Cmd],
+) -> None:
+    """Skeleton + bridge elements + the machine's rules (replacing stale ones), one batch.
+
+    Call with the network lock held: a host port taken by another machine's rule
+    is a :class:`Conflict` (the first DNAT rule would win silently otherwise).
+    """
+    existing = machine_rules(list_table())
+    taken = {
+        (r.port.protocol, r.port.host_port): r.machine
+        for r in existing
+        if r.machine != machine and r.port is not None
+    }
+    for port in ports:
+        owner = taken.get((port.protocol, port.host_port))
+        if owner is not None:
+            raise Conflict(
+                f"host port {port.protocol}:{port.host_port} is already forwarded to machine {owner!r}"
+            )
+    stale = [_delete(r) for r in existing if r.machine == machine]
+    run(skeleton() + bridge_cmds + stale + port_rules(machine, ports, address, address6))
+
+
+def remove_machine(machine: str, attempts: int = 3) -> int:
+    """Delete every rule tagged with the machine; the number deleted (0 if none or no table)."""
+    for attempt in range(attempts):
+        rules = [r for r in machine_rules(list_table()) if r.machine == machine]
+        if not rules:
+            return 0
+        try:
+            run([_delete(r) for r in rules])
+            return len(rules)
+        except PymachineError:
+            if attempt == attempts - 1:
+                raise  # a concurrent change deleted some first: list again
+    return 0
+
+
+def remove_machines_except(keep: set[str]) -> list[str]:
+    """Delete the rules of every machine not in ``keep`` (gc); the machines cleaned."""
+    rules = [r for r in machine_rules(list_table()) if r.machine not in keep]
+    if rules:
+        run([_delete(r) for r in rules])
+    return sorted({r.machine for r in rules})
+
+
+def remove_bridge_elements(bridge: str, subnet: Any, subnet6: Any | None) -> None:
+    listing = list_table()
+    if listing is None:
+        return
+    # deleting an element that is not there fails the whole batch: one by one
+    for obj in bridge_elements(bridge, subnet, subnet6):
+        with contextlib.suppress(PymachineError):
+            run([{"delete": obj["add"]}])
+
+
+def delete_table() -> None:
+    if list_table() is not None:
+        run([{"delete": {"table": {"family": FAMILY, "name": TABLE}}}])

@@ -1,0 +1,90 @@
+"""Names pymachine gives to host-side objects, and the per-machine runtime record.
+
+Light on purpose (standard library only): :func:`machined.network.teardown`
+must work from this record alone after the runtime was killed with SIGKILL.
+
+The record is ``paths.runtime / ".network" / NAME.json`` (``/run``, so it goes
+away with a reboot, as do the links and nft rules it describes; the leading dot
+keeps it apart from ``/run/pymachine/NAME/`` since machine names never start
+with a dot). It is written *before* anything is created, so a setup killed
+half-way still leaves a record to clean up from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from machined.network.addresses import write_json_atomic
+from machined.paths import Paths
+
+IFNAME_MAX = 15
+VETH_PREFIX = "vm-"  # vm-NAME when NAME fits
+VETH_HASH_PREFIX = "vh-"  # vh-<12 hex of sha256(NAME)> otherwise: never equal to a vm- name
+ALIAS_PREFIX = "pymachine:"  # IFLA_IFALIAS of the host-side veth: "pymachine:NAME"
+CONTAINER_IFNAME = "host0"  # as systemd-nspawn names it
+
+
+def host_ifname(machine: str) -> str:
+    """The host-side veth name: unique per machine, at most 15 characters (IFNAMSIZ)."""
+    name = VETH_PREFIX + machine
+    if len(name) <= IFNAME_MAX:
+        return name
+    return VETH_HASH_PREFIX + hashlib.sha256(machine.encode()).hexdigest()[: IFNAME_MAX - 3]
+
+
+def mac_address(seed: str) -> str:
+    """A stable, locally administered unicast MAC (as nspawn derives one from the machine name).
+
+    Stable addresses keep neighbour caches valid across restarts; a bridge with a
+    fixed MAC does not change its address whenever a port comes or goes.
+    """
+    digest = bytearray(hashlib.sha256(b"pymachine:" + seed.encode()).digest()[:6])
+    digest[0] = (digest[0] & 0xFE) | 0x02  # unicast, locally administered
+    return ":".join(f"{b:02x}" for b in digest)
+
+
+def runtime_dir(paths: Paths) -> Path:
+    return paths.runtime / ".network"
+
+
+def state_file(paths: Paths, machine: str) -> Path:
+    return runtime_dir(paths) / f"{machine}.json"
+
+
+def read(paths: Paths, machine: str) -> dict[str, Any] | None:
+    try:
+        with open(state_file(paths, machine), encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}  # unreadable: still a leftover to clean, with the default names
+    return data if isinstance(data, dict) else {}
+
+
+def write(paths: Paths, machine: str, data: dict[str, Any]) -> None:
+    write_json_atomic(state_file(paths, machine), data)
+
+
+def update(paths: Paths, machine: str, **changes: Any) -> None:
+    data = read(paths, machine) or {}
+    data.update(changes)
+    write(paths, machine, data)
+
+
+def remove(paths: Paths, machine: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        state_file(paths, machine).unlink()
+
+
+def machines(paths: Paths) -> list[str]:
+    """Machines that have a runtime record (set up and not torn down)."""
+    try:
+        entries = list(runtime_dir(paths).iterdir())
+    except FileNotFoundError:
+        return []
+    return sorted(p.stem for p in entries if p.suffix == ".json" and not p.name.startswith("."))
