@@ -287,7 +287,6 @@ class ImageStore:
         meta.setdefault("created", time.time())
         if config is not None and not config.is_empty():
             meta["config"] = config.to_json()
-        os.chmod(tmp, 0o755)  # mkdtemp made it 0700; the tree's root is the container's /
         meta["size"] = disk_usage(tmp)
         with self._lock():
             target = self.paths.image(name)
