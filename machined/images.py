@@ -266,6 +266,7 @@ class ImageStore:
         tmp = Path(
             tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{name}.{os.getpid()}.", dir=self.directory)
         )
+        os.chmod(tmp, 0o755)  # the tree's root is the container's "/" (and apt's _apt reads it)
         try:
             yield tmp
         except BaseException:
@@ -287,6 +288,8 @@ class ImageStore:
         meta.setdefault("created", time.time())
         if config is not None and not config.is_empty():
             meta["config"] = config.to_json()
+        if stat.S_IMODE(os.lstat(tmp).st_mode) == 0o700:  # still mkdtemp's mode
+            os.chmod(tmp, 0o755)
         meta["size"] = disk_usage(tmp)
         with self._lock():
             target = self.paths.image(name)
