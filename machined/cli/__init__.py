@@ -40,9 +40,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def split_command(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    """``pymachine exec web -u nobody -- ls -l``: what follows the first ``--``
+    is the command, untouched by option parsing."""
+    if "--" in argv:
+        index = argv.index("--")
+        return argv[:index], argv[index + 1 :]
+    return argv, None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    head, command = split_command(list(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(head)
+    if command is not None:
+        if not hasattr(args, "command"):
+            parser.error(f"'{args.verb}' takes no command after --")
+        args.command = [*(args.command or []), *command]
     try:
         result = args.func(args)
     except PymachineError as exc:

@@ -1,0 +1,417 @@
+"""Machine verbs: create, start, stop, restart, kill, remove, list, status,
+exec, run, logs. Output and argument handling only; the logic is in
+:mod:`machined.machines`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from typing import Any
+
+from machined.errors import InvalidInput
+
+
+def _add_definition_flags(p: argparse.ArgumentParser) -> None:
+    """Flags that write definition keys; shared by create and run --ephemeral."""
+    p.add_argument("--image", help="image to run (from `pymachine images`)")
+    p.add_argument(
+        "-p",
+        "--property",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="resource limit with systemd's names and syntax, e.g. MemoryMax=64M, CPUQuota=20%%",
+    )
+    p.add_argument(
+        "--boot", action="store_true", help="run the image's own init (systemd) as PID 1"
+    )
+    p.add_argument(
+        "--bind", action="append", default=[], metavar="HOST:CONTAINER[:ro]", help="bind mount"
+    )
+    p.add_argument("--read-only", action="store_true", help="mount the root file system read-only")
+    p.add_argument("--ephemeral", action="store_true", help="throw the writable layer away at stop")
+    p.add_argument(
+        "--env",
+        "-E",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="environment variable",
+    )
+    p.add_argument("--workdir", metavar="DIR", help="working directory of the command")
+    p.add_argument("--user", "-u", metavar="USER[:GROUP]", help="user to run the command as")
+    p.add_argument(
+        "--stop-timeout", type=float, metavar="SECONDS", help="grace period before SIGKILL at stop"
+    )
+    p.add_argument(
+        "--network", choices=["none", "host", "bridge"], help="network mode (default: bridge)"
+    )
+    p.add_argument("--bridge", help="bridge to attach to (default: pymachine0)")
+    p.add_argument("--address", help="fixed IPv4 address on the bridge (default: auto)")
+    p.add_argument(
+        "--port",
+        action="append",
+        default=[],
+        metavar="[tcp|udp:]HOST:CONTAINER",
+        help="forward a host port to the machine",
+    )
+
+
+def _build_definition(name: str, args: argparse.Namespace, command: list[str]):
+    from machined.definition import BindMount, MachineDefinition, parse_env
+    from machined.names import validate_image_name, validate_machine_name
+    from machined.network.config import NetworkMode, PortForward
+    from machined.properties import parse_assignment
+
+    validate_machine_name(name)
+    if not args.image:
+        raise InvalidInput("--image is required")
+    validate_image_name(args.image)
+    definition = MachineDefinition(name=name, image=args.image)
+    for text in args.property:
+        key, value = parse_assignment(text)
+        definition.resources[key] = value
+    definition.boot = args.boot
+    definition.binds = [BindMount.parse(b) for b in args.bind]
+    definition.read_only = args.read_only
+    definition.ephemeral = args.ephemeral
+    for text in args.env:
+        key, value = parse_env(text)
+        definition.environment[key] = value
+    definition.working_directory = args.workdir
+    definition.user = args.user
+    if args.stop_timeout is not None:
+        definition.stop_timeout = args.stop_timeout
+    if args.network:
+        definition.network.mode = NetworkMode(args.network)
+    if args.bridge:
+        definition.network.bridge = args.bridge
+    if args.address:
+        definition.network.address = args.address
+    definition.network.ports = [PortForward.parse(p) for p in args.port]
+    definition.command = command
+    if not command and not args.boot:
+        _apply_image_defaults(definition)
+    return definition.validate()
+
+
+def _apply_image_defaults(definition) -> None:
+    """An imported OCI image brings its Entrypoint/Cmd/Env/WorkingDir along."""
+    try:
+        from machined.images import ImageStore
+
+        config = ImageStore().config(definition.image)
+    except Exception:
+        return
+    definition.command = list(config.command)
+    definition.environment = {**config.environment_dict, **definition.environment}
+    definition.working_directory = definition.working_directory or config.working_directory
+    definition.user = definition.user or config.user
+
+
+def _command(args: argparse.Namespace) -> list[str]:
+    return list(args.command or [])
+
+
+def _machines():
+    from machined.machines import Machines
+
+    return Machines()
+
+
+# --- verbs ---------------------------------------------------------------------
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    definition = _build_definition(args.name, args, _command(args))
+    with _machines() as machines:
+        machines.create(definition)
+    if not args.quiet:
+        print(f"Created machine {definition.name} from image {definition.image}.")
+    return 0
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    with _machines() as machines:
+        for name in args.names:
+            machines.start(name)
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    with _machines() as machines:
+        for name in args.names:
+            machines.stop(name)
+    return 0
+
+
+def cmd_restart(args: argparse.Namespace) -> int:
+    with _machines() as machines:
+        for name in args.names:
+            machines.restart(name)
+    return 0
+
+
+def _parse_signal(text: str) -> int:
+    name = text.upper()
+    if name.isdigit():
+        return int(name)
+    if name.startswith("RTMIN+") or name.startswith("SIGRTMIN+"):
+        return signal.SIGRTMIN + int(name.rsplit("+", 1)[1])
+    name = name if name.startswith("SIG") else f"SIG{name}"
+    try:
+        return int(signal.Signals[name])
+    except KeyError:
+        raise InvalidInput(f"unknown signal {text!r}") from None
+
+
+def cmd_kill(args: argparse.Namespace) -> int:
+    number = _parse_signal(args.signal)
+    with _machines() as machines:
+        for name in args.names:
+            machines.kill(name, number)
+    return 0
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    with _machines() as machines:
+        for name in args.names:
+            machines.remove(name)
+    return 0
+
+
+def _info_json(info) -> dict[str, Any]:
+    return {
+        "name": info.name,
+        "state": str(info.state),
+        "image": info.image,
+        "unit": info.unit,
+        "address": info.address,
+        "leader": info.leader,
+        "memory": info.memory,
+        "tasks": info.tasks,
+        "since": info.since,
+        "uptime": info.uptime,
+        "result": info.result,
+    }
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from machined.cli.output import human_bytes, human_duration, print_json, print_table
+
+    with _machines() as machines:
+        infos = machines.list()
+    if not args.all:
+        pass  # every defined machine is listed; stopped ones show as stopped
+    if args.json:
+        print_json([_info_json(i) for i in infos])
+        return 0
+    rows = [
+        (
+            i.name,
+            i.state,
+            i.image,
+            i.address,
+            human_bytes(i.memory) if i.memory is not None else None,
+            i.tasks,
+            human_duration(i.uptime) if i.uptime is not None else None,
+        )
+        for i in infos
+    ]
+    print_table(
+        ("name", "state", "image", "address", "memory", "tasks", "uptime"),
+        rows,
+        legend=f"{len(infos)} machines listed.",
+    )
+    return 0
+
+
+def _limits_text(info) -> str:
+    if info.definition is None or not info.definition.resources:
+        return "-"
+    return " ".join(f"{k}={v}" for k, v in info.definition.resources.items())
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from machined.cli.output import human_bytes, human_duration, print_json
+    from machined.errors import ExitCode
+    from machined.machines import MachineState, journal
+
+    with _machines() as machines:
+        info = machines.info(args.name)
+    if args.json:
+        data = _info_json(info)
+        data["limits"] = dict(info.definition.resources) if info.definition else {}
+        data["exit_status"] = info.exit_status
+        print_json(data)
+    else:
+        definition = info.definition
+        dot = "●" if info.state == MachineState.RUNNING else "○"
+        print(f"{dot} {info.name} - pymachine machine")
+        rows = [
+            (
+                "State",
+                f"{info.state}"
+                + (f" (result: {info.result})" if info.result and info.result != "success" else ""),
+            ),
+            ("Unit", info.unit),
+            ("Image", info.image),
+            ("Mode", "boot" if definition and definition.boot else "application"),
+            ("Leader", str(info.leader) if info.leader else None),
+            ("Address", info.address),
+            ("Network", str(definition.network.mode) if definition else None),
+            ("Limits", _limits_text(info)),
+            ("Memory", human_bytes(info.memory) if info.memory is not None else None),
+            ("Tasks", str(info.tasks) if info.tasks is not None else None),
+            ("Uptime", human_duration(info.uptime) if info.uptime is not None else None),
+            (
+                "Command",
+                " ".join(definition.command) if definition and definition.command else None,
+            ),
+        ]
+        if info.state != MachineState.RUNNING and info.result and info.exit_status is not None:
+            rows.append(("Exit status", str(info.exit_status)))
+        for key, value in rows:
+            if value:
+                print(f"{key:>12}: {value}")
+        lines = journal(info.unit, lines=args.lines)
+        if lines:
+            print()
+            print(lines)
+    return 0 if info.state == MachineState.RUNNING else int(ExitCode.NOT_RUNNING)
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    from machined.definition import parse_env
+    from machined.runtime.enter import ExecRequest, run_in_machine
+    from machined.runtime.supervisor import DEFAULT_PATH
+
+    command = _command(args)
+    if not command:
+        raise InvalidInput("exec needs a command: pymachine exec NAME -- CMD [ARGS…]")
+    environment = dict(parse_env(e) for e in args.env)
+    with _machines() as machines:
+        state = machines.running_state(args.name)
+        definition = machines.load(args.name)
+    base = {"PATH": DEFAULT_PATH, "container": "pymachine", **definition.environment}
+    if os.environ.get("TERM"):
+        base["TERM"] = os.environ["TERM"]
+    request = ExecRequest(command, environment, args.user, args.workdir)
+    return run_in_machine(state, request, base)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Foreground: this process moves into a transient scope and becomes the runtime."""
+    from machined.errors import Conflict
+    from machined.machines import Machines, runtime_command, scope_name
+    from machined.properties import Property, to_properties
+
+    command = _command(args)
+    with Machines() as machines:
+        definition = machines._check_startable(args.name)
+        if args.ephemeral:
+            definition.ephemeral = True
+        if machines.systemd.status(scope_name(args.name)) is not None:
+            machines.systemd.reset_failed(scope_name(args.name))
+        props = to_properties(machines.settings(definition, scope=True))
+        props.append(Property("PIDs", "au", [os.getpid()]))
+        try:
+            machines.systemd.start_transient(scope_name(args.name), props)
+        except Exception as exc:
+            raise Conflict(f"cannot create scope for machine '{args.name}': {exc}") from None
+    argv = runtime_command(args.name, "--foreground")
+    if args.ephemeral:
+        argv.append("--ephemeral")
+    if command:
+        argv += ["--", *command]
+    sys.stdout.flush()
+    os.execv(argv[0], argv)
+    return 1  # unreachable
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from machined import definition as definitions
+    from machined.machines import scope_name
+    from machined.paths import unit_name
+
+    definitions.load(args.name)
+    argv = [
+        "journalctl",
+        "--no-pager",
+        "-o",
+        "short-iso" if args.timestamps else "cat",
+        "-u",
+        unit_name(args.name),
+        "-u",
+        scope_name(args.name),
+    ]
+    if args.lines is not None:
+        argv += ["-n", str(args.lines)]
+    if args.follow:
+        argv.append("-f")
+    if args.since:
+        argv += ["--since", args.since]
+    os.execvp(argv[0], argv)
+    return 1
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("create", help="define a machine from an image")
+    p.add_argument("name")
+    _add_definition_flags(p)
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("command", nargs="*", help="-- CMD [ARGS…] (default: the image's)")
+    p.set_defaults(func=cmd_create)
+
+    for verb, func, text in (
+        ("start", cmd_start, "start machines as transient systemd services"),
+        ("stop", cmd_stop, "stop running machines"),
+        ("restart", cmd_restart, "stop (if running) and start machines"),
+        ("remove", cmd_remove, "remove stopped machines: definition and writable layer"),
+    ):
+        p = subparsers.add_parser(verb, help=text, aliases=["rm"] if verb == "remove" else [])
+        p.add_argument("names", nargs="+", metavar="NAME")
+        p.set_defaults(func=func)
+
+    p = subparsers.add_parser("kill", help="send a signal to machines' init")
+    p.add_argument("names", nargs="+", metavar="NAME")
+    p.add_argument("-s", "--signal", default="SIGTERM")
+    p.set_defaults(func=cmd_kill)
+
+    p = subparsers.add_parser("list", aliases=["ls"], help="list machines")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "-a", "--all", action="store_true", help="also machines that are stopped (default)"
+    )
+    p.set_defaults(func=cmd_list)
+
+    p = subparsers.add_parser("status", help="show a machine's state, limits, usage and journal")
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("-n", "--lines", type=int, default=10, help="journal lines to show")
+    p.set_defaults(func=cmd_status)
+
+    p = subparsers.add_parser("exec", help="run a command inside a running machine")
+    p.add_argument("name")
+    p.add_argument("--user", "-u")
+    p.add_argument("--env", "-E", action="append", default=[], metavar="NAME=VALUE")
+    p.add_argument("--workdir", "-w")
+    p.add_argument("command", nargs="*", help="-- CMD [ARGS…]")
+    p.set_defaults(func=cmd_exec)
+
+    p = subparsers.add_parser("run", help="run a machine in the foreground, in a transient scope")
+    p.add_argument("name")
+    p.add_argument("--ephemeral", action="store_true", help="throw the writable layer away at exit")
+    p.add_argument("command", nargs="*", help="-- CMD [ARGS…]")
+    p.set_defaults(func=cmd_run)
+
+    p = subparsers.add_parser("logs", help="show a machine's journal")
+    p.add_argument("name")
+    p.add_argument("-f", "--follow", action="store_true")
+    p.add_argument("-n", "--lines", type=int)
+    p.add_argument("--since")
+    p.add_argument("-t", "--timestamps", action="store_true")
+    p.set_defaults(func=cmd_logs)

@@ -1,0 +1,186 @@
+"""A small synchronous D-Bus client over pystemd's sd-bus binding.
+
+pystemd's high-level objects introspect every object (an extra round trip and
+lxml parsing); on the hot paths we call methods directly with explicit
+signatures instead. This is the only module that touches pystemd's wire API.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pystemd.dbusexc import DBusBaseError
+from pystemd.dbuslib import DBus, apply_signature
+
+from machined.errors import PymachineError
+from machined.properties import Property
+
+
+class BusError(PymachineError):
+    """A D-Bus call failed; ``name`` is the D-Bus error name when known."""
+
+    def __init__(self, message: str, name: str = "") -> None:
+        super().__init__(message)
+        self.name = name
+
+
+def encode_properties(properties: Sequence[Property]) -> list[tuple[int, Any]]:
+    """Encode ``a(sv)`` for pystemd (the shape StartTransientUnit wants)."""
+    args: list[tuple[int, Any]] = [(ord("a"), b"(sv)")]
+    for prop in properties:
+        signature = prop.signature.encode()
+        args += [(ord("r"), b"sv"), (ord("s"), prop.name.encode()), (ord("v"), signature)]
+        args += apply_signature(signature, [prop.value])
+        args += [(-1, None), (-1, None)]
+    args.append((-1, None))
+    return args
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, bytes):
+        try:
+            return value.decode()
+        except UnicodeDecodeError:
+            return value
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_decode(v) for v in value)
+    if isinstance(value, dict):
+        return {_decode(k): _decode(v) for k, v in value.items()}
+    return value
+
+
+class Bus:
+    """One connection to the system bus."""
+
+    def __init__(self) -> None:
+        self._bus = DBus()
+        self._callback_errors: list[Exception] = []
+        self._handlers: list[_SignalHandler] = []
+        try:
+            self._bus.open()
+        except DBusBaseError as exc:
+            raise BusError(
+                f"cannot connect to the system bus: {exc} (is systemd running?)"
+            ) from None
+
+    def close(self) -> None:
+        self._bus.close()
+
+    def __enter__(self) -> Bus:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def call(
+        self,
+        destination: str,
+        path: str,
+        interface: str,
+        method: str,
+        signature: str = "",
+        args: Sequence[Any] = (),
+        *,
+        raw_args: list[tuple[int, Any]] | None = None,
+    ) -> Any:
+        encoded = (
+            apply_signature(signature.encode(), [_encode(a) for a in args]) if signature else []
+        )
+        if raw_args:
+            encoded += raw_args
+        try:
+            reply = self._bus.call_method(
+                destination.encode(), path.encode(), interface.encode(), method.encode(), encoded
+            )
+        except DBusBaseError as exc:
+            raise BusError(_message(exc), _error_name(exc)) from None
+        return _decode(reply.body)
+
+    def get_all(self, destination: str, path: str, interface: str) -> dict[str, Any]:
+        body = self.call(
+            destination, path, "org.freedesktop.DBus.Properties", "GetAll", "s", [interface]
+        )
+        return body if isinstance(body, dict) else dict(body)
+
+    def get(self, destination: str, path: str, interface: str, name: str) -> Any:
+        return self.call(
+            destination, path, "org.freedesktop.DBus.Properties", "Get", "ss", [interface, name]
+        )
+
+    def match_signal(
+        self,
+        sender: str,
+        path: str | None,
+        interface: str,
+        member: str,
+        callback: Callable[[Any], None],
+    ) -> None:
+        handler = _SignalHandler(callback, self._callback_errors)
+        self._handlers.append(handler)  # pystemd keeps only a borrowed pointer to it
+        self._bus.match_signal(
+            sender.encode(),
+            path.encode() if path else None,
+            interface.encode(),
+            member.encode(),
+            handler,
+        )
+
+    def process_until(self, done: Callable[[], bool], timeout: float) -> bool:
+        """Dispatch incoming messages until ``done()`` or ``timeout`` seconds pass."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            self._bus.process()
+            if self._callback_errors:
+                raise self._callback_errors.pop(0)
+            if done():
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self._bus.wait(int(min(remaining, 1.0) * 1_000_000))
+
+
+class _SignalHandler:
+    """A callable object for pystemd's match_signal (it sets attributes on it).
+
+    An exception escaping into sd-bus's callback would surface later as a
+    SystemError from process(); keep it and re-raise it from process_until.
+    """
+
+    def __init__(self, callback: Callable[[Any], None], errors: list[Exception]) -> None:
+        self.callback = callback
+        self.errors = errors
+
+    def __call__(self, msg: Any, error: Any = None, userdata: Any = None) -> None:
+        try:
+            msg.process_reply(False)
+            self.callback(_decode(msg.body))
+        except Exception as exc:
+            self.errors.append(exc)
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, list):
+        return [_encode(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_encode(v) for v in value)
+    return value
+
+
+def _message(exc: DBusBaseError) -> str:
+    return getattr(exc, "err_message", "") or str(exc)
+
+
+def _error_name(exc: DBusBaseError) -> str:
+    name = getattr(exc, "err_name", "")
+    if name:
+        return name if isinstance(name, str) else name.decode()
+    # pystemd's generated subclasses drop err_name; the class name keeps it.
+    return type(exc).__name__

@@ -1,0 +1,310 @@
+"""The machine definition: a dataclass, read from and written to
+``/etc/pymachine/NAME.machine`` in systemd's unit-file syntax.
+
+One table (``_KEYS``) drives both the parser and the writer, so a key cannot be
+readable but not writable or the other way round. Every value is validated
+when read, so a bad definition is a clear error before anything is started.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from machined import unitfile
+from machined.errors import InvalidInput, NotFound
+from machined.names import validate_image_name, validate_machine_name
+from machined.network.config import NetworkConfig, NetworkMode, PortForward
+from machined.paths import Paths
+from machined.properties import parse_resource
+
+DEFAULT_STOP_TIMEOUT = 10.0  # seconds, like docker/podman; systemd's 90 s is for whole OSes
+
+
+@dataclass(frozen=True)
+class BindMount:
+    source: str
+    target: str
+    read_only: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> BindMount:
+        """``HOST:CONTAINER[:ro|rw]`` or ``PATH[:ro]`` (same path on both sides)."""
+        parts = text.split(":")
+        read_only = False
+        if len(parts) > 1 and parts[-1] in ("ro", "rw"):
+            read_only = parts.pop() == "ro"
+        if len(parts) == 1:
+            parts.append(parts[0])
+        if len(parts) != 2 or not all(p.startswith("/") for p in parts):
+            raise InvalidInput(f"invalid bind {text!r}: expected /HOST/PATH[:/CONTAINER/PATH][:ro]")
+        if any(".." in Path(p).parts for p in parts):
+            raise InvalidInput(f"invalid bind {text!r}: '..' is not allowed")
+        return cls(parts[0], parts[1], read_only)
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.target}" + (":ro" if self.read_only else "")
+
+
+@dataclass
+class MachineDefinition:
+    name: str
+    image: str
+    boot: bool = False
+    command: list[str] = field(default_factory=list)
+    environment: dict[str, str] = field(default_factory=dict)
+    working_directory: str | None = None
+    user: str | None = None
+    stop_timeout: float = DEFAULT_STOP_TIMEOUT
+    binds: list[BindMount] = field(default_factory=list)
+    read_only: bool = False
+    ephemeral: bool = False
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    resources: dict[str, str] = field(default_factory=dict)
+
+    def validate(self) -> MachineDefinition:
+        validate_machine_name(self.name)
+        validate_image_name(self.image)
+        for key, value in self.resources.items():
+            parse_resource(key, value)
+        for var in self.environment:
+            _check_env_name(var)
+        if self.working_directory is not None and not self.working_directory.startswith("/"):
+            raise InvalidInput(
+                f"invalid working directory {self.working_directory!r}: must be absolute"
+            )
+        if not self.stop_timeout > 0:
+            raise InvalidInput(f"invalid stop timeout {self.stop_timeout!r}: must be > 0 seconds")
+        if self.boot and self.command:
+            raise InvalidInput("a boot-mode machine runs the image's init; it takes no command")
+        self.network.validate()
+        return self
+
+
+# --- value codecs ------------------------------------------------------------
+
+
+def _check_env_name(name: str) -> str:
+    if (
+        not name
+        or not (name[0].isalpha() or name[0] == "_")
+        or not all(c.isalnum() or c == "_" for c in name)
+        or not name.isascii()
+    ):
+        raise InvalidInput(f"invalid environment variable name {name!r}")
+    return name
+
+
+def parse_env(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep:
+        raise InvalidInput(f"invalid environment assignment {text!r}: expected NAME=VALUE")
+    return _check_env_name(name), value
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "yes", "true", "on"):
+        return True
+    if lowered in ("0", "no", "false", "off"):
+        return False
+    raise InvalidInput(f"invalid boolean {text!r}: expected yes or no")
+
+
+def parse_seconds(text: str) -> float:
+    value = text.strip().removesuffix("s")
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise InvalidInput(
+            f"invalid duration {text!r}: expected seconds, e.g. 10 or 2.5s"
+        ) from None
+    if seconds <= 0:
+        raise InvalidInput(f"invalid duration {text!r}: must be > 0")
+    return seconds
+
+
+def _fmt_bool(value: bool) -> str:
+    return "yes" if value else "no"
+
+
+def _fmt_seconds(value: float) -> str:
+    return f"{value:g}"
+
+
+@dataclass(frozen=True)
+class _Key:
+    section: str
+    key: str
+    get: Callable[[MachineDefinition], list[str]]  # values to write (empty = omit)
+    set: Callable[[MachineDefinition, str], None]  # apply one value read from the file
+
+
+def _scalar(
+    attr: str,
+    parse: Callable[[str], Any] = str,
+    fmt: Callable[[Any], str] = str,
+    default: Any = None,
+) -> tuple[Callable, Callable]:
+    def get(d: MachineDefinition) -> list[str]:
+        value = getattr(d, attr)
+        return [] if value is None or value == default else [fmt(value)]
+
+    def set_(d: MachineDefinition, text: str) -> None:
+        setattr(d, attr, parse(text))
+
+    return get, set_
+
+
+def _set_env(d: MachineDefinition, text: str) -> None:
+    name, value = parse_env(text)
+    d.environment[name] = value
+
+
+def _set_command(d: MachineDefinition, text: str) -> None:
+    try:
+        d.command = shlex.split(text)
+    except ValueError as exc:
+        raise InvalidInput(f"invalid command {text!r}: {exc}") from None
+
+
+def _set_network_mode(d: MachineDefinition, text: str) -> None:
+    try:
+        d.network.mode = NetworkMode(text)
+    except ValueError:
+        raise InvalidInput(
+            f"invalid network mode {text!r}: expected none, host or bridge"
+        ) from None
+
+
+_KEYS: tuple[_Key, ...] = (
+    _Key("Machine", "Image", lambda d: [d.image], lambda d, v: setattr(d, "image", v)),
+    _Key("Machine", "Boot", *_scalar("boot", parse_bool, _fmt_bool, default=False)),
+    _Key("Exec", "Command", lambda d: [shlex.join(d.command)] if d.command else [], _set_command),
+    _Key("Exec", "Environment", lambda d: [f"{k}={v}" for k, v in d.environment.items()], _set_env),
+    _Key("Exec", "WorkingDirectory", *_scalar("working_directory")),
+    _Key("Exec", "User", *_scalar("user")),
+    _Key(
+        "Exec",
+        "StopTimeoutSec",
+        *_scalar("stop_timeout", parse_seconds, _fmt_seconds, default=DEFAULT_STOP_TIMEOUT),
+    ),
+    _Key(
+        "Files",
+        "Bind",
+        lambda d: [str(b) for b in d.binds],
+        lambda d, v: d.binds.append(BindMount.parse(v)),
+    ),
+    _Key("Files", "ReadOnly", *_scalar("read_only", parse_bool, _fmt_bool, default=False)),
+    _Key("Files", "Ephemeral", *_scalar("ephemeral", parse_bool, _fmt_bool, default=False)),
+    _Key("Network", "Mode", lambda d: [str(d.network.mode)], _set_network_mode),
+    _Key(
+        "Network",
+        "Bridge",
+        lambda d: [d.network.bridge] if d.network.mode == NetworkMode.BRIDGE else [],
+        lambda d, v: setattr(d.network, "bridge", v),
+    ),
+    _Key(
+        "Network",
+        "Address",
+        lambda d: [d.network.address] if d.network.mode == NetworkMode.BRIDGE else [],
+        lambda d, v: setattr(d.network, "address", v),
+    ),
+    _Key(
+        "Network",
+        "Port",
+        lambda d: [str(p) for p in d.network.ports],
+        lambda d, v: d.network.ports.append(PortForward.parse(v)),
+    ),
+)
+_BY_SECTION_KEY = {(k.section, k.key): k for k in _KEYS}
+SECTIONS = ("Machine", "Exec", "Files", "Network", "Resources")
+
+
+def to_text(definition: MachineDefinition) -> str:
+    sections: dict[str, list[tuple[str, str]]] = {s: [] for s in SECTIONS}
+    for key in _KEYS:
+        sections[key.section].extend((key.key, value) for value in key.get(definition))
+    sections["Resources"] = list(definition.resources.items())
+    return unitfile.render(sections)
+
+
+def from_text(name: str, text: str, path: str = "<string>") -> MachineDefinition:
+    parsed = unitfile.parse(text, path)
+    definition = MachineDefinition(name=name, image="")
+    definition.network.ports = []
+    for section, entries in parsed.sections.items():
+        if section not in SECTIONS:
+            first = entries[0] if entries else None
+            raise parsed.error(first, f"unknown section [{section}] (known: {', '.join(SECTIONS)})")
+        for entry in entries:
+            try:
+                if section == "Resources":
+                    parse_resource(entry.key, entry.value)
+                    definition.resources[entry.key] = entry.value
+                    continue
+                key = _BY_SECTION_KEY.get((section, entry.key))
+                if key is None:
+                    raise InvalidInput(f"unknown key {entry.key}= in [{section}]")
+                key.set(definition, entry.value)
+            except InvalidInput as exc:
+                raise parsed.error(entry, str(exc)) from None
+    if not definition.image:
+        raise parsed.error(None, "[Machine] Image= is missing")
+    try:
+        return definition.validate()
+    except InvalidInput as exc:
+        raise parsed.error(None, str(exc)) from None
+
+
+# --- the store ---------------------------------------------------------------
+
+
+def load(name: str, paths: Paths | None = None) -> MachineDefinition:
+    paths = paths or Paths.from_env()
+    validate_machine_name(name)
+    path = paths.definition_file(name)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise NotFound(f"machine '{name}' not found (no {path})") from None
+    except UnicodeDecodeError:
+        raise InvalidInput(f"{path}: not a text file") from None
+    return from_text(name, text, str(path))
+
+
+def save(definition: MachineDefinition, paths: Paths | None = None) -> Path:
+    paths = paths or Paths.from_env()
+    definition.validate()
+    path = paths.definition_file(definition.name)
+    unitfile.write_atomic(path, to_text(definition))
+    return path
+
+
+def exists(name: str, paths: Paths | None = None) -> bool:
+    paths = paths or Paths.from_env()
+    return paths.definition_file(name).is_file()
+
+
+def list_names(paths: Paths | None = None) -> list[str]:
+    paths = paths or Paths.from_env()
+    try:
+        return sorted(
+            p.stem for p in paths.definitions.glob("*.machine") if not p.name.startswith(".")
+        )
+    except FileNotFoundError:
+        return []
+
+
+def list_definitions(paths: Paths | None = None) -> list[MachineDefinition]:
+    """Every readable definition; a broken file is skipped here (``status`` names it)."""
+    result = []
+    for name in list_names(paths):
+        try:
+            result.append(load(name, paths))
+        except InvalidInput:
+            continue
+    return result

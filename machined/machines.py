@@ -1,0 +1,302 @@
+"""The library API for machines: create, start, stop, remove, inspect.
+
+The CLI is a thin layer over this module; a Python user gets the same checks
+and errors. Every verb validates everything it can *before* changing anything,
+so bad input changes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from machined import definition as definitions
+from machined.definition import MachineDefinition
+from machined.errors import Conflict, NotFound, NotRunning, PymachineError
+from machined.names import validate_machine_name
+from machined.paths import ROOT_ENV, Paths, unit_name
+from machined.properties import machine_settings, to_properties
+from machined.runtime import state as runtime_state
+
+
+class MachineState(StrEnum):
+    RUNNING = "running"
+    STARTING = "starting"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+_ACTIVE_TO_STATE = {
+    "active": MachineState.RUNNING,
+    "reloading": MachineState.RUNNING,
+    "activating": MachineState.STARTING,
+    "deactivating": MachineState.STOPPING,
+    "failed": MachineState.FAILED,
+}
+
+
+@dataclass
+class MachineInfo:
+    name: str
+    state: MachineState
+    image: str | None
+    unit: str
+    address: str | None = None
+    leader: int | None = None
+    memory: int | None = None
+    tasks: int | None = None
+    since: float | None = None  # realtime seconds the machine became active
+    result: str | None = None
+    exit_status: int | None = None
+    definition: MachineDefinition | None = None
+    unit_properties: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def uptime(self) -> float | None:
+        return (
+            time.time() - self.since if self.since and self.state == MachineState.RUNNING else None
+        )
+
+
+def scope_name(machine: str) -> str:
+    return f"pymachine-{machine}.scope"
+
+
+def runtime_command(name: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "machined.runtime", name, *extra]
+
+
+def runtime_environment(paths: Paths) -> dict[str, str]:
+    env = {}
+    if paths.root != Paths().root:
+        env[ROOT_ENV] = str(paths.root)
+    return env
+
+
+class Machines:
+    """Machines on this host. Opens the system bus lazily, once."""
+
+    def __init__(self, paths: Paths | None = None) -> None:
+        self.paths = paths or Paths.from_env()
+        self._systemd = None
+
+    @property
+    def systemd(self):
+        if self._systemd is None:
+            from machined.systemd import Systemd
+
+            self._systemd = Systemd()
+        return self._systemd
+
+    def close(self) -> None:
+        if self._systemd is not None:
+            self._systemd.close()
+            self._systemd = None
+
+    def __enter__(self) -> Machines:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- definitions -------------------------------------------------------
+    def create(self, definition: MachineDefinition) -> None:
+        definition.validate()
+        if definitions.exists(definition.name, self.paths):
+            raise Conflict(f"machine '{definition.name}' already exists")
+        if not self.paths.image(definition.image).is_dir():
+            raise NotFound(f"image '{definition.image}' not found in {self.paths.images}")
+        state_dir = self.paths.machine_state(definition.name)
+        created_state = not state_dir.exists()
+        try:
+            (state_dir / "upper").mkdir(parents=True, exist_ok=True)
+            (state_dir / "work").mkdir(parents=True, exist_ok=True)
+            definitions.save(definition, self.paths)
+        except BaseException:
+            if created_state:
+                shutil.rmtree(state_dir, ignore_errors=True)
+            raise
+
+    def load(self, name: str) -> MachineDefinition:
+        return definitions.load(name, self.paths)
+
+    # --- state -------------------------------------------------------------
+    def _unit_status(self, name: str):
+        for unit in (unit_name(name), scope_name(name)):
+            status = self.systemd.status(unit)
+            if status is not None and (status.running or status.active_state == "failed"):
+                return status
+        return self.systemd.status(unit_name(name))
+
+    def info(self, name: str, *, require_definition: bool = True) -> MachineInfo:
+        validate_machine_name(name)
+        definition = None
+        try:
+            definition = self.load(name)
+        except NotFound:
+            if require_definition:
+                raise
+        status = self._unit_status(name)
+        state = MachineState.STOPPED
+        if status is not None:
+            state = _ACTIVE_TO_STATE.get(status.active_state, MachineState.STOPPED)
+        info = MachineInfo(
+            name=name,
+            state=state,
+            image=definition.image if definition else None,
+            unit=status.name if status else unit_name(name),
+            definition=definition,
+        )
+        if status is not None:
+            info.memory = status.memory_current if status.running else None
+            info.tasks = status.tasks_current if status.running else None
+            info.since = status.active_enter_usec / 1e6 if status.active_enter_usec else None
+            info.result = status.result
+            info.exit_status = status.exec_main_status
+            info.unit_properties = status.properties
+        running = runtime_state.read(self.paths, name)
+        if running is not None and state in (MachineState.RUNNING, MachineState.STOPPING):
+            info.leader = running.leader
+            info.address = running.address
+        if info.address is None and definition is not None:
+            info.address = _address_of(name, self.paths)
+        return info
+
+    def list(self) -> list[MachineInfo]:
+        names = set(definitions.list_names(self.paths))
+        for unit, _active, _sub in self.systemd.list_units(
+            ["pymachine-*.service", "pymachine-*.scope"]
+        ):
+            names.add(unit.removeprefix("pymachine-").rsplit(".", 1)[0])
+        return [self.info(n, require_definition=False) for n in sorted(names)]
+
+    def is_running(self, name: str) -> bool:
+        status = self._unit_status(name)
+        return status is not None and status.running
+
+    # --- lifecycle ---------------------------------------------------------
+    def _check_startable(self, name: str) -> MachineDefinition:
+        definition = self.load(name)
+        if not self.paths.image(definition.image).is_dir():
+            raise NotFound(f"image '{definition.image}' of machine '{name}' not found")
+        if self.is_running(name):
+            raise Conflict(f"machine '{name}' is already running")
+        return definition
+
+    def settings(self, definition: MachineDefinition, *, scope: bool = False) -> list:
+        return machine_settings(
+            definition.name,
+            definition.resources,
+            definition.stop_timeout,
+            runtime_command(definition.name),
+            runtime_environment(self.paths),
+            scope=scope,
+        )
+
+    def start(self, name: str, *, timeout: float = 120) -> None:
+        from machined.systemd import JobFailed
+
+        definition = self._check_startable(name)
+        unit = unit_name(name)
+        self.systemd.reset_failed(unit)
+        try:
+            if (self.paths.unit_files / unit).exists():
+                self.systemd.start_unit(unit, timeout=timeout)  # enabled: same name, its unit file
+            else:
+                self.systemd.start_transient(
+                    unit, to_properties(self.settings(definition)), timeout=timeout
+                )
+        except JobFailed as exc:
+            raise PymachineError(self._failure_report(name, unit, exc.result)) from None
+
+    def _failure_report(self, name: str, unit: str, job_result: str) -> str:
+        status = self.systemd.status(unit)
+        result = status.result if status else job_result
+        lines = journal(unit, lines=10)
+        text = f"machine '{name}' failed to start ({unit}: result '{result}')"
+        return text + ("\n" + lines if lines else "")
+
+    def stop(self, name: str, *, timeout: float = 300) -> None:
+        validate_machine_name(name)
+        if (
+            not definitions.exists(name, self.paths)
+            and self.systemd.status(unit_name(name)) is None
+        ):
+            raise NotFound(f"machine '{name}' not found")
+        status = self._unit_status(name)
+        if status is None or not status.running:
+            raise NotRunning(f"machine '{name}' is not running")
+        self.systemd.stop_unit(status.name, timeout=timeout)
+
+    def restart(self, name: str) -> None:
+        if self.is_running(name):
+            self.stop(name)
+        self.start(name)
+
+    def kill(self, name: str, signal_number: int) -> None:
+        status = self._unit_status(name)
+        if status is None or not status.running:
+            raise NotRunning(f"machine '{name}' is not running")
+        self.systemd.kill_unit(status.name, signal_number, "main")
+
+    def remove(self, name: str) -> None:
+        validate_machine_name(name)
+        if not definitions.exists(name, self.paths):
+            raise NotFound(f"machine '{name}' not found")
+        if self.is_running(name):
+            raise Conflict(f"machine '{name}' is running; stop it first")
+        unit_file = self.paths.unit_files / unit_name(name)
+        if unit_file.exists():
+            raise Conflict(f"machine '{name}' is enabled; run 'pymachine disable {name}' first")
+        self.paths.definition_file(name).unlink()
+        shutil.rmtree(self.paths.machine_state(name), ignore_errors=True)
+        shutil.rmtree(self.paths.machine_runtime(name), ignore_errors=True)
+        with contextlib.suppress(Exception):
+            from machined import network
+
+            network.release(name, self.paths)
+        with contextlib.suppress(Exception):
+            self.systemd.reset_failed(unit_name(name))
+
+    def running_state(self, name: str) -> runtime_state.RuntimeState:
+        validate_machine_name(name)
+        if not definitions.exists(name, self.paths):
+            raise NotFound(f"machine '{name}' not found")
+        current = runtime_state.read(self.paths, name)
+        if current is None or not current.alive():
+            raise NotRunning(f"machine '{name}' is not running")
+        return current
+
+
+def _address_of(name: str, paths: Paths) -> str | None:
+    try:
+        from machined import network
+
+        return network.address_of(name, paths)
+    except (ImportError, AttributeError, OSError):
+        return None
+
+
+def journal(unit: str, lines: int = 10, extra: list[str] | None = None) -> str:
+    """The unit's last journal lines. journalctl is the journal's own reader:
+    pystemd cannot read the journal, and the file format is journald's business."""
+    args = ["journalctl", "--no-pager", "-q", "-u", unit, "-n", str(lines), *(extra or [])]
+    try:
+        out = subprocess.run(
+            args,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            env={**os.environ, "SYSTEMD_COLORS": "0"},
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return out.stdout.rstrip()

@@ -1,0 +1,253 @@
+"""Machine definition → systemd unit properties, with their D-Bus types.
+
+Values use systemd.resource-control(5)'s syntax so an admin can copy them from
+a unit file: ``MemoryMax=512M``, ``CPUQuota=20%``, ``TasksMax=infinity``. Each
+key validates its value once (``parse_resource``); the same text is then either
+written into a unit file verbatim (enabled machines) or converted into the typed
+property systemd's D-Bus API expects (transient units), e.g. ``CPUQuota=20%`` →
+``CPUQuotaPerSecUSec=200000``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from machined.errors import InvalidInput
+
+UINT64_MAX = 2**64 - 1
+UINT32_MAX = 2**32 - 1
+_SIZE_SUFFIXES = {
+    "": 1,
+    "B": 1,
+    "K": 1024,
+    "M": 1024**2,
+    "G": 1024**3,
+    "T": 1024**4,
+    "P": 1024**5,
+    "E": 1024**6,
+}
+
+
+@dataclass(frozen=True)
+class Property:
+    """One unit property: name, D-Bus signature, value."""
+
+    name: str
+    signature: str
+    value: Any
+
+
+def _bad(key: str, value: str, expected: str) -> InvalidInput:
+    return InvalidInput(f"invalid value for {key}: {value!r} (expected {expected})")
+
+
+def _percent(key: str, value: str, expected: str, *, maximum: float | None = 100.0) -> float:
+    try:
+        number = float(value[:-1])
+    except ValueError:
+        raise _bad(key, value, expected) from None
+    if number < 0 or (maximum is not None and number > maximum):
+        raise _bad(key, value, expected)
+    return number
+
+
+def _scale(percent: float) -> int:
+    """systemd's *Scale properties: a fraction of UINT32_MAX."""
+    return int(percent / 100 * UINT32_MAX)
+
+
+def _memory(key: str, value: str) -> list[Property]:
+    expected = "bytes with K/M/G/T/P/E suffix (base 1024), N% of RAM, or infinity"
+    if value == "infinity":
+        return [Property(key, "t", UINT64_MAX)]
+    if value.endswith("%"):
+        return [Property(f"{key}Scale", "u", _scale(_percent(key, value, expected)))]
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGTPE]?)", value)
+    if not match:
+        raise _bad(key, value, expected)
+    number = float(match.group(1)) * _SIZE_SUFFIXES[match.group(2)]
+    if number >= UINT64_MAX:
+        raise _bad(key, value, expected)
+    return [Property(key, "t", int(number))]
+
+
+def _cpu_quota(key: str, value: str) -> list[Property]:
+    expected = "a percentage like 20% or 150% (of one CPU), or infinity"
+    if value == "infinity":
+        return [Property("CPUQuotaPerSecUSec", "t", UINT64_MAX)]
+    if not value.endswith("%"):
+        raise _bad(key, value, expected)
+    percent = _percent(key, value, expected, maximum=None)
+    if percent <= 0:
+        raise _bad(key, value, expected)
+    return [Property("CPUQuotaPerSecUSec", "t", int(percent * 10_000))]
+
+
+def _weight(key: str, value: str) -> list[Property]:
+    expected = "an integer from 1 to 10000" + (", or idle" if key == "CPUWeight" else "")
+    if key == "CPUWeight" and value == "idle":
+        return [Property(key, "t", 0)]
+    if not value.isdigit() or not 1 <= int(value) <= 10000:
+        raise _bad(key, value, expected)
+    return [Property(key, "t", int(value))]
+
+
+def _tasks(key: str, value: str) -> list[Property]:
+    expected = "a positive integer, N%, or infinity"
+    if value == "infinity":
+        return [Property(key, "t", UINT64_MAX)]
+    if value.endswith("%"):
+        return [Property(f"{key}Scale", "u", _scale(_percent(key, value, expected)))]
+    if not value.isdigit() or int(value) < 1 or int(value) >= UINT64_MAX:
+        raise _bad(key, value, expected)
+    return [Property(key, "t", int(value))]
+
+
+def parse_cpu_set(key: str, value: str) -> list[int]:
+    """``0-3,6`` → [0, 1, 2, 3, 6]."""
+    expected = "a CPU list like 0-3,6"
+    cpus: set[int] = set()
+    for part in value.replace(" ", ",").split(","):
+        if not part:
+            continue
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not match:
+            raise _bad(key, value, expected)
+        first = int(match.group(1))
+        last = int(match.group(2) or first)
+        if last < first or last > 8191:
+            raise _bad(key, value, expected)
+        cpus.update(range(first, last + 1))
+    if not cpus:
+        raise _bad(key, value, expected)
+    return sorted(cpus)
+
+
+def cpu_set_mask(cpus: list[int]) -> bytes:
+    """The ``ay`` systemd wants: bit N of the little-endian byte array = CPU N."""
+    mask = bytearray(max(cpus) // 8 + 1)
+    for cpu in cpus:
+        mask[cpu // 8] |= 1 << (cpu % 8)
+    return bytes(mask)
+
+
+def _cpu_set(key: str, value: str) -> list[Property]:
+    return [Property(key, "ay", cpu_set_mask(parse_cpu_set(key, value)))]
+
+
+_PARSERS: dict[str, Callable[[str, str], list[Property]]] = {
+    "MemoryMax": _memory,
+    "MemoryHigh": _memory,
+    "MemoryLow": _memory,
+    "MemoryMin": _memory,
+    "MemorySwapMax": _memory,
+    "CPUQuota": _cpu_quota,
+    "CPUWeight": _weight,
+    "IOWeight": _weight,
+    "TasksMax": _tasks,
+    "AllowedCPUs": _cpu_set,
+    "AllowedMemoryNodes": _cpu_set,
+}
+
+RESOURCE_KEYS: tuple[str, ...] = tuple(_PARSERS)
+
+
+def parse_resource(key: str, value: str) -> list[Property]:
+    """Validate one ``[Resources]`` setting and return its D-Bus properties."""
+    parser = _PARSERS.get(key)
+    if parser is None:
+        raise InvalidInput(f"unknown property {key!r} (known: {', '.join(RESOURCE_KEYS)})")
+    return parser(key, value.strip())
+
+
+def parse_assignment(text: str) -> tuple[str, str]:
+    """``-p KEY=VALUE`` → (key, value), validated."""
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise InvalidInput(f"invalid property {text!r}: expected KEY=VALUE")
+    key, value = key.strip(), value.strip()
+    parse_resource(key, value)
+    return key, value
+
+
+def resource_properties(resources: Mapping[str, str]) -> list[Property]:
+    properties: list[Property] = []
+    for key, value in resources.items():
+        properties.extend(parse_resource(key, value))
+    return properties
+
+
+# --- the machine's service / scope -------------------------------------------
+
+STOP_TIMEOUT_MARGIN = 5.0  # seconds systemd waits beyond the init's own escalation
+
+
+@dataclass(frozen=True)
+class UnitSetting:
+    """One line of a machine's unit: its unit-file form and its D-Bus form."""
+
+    key: str
+    text: str
+    properties: tuple[Property, ...]
+
+
+def _setting(key: str, text: str, *props: Property) -> UnitSetting:
+    return UnitSetting(key, text, props or (Property(key, "s", text),))
+
+
+def machine_settings(
+    name: str,
+    resources: Mapping[str, str],
+    stop_timeout: float,
+    exec_start: list[str],
+    environment: Mapping[str, str],
+    *,
+    scope: bool = False,
+) -> list[UnitSetting]:
+    """Everything a machine's unit carries, in one list that both the transient
+    path (D-Bus properties) and the enabled path (rendered unit file) use, so
+    the two can never differ."""
+    timeout = stop_timeout + STOP_TIMEOUT_MARGIN
+    settings = [
+        _setting("Description", f"pymachine machine {name}"),
+        _setting("Slice", "machine.slice"),
+        _setting("Delegate", "yes", Property("Delegate", "b", True)),
+    ]
+    if not scope:
+        settings += [
+            _setting("Type", "notify"),
+            _setting("NotifyAccess", "main"),
+            _setting("KillMode", "mixed"),
+            # The init passes SIGTERM's 143 on when the payload obeys a stop: that is success.
+            _setting(
+                "SuccessExitStatus", "143", Property("SuccessExitStatus", "(aiai)", ([143], []))
+            ),
+            _setting(
+                "ExecStart",
+                " ".join(exec_start),
+                Property("ExecStart", "a(sasb)", [(exec_start[0], exec_start, False)]),
+            ),
+        ]
+        if environment:
+            settings.append(
+                _setting(
+                    "Environment",
+                    " ".join(f"{k}={v}" for k, v in environment.items()),
+                    Property("Environment", "as", [f"{k}={v}" for k, v in environment.items()]),
+                )
+            )
+    settings.append(
+        _setting(
+            "TimeoutStopSec", f"{timeout:g}s", Property("TimeoutStopUSec", "t", int(timeout * 1e6))
+        )
+    )
+    for key, value in resources.items():
+        settings.append(_setting(key, value, *parse_resource(key, value)))
+    return settings
+
+
+def to_properties(settings: list[UnitSetting]) -> list[Property]:
+    return [prop for setting in settings for prop in setting.properties]

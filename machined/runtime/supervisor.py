@@ -1,0 +1,390 @@
+"""The unit's main process: builds the container from kernel parts and waits.
+
+Order matters (ARCHITECTURE.md, "the path of start"):
+
+1. private mount namespace, overlay root (image = lower, machine = upper);
+2. split the delegated cgroup, fork the container's PID 1 into a new PID
+   namespace *before* importing anything heavy;
+3. the child unshares mount/UTS/IPC/net/cgroup namespaces and waits;
+4. the parent sets up the network for the child's netns, registers with
+   machined, writes the state file;
+5. the child mounts /proc, /sys, /dev…, pivots and becomes PID 1 (pymachine's
+   init, or the image's own init in boot mode); the parent sends READY=1;
+6. on SIGTERM the parent asks PID 1 to stop, then tears down what it set up
+   and exits with the container's status.
+
+Everything mounted lives in namespaces that die with the processes, so a
+SIGKILL leaves no mount behind; the network and machined registration are
+removed here on exit, or by the next start from the persisted state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+
+from machined.definition import MachineDefinition
+from machined.network.config import NetworkMode
+from machined.paths import Paths
+from machined.runtime import cgroup, linux, state
+from machined.runtime.mounts import Bind, RootfsSpec
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+BOOT_INITS = ("/sbin/init", "/lib/systemd/systemd", "/usr/lib/systemd/systemd")
+HALT = signal.SIGRTMIN + 3  # what systemd as PID 1 takes as "halt"
+
+
+class StartError(Exception):
+    pass
+
+
+def _log(message: str) -> None:
+    print(f"pymachine-runtime: {message}", file=sys.stderr, flush=True)
+
+
+def _read_line(fd: int) -> bytes:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+class Layers:
+    """Where the overlay's parts are for one start of a machine."""
+
+    def __init__(self, paths: Paths, definition: MachineDefinition) -> None:
+        self.image = paths.image(definition.image)
+        self.runtime_dir = paths.machine_runtime(definition.name)
+        self.root = self.runtime_dir / "root"
+        base = (
+            self.runtime_dir / "ephemeral"
+            if definition.ephemeral
+            else paths.machine_state(definition.name)
+        )
+        self.upper = base / "upper"
+        self.work = base / "work"
+        self.ephemeral = definition.ephemeral
+
+    def mount(self) -> None:
+        if not self.image.is_dir():
+            raise StartError(f"image directory {self.image} does not exist")
+        for directory in (self.root, self.upper, self.work):
+            directory.mkdir(parents=True, exist_ok=True)
+        options = f"lowerdir={self.image},upperdir={self.upper},workdir={self.work}"
+        linux.mount("overlay", str(self.root), "overlay", 0, options)
+
+    def cleanup(self) -> None:
+        if self.ephemeral:
+            shutil.rmtree(self.runtime_dir / "ephemeral", ignore_errors=True)
+
+
+def _payload_environment(
+    definition: MachineDefinition, home: str, terminal: bool
+) -> dict[str, str]:
+    env = {
+        "PATH": DEFAULT_PATH,
+        "HOME": home,
+        "container": "pymachine",
+        "HOSTNAME": definition.name,
+    }
+    if terminal and os.environ.get("TERM"):
+        env["TERM"] = os.environ["TERM"]
+    env.update(definition.environment)
+    return env
+
+
+class Supervisor:
+    def __init__(
+        self,
+        definition: MachineDefinition,
+        paths: Paths,
+        *,
+        command: list[str] | None = None,
+        foreground: bool = False,
+    ) -> None:
+        self.definition = definition
+        self.paths = paths
+        self.command = command or definition.command or ["/bin/sh"]
+        self.foreground = foreground
+        self.layers = Layers(paths, definition)
+        self.child = 0
+        self.network_state = None
+        self.registered = False
+
+    # --- the container side (runs in the forked child) ---------------------
+    def _child(self, go_read: int, report_write: int, flags: int) -> None:
+        """Become the container: never returns."""
+        status = 1
+        try:
+            linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.read(go_read, 1) != b"1":
+                os._exit(1)
+            linux.unshare(flags)
+            os.write(report_write, b"u")
+            message = json.loads(_read_line(go_read) or b"{}")
+            spec = RootfsSpec(
+                root=str(self.layers.root),
+                hostname=self.definition.name,
+                read_only=self.definition.read_only,
+                writable_cgroup=self.definition.boot,
+                binds=tuple(Bind(**b) for b in message.get("binds", [])),
+                console=os.ttyname(0) if self.foreground and os.isatty(0) else None,
+            )
+            # Import now: after pivot_root the host's Python library is out of reach.
+            from machined.runtime import init, users  # noqa: F401
+            from machined.runtime.mounts import setup_rootfs
+
+            setup_rootfs(spec)
+            os.write(report_write, b"r")
+            os.close(report_write)
+            os.close(go_read)
+            if self.definition.boot:
+                self._exec_boot()
+            status = self._run_init()
+        except BaseException as exc:  # report, never fall back into the parent's code
+            _log(f"container set-up failed: {exc}")
+            status = 1
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status)
+
+    def _exec_boot(self) -> None:
+        env = {"PATH": DEFAULT_PATH, "container": "pymachine", "TERM": "vt220"}
+        env.update(self.definition.environment)
+        for init in BOOT_INITS:
+            if os.access(init, os.X_OK):
+                os.execve(init, [init], env)
+        raise StartError(f"boot mode: none of {', '.join(BOOT_INITS)} exists in the image")
+
+    def _run_init(self) -> int:
+        from machined.runtime import init, users
+
+        user = users.resolve(self.definition.user)
+        terminal = self.foreground and os.isatty(0)
+        payload = init.Payload(
+            argv=self.command,
+            environment=_payload_environment(self.definition, user.home, terminal),
+            working_directory=self.definition.working_directory or "/",
+            uid=user.uid,
+            gid=user.gid,
+            groups=list(user.groups),
+            terminal=terminal,
+        )
+        linux.set_process_name("pymachine-init")
+        return init.run(payload, stop_timeout=self.definition.stop_timeout)
+
+    # --- the host side ------------------------------------------------------
+    def _namespace_flags(self) -> int:
+        flags = linux.CLONE_NEWNS | linux.CLONE_NEWUTS | linux.CLONE_NEWIPC | linux.CLONE_NEWCGROUP
+        if self.definition.network.mode != NetworkMode.HOST:
+            flags |= linux.CLONE_NEWNET
+        return flags
+
+    def _binds(self) -> list[dict]:
+        binds = []
+        for bind in self.definition.binds:
+            if not os.path.exists(bind.source):
+                raise StartError(f"bind source {bind.source} does not exist")
+            binds.append(
+                {"source": bind.source, "target": bind.target, "read_only": bind.read_only}
+            )
+        return binds
+
+    def _setup_network(self) -> list[dict]:
+        """Configure the child's netns from here; returns extra binds (/etc files)."""
+        mode = self.definition.network.mode
+        if mode == NetworkMode.HOST:
+            return []
+        from machined import network
+
+        self.network_state = network.setup(
+            self.definition.name, self.definition.network, self.child, self.paths
+        )
+        etc_dir = self.layers.runtime_dir / "etc"
+        etc_dir.mkdir(parents=True, exist_ok=True)
+        network.render_etc_files(self.definition.name, self.network_state, self.paths, etc_dir)
+        return [
+            {"source": str(etc_dir / name), "target": f"/etc/{name}", "read_only": False}
+            for name in ("hosts", "resolv.conf")
+            if (etc_dir / name).exists()
+        ]
+
+    def _register(self) -> None:
+        from machined import registry
+        from machined.dbus import Bus
+
+        ifindices = [self.network_state.host_ifindex] if self.network_state else []
+        with Bus() as bus:
+            registry.unregister(bus, self.definition.name)  # a stale one from a killed run
+            registry.register(
+                bus, self.definition.name, self.child, str(self.layers.root), ifindices
+            )
+        self.registered = True
+
+    def _teardown(self) -> None:
+        name = self.definition.name
+        if self.registered:
+            try:
+                from machined import registry
+                from machined.dbus import Bus
+
+                with Bus() as bus:
+                    registry.unregister(bus, name)
+            except Exception as exc:  # the bus may be gone at shutdown
+                _log(f"could not unregister from machined: {exc}")
+        if self.definition.network.mode != NetworkMode.HOST:
+            try:
+                from machined import network
+
+                network.teardown(name, self.paths)
+            except Exception as exc:
+                _log(f"network teardown failed: {exc}")
+        with contextlib.suppress(FileNotFoundError):
+            (self.layers.runtime_dir / state.STATE_FILE).unlink()
+        self.layers.cleanup()
+
+    def _forward(self, sig: int) -> None:
+        if self.child:
+            target = HALT if (sig == signal.SIGTERM and self.definition.boot) else sig
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.child, target)
+
+    def run(self) -> int:
+        forwarded = {
+            signal.SIGTERM,
+            signal.SIGINT,
+            signal.SIGHUP,
+            signal.SIGQUIT,
+            signal.SIGUSR1,
+            signal.SIGUSR2,
+            signal.SIGWINCH,
+            signal.SIGRTMIN + 3,
+            signal.SIGRTMIN + 4,
+            signal.SIGRTMIN + 5,
+            signal.SIGRTMIN + 6,
+        }
+        watched = forwarded | {signal.SIGCHLD}
+        signal.pthread_sigmask(signal.SIG_BLOCK, watched)
+        linux.unshare(linux.CLONE_NEWNS)
+        linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+        self.layers.runtime_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.layers.mount()
+            binds = self._binds()
+            _supervisor_cg, payload_cg = cgroup.split_for_payload()
+            go_read, go_write = os.pipe()
+            report_read, report_write = os.pipe()
+            flags = self._namespace_flags()
+            self.child = _fork_into_new_pid_namespace()
+            if self.child == 0:
+                os.close(go_write)
+                os.close(report_read)
+                self._child(go_read, report_write, flags)
+            os.close(go_read)
+            os.close(report_write)
+            cgroup.move(self.child, payload_cg)
+            os.write(go_write, b"1")
+            if os.read(report_read, 1) != b"u":
+                raise StartError("the container exited while creating its namespaces")
+            binds += self._setup_network()
+            os.write(go_write, json.dumps({"binds": binds}).encode() + b"\n")
+            if os.read(report_read, 1) != b"r":
+                raise StartError("the container failed to set up its file systems (see above)")
+            self._register()
+            state.write(
+                self.paths,
+                state.RuntimeState(
+                    name=self.definition.name,
+                    leader=self.child,
+                    supervisor=os.getpid(),
+                    payload_cgroup=str(payload_cg),
+                    root=str(self.layers.root),
+                    boot=self.definition.boot,
+                    started=time.time(),
+                    network_mode=str(self.definition.network.mode),
+                    address=getattr(self.network_state, "address", None),
+                    host_ifname=getattr(self.network_state, "host_ifname", None),
+                ),
+            )
+            from machined.runtime.notify import notify
+
+            notify(f"READY=1\nSTATUS=Container running.\nX_PYMACHINE_LEADER={self.child}")
+            linux.set_process_name("pymachine-rt")
+            return self._wait(watched)
+        except (StartError, OSError) as exc:
+            _log(f"cannot start machine {self.definition.name}: {exc}")
+            if self.child:
+                try:
+                    os.kill(self.child, signal.SIGKILL)
+                    os.waitpid(self.child, 0)
+                except (ProcessLookupError, ChildProcessError):
+                    pass
+            return 1
+        finally:
+            self._teardown()
+
+    def _wait(self, watched: set[int]) -> int:
+        while True:
+            info = signal.sigwaitinfo(watched)
+            if info.si_signo != signal.SIGCHLD:
+                self._forward(info.si_signo)
+                continue
+            try:
+                pid, status = os.waitpid(self.child, os.WNOHANG)
+            except ChildProcessError:
+                return 1
+            if pid == self.child:
+                if os.WIFSIGNALED(status):
+                    return 128 + os.WTERMSIG(status)
+                return os.WEXITSTATUS(status)
+
+
+def _fork_into_new_pid_namespace() -> int:
+    """fork() with the child as PID 1 of a new PID namespace.
+
+    unshare(CLONE_NEWPID) changes where *all* later children go, and a process
+    whose children go elsewhere cannot start threads (pyroute2 needs them), so
+    the parent switches back to its own PID namespace right after the fork.
+    """
+    own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        linux.unshare(linux.CLONE_NEWPID)
+        pid = os.fork()
+        if pid:
+            linux.setns(own, linux.CLONE_NEWPID)
+        return pid
+    finally:
+        os.close(own)
+
+
+def main(argv: list[str]) -> int:
+    """``python -m machined.runtime NAME [--foreground] [-- CMD…]``."""
+    from machined import definition as definitions
+
+    command: list[str] | None = None
+    if "--" in argv:
+        index = argv.index("--")
+        argv, command = argv[:index], argv[index + 1 :] or None
+    if not argv:
+        _log("usage: python -m machined.runtime NAME [--foreground] [--ephemeral] [-- CMD…]")
+        return 2
+    paths = Paths.from_env()
+    definition = definitions.load(argv[0], paths)
+    if "--ephemeral" in argv[1:]:
+        definition.ephemeral = True
+    return Supervisor(
+        definition, paths, command=command, foreground="--foreground" in argv[1:]
+    ).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,194 @@
+"""systemd's manager over D-Bus: start/stop units, wait for jobs, read state.
+
+Follows systemd's own ``bus-wait-for-jobs.c``: subscribe to ``JobRemoved``
+*before* queueing a job and buffer results by job path, because the signal can
+arrive before the method reply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from machined.dbus import Bus, BusError, encode_properties
+from machined.errors import PymachineError
+from machined.properties import Property
+
+SYSTEMD = "org.freedesktop.systemd1"
+MANAGER_PATH = "/org/freedesktop/systemd1"
+MANAGER = "org.freedesktop.systemd1.Manager"
+UNIT = "org.freedesktop.systemd1.Unit"
+NO_SUCH_UNIT = "org.freedesktop.systemd1.NoSuchUnit"
+
+
+class JobFailed(PymachineError):
+    def __init__(self, unit: str, result: str) -> None:
+        super().__init__(f"job for {unit} finished with result '{result}'")
+        self.unit = unit
+        self.result = result
+
+
+@dataclass(frozen=True)
+class UnitStatus:
+    """What ``status``/``list`` show of a unit: a snapshot of its properties."""
+
+    name: str
+    active_state: str
+    sub_state: str
+    result: str
+    main_pid: int
+    exec_main_status: int
+    exec_main_code: int
+    active_enter_usec: int
+    memory_current: int | None
+    tasks_current: int | None
+    properties: dict[str, Any]
+
+    @property
+    def running(self) -> bool:
+        return self.active_state in ("active", "activating", "reloading", "deactivating")
+
+
+_UINT64_UNSET = 2**64 - 1
+
+
+def _optional(value: Any) -> int | None:
+    return None if value is None or value == _UINT64_UNSET else int(value)
+
+
+class Systemd:
+    def __init__(self, bus: Bus | None = None) -> None:
+        self.bus = bus or Bus()
+        self._jobs: dict[str, str] = {}
+        self._subscribed = False
+
+    def close(self) -> None:
+        self.bus.close()
+
+    def __enter__(self) -> Systemd:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- calls -----------------------------------------------------------
+    def _manager(
+        self, method: str, signature: str = "", args: Sequence[Any] = (), **kw: Any
+    ) -> Any:
+        return self.bus.call(SYSTEMD, MANAGER_PATH, MANAGER, method, signature, args, **kw)
+
+    def _subscribe_jobs(self) -> None:
+        if self._subscribed:
+            return
+        self.bus.match_signal(SYSTEMD, MANAGER_PATH, MANAGER, "JobRemoved", self._on_job_removed)
+        self._manager("Subscribe")
+        self._subscribed = True
+
+    def _on_job_removed(self, body: Any) -> None:
+        _id, job, _unit, result = body
+        self._jobs[job] = result
+
+    def _wait_job(self, job: str, unit: str, timeout: float) -> str:
+        if not self.bus.process_until(lambda: job in self._jobs, timeout):
+            raise PymachineError(f"timed out after {timeout:g}s waiting for {unit}")
+        result = self._jobs.pop(job)
+        if result != "done":
+            raise JobFailed(unit, result)
+        return result
+
+    def start_transient(
+        self, unit: str, properties: Sequence[Property], *, wait: bool = True, timeout: float = 120
+    ) -> None:
+        """``StartTransientUnit(name, "fail", props, [])`` and wait for the job."""
+        self._subscribe_jobs()
+        raw = encode_properties(properties) + [(ord("a"), b"(sa(sv))"), (-1, None)]
+        job = self._manager("StartTransientUnit", "ss", [unit, "fail"], raw_args=raw)
+        if wait:
+            self._wait_job(job, unit, timeout)
+
+    def _job(self, method: str, unit: str, mode: str, wait: bool, timeout: float) -> None:
+        self._subscribe_jobs()
+        job = self._manager(method, "ss", [unit, mode])
+        if wait:
+            self._wait_job(job, unit, timeout)
+
+    def start_unit(self, unit: str, *, wait: bool = True, timeout: float = 120) -> None:
+        self._job("StartUnit", unit, "fail", wait, timeout)
+
+    def stop_unit(self, unit: str, *, wait: bool = True, timeout: float = 300) -> None:
+        self._job("StopUnit", unit, "replace", wait, timeout)
+
+    def restart_unit(self, unit: str, *, wait: bool = True, timeout: float = 300) -> None:
+        self._job("RestartUnit", unit, "replace", wait, timeout)
+
+    def kill_unit(self, unit: str, signal: int, whom: str = "main") -> None:
+        self._manager("KillUnit", "ssi", [unit, whom, signal])
+
+    def reset_failed(self, unit: str) -> None:
+        try:
+            self._manager("ResetFailedUnit", "s", [unit])
+        except BusError as exc:
+            if NO_SUCH_UNIT not in (exc.name, str(exc)) and "not loaded" not in str(exc):
+                raise
+
+    def set_properties(self, unit: str, properties: Sequence[Property], *, runtime: bool) -> None:
+        self._manager(
+            "SetUnitProperties", "sb", [unit, runtime], raw_args=encode_properties(properties)
+        )
+
+    def reload(self) -> None:
+        self._manager("Reload")
+
+    def enable_unit_files(
+        self, files: Sequence[str], *, runtime: bool = False, force: bool = True
+    ) -> Any:
+        return self._manager("EnableUnitFiles", "asbb", [list(files), runtime, force])
+
+    def disable_unit_files(self, files: Sequence[str], *, runtime: bool = False) -> Any:
+        return self._manager("DisableUnitFiles", "asb", [list(files), runtime])
+
+    def unit_file_state(self, unit: str) -> str | None:
+        try:
+            return self._manager("GetUnitFileState", "s", [unit])
+        except BusError:
+            return None
+
+    # --- state -----------------------------------------------------------
+    def unit_path(self, unit: str) -> str | None:
+        """The unit's object path if systemd has it loaded, else None."""
+        try:
+            return self._manager("GetUnit", "s", [unit])
+        except BusError as exc:
+            if "NoSuchUnit" in exc.name or "not loaded" in str(exc):
+                return None
+            raise
+
+    def status(self, unit: str) -> UnitStatus | None:
+        path = self.unit_path(unit)
+        if path is None:
+            return None
+        unit_props = self.bus.get_all(SYSTEMD, path, UNIT)
+        kind = unit.rsplit(".", 1)[-1].capitalize()
+        specific = self.bus.get_all(SYSTEMD, path, f"org.freedesktop.systemd1.{kind}")
+        props = {**unit_props, **specific}
+        if props.get("LoadState") == "not-found":
+            return None
+        return UnitStatus(
+            name=unit,
+            active_state=props.get("ActiveState", ""),
+            sub_state=props.get("SubState", ""),
+            result=props.get("Result", ""),
+            main_pid=int(props.get("MainPID", 0) or 0),
+            exec_main_status=int(props.get("ExecMainStatus", 0) or 0),
+            exec_main_code=int(props.get("ExecMainCode", 0) or 0),
+            active_enter_usec=int(props.get("ActiveEnterTimestamp", 0) or 0),
+            memory_current=_optional(props.get("MemoryCurrent")),
+            tasks_current=_optional(props.get("TasksCurrent")),
+            properties=props,
+        )
+
+    def list_units(self, patterns: Sequence[str]) -> list[tuple[str, str, str]]:
+        """Loaded units matching glob patterns: (name, active_state, sub_state)."""
+        units = self._manager("ListUnitsByPatterns", "asas", [[], list(patterns)])
+        return [(u[0], u[3], u[4]) for u in units]
