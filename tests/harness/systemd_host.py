@@ -93,6 +93,7 @@ MASKED_UNITS: tuple[str, ...] = (
     "proc-sys-fs-binfmt_misc.mount",
     "systemd-modules-load.service",
     "kmod-static-nodes.service",
+    "modprobe@.service",
     "systemd-journald-audit.socket",
     # kernel file systems the host has no use for
     "sys-kernel-config.mount",
@@ -458,7 +459,6 @@ class SystemdHost:
             "PATH": f"{os.path.dirname(sys.executable)}:{_BASE_PATH}",
             "HOME": "/root",
             "LANG": "C.UTF-8",
-            "container": self.name,
             "SYSTEMD_PAGER": "",
             "SYSTEMD_COLORS": "0",
         }
