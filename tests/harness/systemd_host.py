@@ -365,7 +365,11 @@ class SystemdHost:
         return self._pid is not None and not self._stopped
 
     def start(self, timeout: float = 30.0) -> None:
-        """Boot; return once ``systemctl is-system-running`` says running or degraded."""
+        """Boot; return once ``systemctl is-system-running`` says running or degraded.
+
+        The host is tied to the calling *thread* (``setpriv --pdeathsig``): start
+        it from a thread that outlives it, e.g. the main thread.
+        """
         if self._proc is not None:
             raise RuntimeError("a SystemdHost can only be started once")
         cleanup_stale_cgroups()
