@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 import sys
 from typing import Any
@@ -269,7 +270,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             ("Uptime", human_duration(info.uptime) if info.uptime is not None else None),
             (
                 "Command",
-                " ".join(definition.command) if definition and definition.command else None,
+                shlex.join(definition.command) if definition and definition.command else None,
             ),
         ]
         if info.state != MachineState.RUNNING and info.result and info.exit_status is not None:
