@@ -17,8 +17,9 @@ the gateway addresses of its subnets (IPv4 and an IPv6 ULA /64, see
 for long names; alias ``pymachine:NAME``) on the bridge and ``host0`` inside,
 a persisted address lease, default routes via the bridge, and nftables rules
 in the table ``inet pymachine`` (:mod:`.nft`): outbound masquerade and one DNAT
-rule per ``Port=`` and IP family, reachable on every local address of the host
-(``127.0.0.1`` and ``::1`` included). Forwarding switches: :mod:`.sysctl`.
+rule per ``Port=`` and IP family, reachable on every local address of the host,
+``127.0.0.1`` included; ``[::1]`` needs a userspace proxy the runtime starts
+(:func:`loopback_proxies`). Forwarding switches: :mod:`.sysctl`.
 ``Mode=none``: only ``lo``, brought up. ``Mode=host``: nothing to do.
 
 Files: leases and bridge subnets under ``paths.state/network`` (kept), one
@@ -46,8 +47,10 @@ __all__ = [
     "NetworkMode",
     "NetworkState",
     "PortForward",
+    "LoopbackProxy",
     "address_of",
     "gc",
+    "loopback_proxies",
     "release",
     "render_etc_files",
     "setup",
@@ -228,6 +231,37 @@ def remove_bridge(bridge: str, paths: Paths) -> bool:
         if index is not None:
             links.delete_bridge(ipr, bridge)
     return True
+
+
+@dataclass(frozen=True)
+class LoopbackProxy:
+    protocol: str  # "tcp"
+    listen: str  # "[::1]:8080"
+    target: str  # "10.219.0.2:80"
+
+
+def loopback_proxies(net_state: NetworkState | None) -> list[LoopbackProxy]:
+    """The ``Port=`` forwards nftables cannot do: TCP on the host's ``[::1]``.
+
+    IPv6 has no ``route_localnet``: a reply whose destination conntrack restores
+    to ``::1`` arrives on the bridge and the kernel drops it, so DNAT cannot serve
+    ``[::1]`` (127.0.0.1 and every other local address are served by nft). A
+    userspace proxy can; on a systemd host the runtime makes, per entry, a socket
+    unit with ``ListenStream=<listen>``, ``BindIPv6Only=ipv6-only`` and
+    ``FreeBind=yes`` and a service running ``systemd-socket-proxyd <target>``
+    (TCP only: systemd-socket-proxyd does not relay UDP).
+    """
+    if net_state is None:
+        return []
+    ip = net_state.address.split("/", 1)[0]
+    proxies = []
+    for text in net_state.ports:
+        port = PortForward.parse(text)
+        if port.protocol == "tcp":
+            proxies.append(
+                LoopbackProxy("tcp", f"[::1]:{port.host_port}", f"{ip}:{port.container_port}")
+            )
+    return proxies
 
 
 # --- /etc/hosts, /etc/resolv.conf ------------------------------------------------

@@ -15,13 +15,17 @@ One table, ``inet pymachine``, holds everything:
   with ``flush chain`` + ``add rule`` in one batch, so concurrent setups and
   upgrades converge on the same content):
   ``prerouting``/``output`` (nat, dstnat): ``fib daddr type local jump ports``,
-  i.e. ``Port=`` applies to every local address, 127.0.0.1 and ::1 included;
+  i.e. ``Port=`` applies to every local address, 127.0.0.1 included, but not
+  ``::1``: IPv6 has no ``route_localnet``, the kernel drops a reply whose
+  destination was de-NATed to ``::1`` on a bridge, so ``[::1]`` needs a
+  userspace proxy (:func:`machined.network.loopback_proxies`);
   ``postrouting`` (nat, srcnat): masquerade of machine traffic leaving the
   bridges, of loopback-sourced forwards into a bridge, and of hairpin
   forwards (machine → host port → machine);
   ``forward`` (filter): into a bridge only replies, ``Port=`` forwards and
   traffic from pymachine bridges;
-  ``input`` (filter): drop ``127.0.0.0/8`` arriving on a bridge (route_localnet).
+  ``input`` (filter): drop new traffic for ``127.0.0.0/8`` arriving on a bridge
+  (route_localnet is on there).
 * chain ``ports``: the per-machine DNAT rules, each with the comment
   ``pymachine:MACHINE:PROTO:HOSTPORT:CONTAINERPORT``. Teardown deletes exactly
   the rules whose comment names the machine, found by listing the table, so it
@@ -144,7 +148,13 @@ def _base_rules() -> dict[str, list[list[Cmd]]]:
     jump_ports = [_LOCAL, {"jump": {"target": PORTS_CHAIN}}]
     return {
         "prerouting": [jump_ports],
-        "output": [jump_ports],
+        # IPv6 has no route_localnet: a reply de-NATed to ::1 arriving on a bridge is dropped
+        # by the kernel, so [::1] is left to a userspace proxy (see loopback_proxies()) and
+        # must not be DNATed away from it
+        "output": [
+            [_match(_meta("nfproto"), "ipv4"), *jump_ports],
+            [_match(_payload("ip6", "daddr"), "::1", "!="), *jump_ports],
+        ],
         "postrouting": [
             # machines → anywhere but a pymachine subnet: the host's address (outbound NAT)
             [
@@ -177,10 +187,12 @@ def _base_rules() -> dict[str, list[list[Cmd]]]:
             [_TO_BRIDGE, _DROP],
         ],
         "input": [
-            # route_localnet is on for the bridges: never accept 127/8 arriving on one
+            # route_localnet is on for the bridges: never accept new traffic for 127/8 arriving
+            # on one (replies to the host's 127.0.0.1 → Port= connections are the reply direction)
             [
                 _FROM_BRIDGE,
                 _match(_payload("ip", "daddr"), {"prefix": {"addr": "127.0.0.0", "len": 8}}),
+                _match({"ct": {"key": "direction"}}, "original"),
                 _DROP,
             ],
         ],
