@@ -291,7 +291,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
     from machined.runtime.supervisor import DEFAULT_PATH
 
     command = _command(args)
-    if not command:
+    if not command and args.verb == "exec":
         raise InvalidInput("exec needs a command: pymachine exec NAME -- CMD [ARGS…]")
     environment = dict(parse_env(e) for e in args.env)
     with _machines() as machines:
@@ -300,7 +300,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
     base = {"PATH": DEFAULT_PATH, "container": "pymachine", **definition.environment}
     if os.environ.get("TERM"):
         base["TERM"] = os.environ["TERM"]
-    request = ExecRequest(command, environment, args.user, args.workdir)
+    request = ExecRequest(command, environment, args.user, args.workdir, pty=args.verb == "shell")
     return run_in_machine(state, request, base)
 
 
@@ -401,6 +401,16 @@ def register(subparsers: Any) -> None:
     p.add_argument("--env", "-E", action="append", default=[], metavar="NAME=VALUE")
     p.add_argument("--workdir", "-w")
     p.add_argument("command", nargs="*", help="-- CMD [ARGS…]")
+    p.set_defaults(func=cmd_exec)
+
+    p = subparsers.add_parser(
+        "shell", help="an interactive shell on a new pseudo-terminal inside a machine"
+    )
+    p.add_argument("name")
+    p.add_argument("--user", "-u")
+    p.add_argument("--env", "-E", action="append", default=[], metavar="NAME=VALUE")
+    p.add_argument("--workdir", "-w")
+    p.add_argument("command", nargs="*", help="-- CMD [ARGS…] (default: the user's shell)")
     p.set_defaults(func=cmd_exec)
 
     p = subparsers.add_parser("run", help="run a machine in the foreground, in a transient scope")

@@ -1,14 +1,20 @@
 """Run a command inside a running machine, like ``nsenter`` + ``chroot``:
 join the container's cgroup (so its limits hold), then its namespaces and
 root, fork once more so the command lives in the container's PID namespace,
-and pass its exit status back.
+and pass its exit status back. ``pymachine shell`` adds a pseudo-terminal
+from the machine's own devpts instance, relayed to the user's terminal.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import select
 import signal
 import sys
+import termios
+import tty
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,14 +31,16 @@ NAMESPACES = (
     ("pid", linux.CLONE_NEWPID),
     ("mnt", linux.CLONE_NEWNS),
 )
+FORWARDED = (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP)
 
 
 @dataclass
 class ExecRequest:
-    argv: list[str]
+    argv: list[str]  # empty: the user's shell, as a login shell
     environment: dict[str, str] = field(default_factory=dict)
     user: str | None = None
     working_directory: str | None = None
+    pty: bool = False  # a new pseudo-terminal inside the machine (pymachine shell)
 
 
 def _join(state: RuntimeState) -> None:
@@ -53,7 +61,7 @@ def _join(state: RuntimeState) -> None:
 
 
 def _exec(request: ExecRequest, base_env: dict[str, str]) -> None:
-    """Runs inside the machine's root: import nothing here."""
+    """Runs inside the machine's root: everything it uses is imported already."""
     try:
         user = users.resolve(request.user)
     except LookupError as exc:
@@ -66,6 +74,7 @@ def _exec(request: ExecRequest, base_env: dict[str, str]) -> None:
         "LOGNAME": user.name,
         **request.environment,
     }
+    argv = request.argv or [user.shell or "/bin/sh", "-l"]
     workdir = request.working_directory or (user.home if os.path.isdir(user.home) else "/")
     try:
         os.chdir(workdir)
@@ -77,12 +86,12 @@ def _exec(request: ExecRequest, base_env: dict[str, str]) -> None:
         os.setgid(user.gid)
         os.setuid(user.uid)
     try:
-        os.execvpe(request.argv[0], request.argv, env)
+        os.execvpe(argv[0], argv, env)
     except FileNotFoundError:
-        print(f"pymachine: {request.argv[0]}: command not found in the machine", file=sys.stderr)
+        print(f"pymachine: {argv[0]}: command not found in the machine", file=sys.stderr)
         os._exit(127)
     except OSError as exc:
-        print(f"pymachine: {request.argv[0]}: {exc.strerror}", file=sys.stderr)
+        print(f"pymachine: {argv[0]}: {exc.strerror}", file=sys.stderr)
         os._exit(126)
 
 
@@ -90,6 +99,71 @@ def _status(wait_status: int) -> int:
     if os.WIFSIGNALED(wait_status):
         return 128 + os.WTERMSIG(wait_status)
     return os.WEXITSTATUS(wait_status)
+
+
+def _wait(pid: int) -> int:
+    while True:
+        try:
+            return _status(os.waitpid(pid, 0)[1])
+        except InterruptedError:
+            continue
+
+
+def _run_plain(request: ExecRequest, base_env: dict[str, str]) -> int:
+    command = os.fork()
+    if command == 0:
+        _exec(request, base_env)
+    for sig in FORWARDED:
+        signal.signal(sig, lambda s, _f, pid=command: os.kill(pid, s))
+    return _wait(command)
+
+
+def _copy_window_size(source: int, target: int) -> None:
+    with contextlib.suppress(OSError):
+        size = fcntl.ioctl(source, termios.TIOCGWINSZ, b"\0" * 8)
+        fcntl.ioctl(target, termios.TIOCSWINSZ, size)
+
+
+def _run_on_pty(request: ExecRequest, base_env: dict[str, str]) -> int:
+    """A new pty from the machine's devpts, the command as session leader on
+    its slave side, and bytes relayed between the master and our stdio."""
+    master, slave = os.openpty()
+    command = os.fork()
+    if command == 0:
+        os.close(master)
+        os.setsid()
+        fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+        for fd in (0, 1, 2):
+            os.dup2(slave, fd)
+        if slave > 2:
+            os.close(slave)
+        _exec(request, base_env)
+    os.close(slave)
+    if os.isatty(0):
+        _copy_window_size(0, master)
+        signal.signal(signal.SIGWINCH, lambda *_: _copy_window_size(0, master))
+    inputs = [master, 0]
+    while master in inputs:
+        try:
+            ready, _, _ = select.select(inputs, [], [])
+        except InterruptedError:
+            continue
+        for fd in ready:
+            try:
+                data = os.read(fd, 65536)
+            except OSError:  # EIO: the command closed the terminal
+                data = b""
+            if fd == master:
+                if not data:
+                    inputs.remove(master)
+                    break
+                os.write(1, data)
+            elif data:
+                os.write(master, data)
+            else:
+                inputs.remove(0)  # our input ended: an EOF for the command
+                os.write(master, b"\x04")
+    return _wait(command)
 
 
 def run_in_machine(state: RuntimeState, request: ExecRequest, base_env: dict[str, str]) -> int:
@@ -101,28 +175,21 @@ def run_in_machine(state: RuntimeState, request: ExecRequest, base_env: dict[str
         code = 1
         try:
             _join(state)
-            command = os.fork()
-            if command == 0:
-                _exec(request, base_env)
-            for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP):
-                signal.signal(sig, lambda s, _f, pid=command: os.kill(pid, s))
-            while True:
-                try:
-                    _pid, wait_status = os.waitpid(command, 0)
-                    break
-                except InterruptedError:
-                    continue
-            code = _status(wait_status)
+            code = _run_on_pty(request, base_env) if request.pty else _run_plain(request, base_env)
         except BaseException as exc:  # never fall back into the caller's code
             print(f"pymachine: cannot enter machine {state.name}: {exc}", file=sys.stderr)
             code = 1
         finally:
             os._exit(code)
-    previous = signal.signal(
-        signal.SIGINT, signal.SIG_IGN
-    )  # the terminal's Ctrl-C reaches the command
+    # The terminal's Ctrl-C goes to the whole process group; the command handles it.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    saved = None
+    if request.pty and os.isatty(0):
+        saved = termios.tcgetattr(0)
+        tty.setraw(0)
     try:
-        _pid, wait_status = os.waitpid(joiner, 0)
+        return _wait(joiner)
     finally:
         signal.signal(signal.SIGINT, previous)
-    return _status(wait_status)
+        if saved is not None:
+            termios.tcsetattr(0, termios.TCSAFLUSH, saved)

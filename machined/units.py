@@ -1,0 +1,513 @@
+"""Enabled machines: unit files under ``/etc/systemd/system``, rendered from a template.
+
+``pymachine enable web`` does what ``machinectl enable`` does for
+``systemd-nspawn@web.service``: it writes ``pymachine-web.service`` (from
+``templates/machine.service.j2``), reloads systemd and enables the file over
+D-Bus (``Reload``, ``EnableUnitFiles``) into ``machines.target``, so the machine
+starts at boot. Its ``[Service]`` lines come from
+:func:`machined.properties.machine_settings`, the same list a transient start
+sends as D-Bus properties: an enabled and a transient machine run with the same
+settings, under the same unit name.
+
+* :func:`render` turns a definition into the unit file's text (pure);
+* :func:`enable` / :func:`disable` write/remove it and (un)install it;
+* :func:`refresh` re-renders the file of an *enabled* machine after its
+  definition changed (cheap no-op for a machine that is not enabled);
+* :func:`set_properties` is ``pymachine set``: validate, apply live with
+  ``SetUnitProperties``, persist into the definition and the unit file;
+* :func:`install_units` copies the static units of ``units/`` into place.
+
+Live changes and drop-ins: ``SetUnitProperties(unit, runtime=True, …)`` makes
+systemd write a drop-in, ``50-KEY.conf``. For a transient unit it lives in
+``/run/systemd/transient/UNIT.d`` and goes with the unit; for an enabled unit it
+goes to ``/run/systemd/system.control/UNIT.d`` and would outlive the change
+(and override the unit file until reboot), so a persistent ``set`` removes the
+drop-ins it caused once the unit file says the same, and reloads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from machined import definition as definitions
+from machined.definition import MachineDefinition
+from machined.errors import Conflict, InvalidInput, NotFound, NotRunning, PymachineError
+from machined.names import validate_machine_name
+from machined.paths import Paths, unit_name
+from machined.properties import (
+    RESOURCE_KEYS,
+    Property,
+    UnitSetting,
+    parse_assignment,
+    parse_resource,
+)
+from machined.unitfile import write_atomic
+
+if TYPE_CHECKING:
+    from machined.machines import Machines
+    from machined.systemd import UnitStatus
+
+TEMPLATE = "machine.service.j2"
+TARGET = "machines.target"
+#: Keys of ``machine_settings`` that belong in ``[Unit]``; every other one is a ``[Service]`` key.
+UNIT_SECTION_KEYS = frozenset(
+    {"Description", "Documentation", "After", "Before", "Wants", "Requires", "PartOf"}
+)
+#: File name endings systemd loads as units (what ``install_units`` copies from ``units/``).
+UNIT_SUFFIXES = (
+    ".service",
+    ".socket",
+    ".target",
+    ".timer",
+    ".path",
+    ".slice",
+    ".mount",
+    ".automount",
+)
+#: Settings whose values systemd expands specifiers (``%n``…) in: a ``%`` must be doubled.
+_SPECIFIER_KEYS = frozenset({"Description", "ExecStart", "Environment", "RequiresMountsFor"})
+_PLAIN_WORD = re.compile(r"[A-Za-z0-9_@%+=:,./-]+")
+_ENABLED_STATES = ("enabled", "enabled-runtime", "linked", "linked-runtime", "alias")
+_TRANSIENT_DIR = "/run/systemd/transient/"
+
+
+# --- rendering (pure) ------------------------------------------------------------
+
+
+def _single_line(key: str, text: str) -> str:
+    if "\n" in text or "\r" in text:
+        raise InvalidInput(f"{key}= cannot contain a line break: {text!r}")
+    return text
+
+
+def quote_word(word: str, *, specifiers: bool = True) -> str:
+    """One word as systemd's unit-file parser reads it back unchanged: doubled
+    ``%`` (specifiers), and C-style double quotes unless it is plain."""
+    _single_line("value", word)
+    if specifiers:
+        word = word.replace("%", "%%")
+    if word and _PLAIN_WORD.fullmatch(word):
+        return word
+    return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _exec_start(prop: Property) -> str:
+    """``a(sasb)`` [(path, argv, ignore_failure)] → the ExecStart= line's value."""
+    ((path, argv, ignore_failure),) = prop.value
+    if not argv or argv[0] != path:
+        raise PymachineError(f"cannot render ExecStart {prop.value!r}: argv[0] is not the path")
+    if not path.startswith("/"):
+        raise PymachineError(f"cannot render ExecStart {prop.value!r}: path is not absolute")
+    return ("-" if ignore_failure else "") + " ".join(quote_word(w) for w in argv)
+
+
+def setting_value(setting: UnitSetting) -> str:
+    """The unit-file value of one of :func:`machine_settings`' entries.
+
+    ``ExecStart`` and ``Environment`` are rendered from their typed D-Bus value
+    (so a word with a space or a quote reads back as the same word); others use
+    the setting's text, with ``%`` doubled where systemd expands specifiers.
+    """
+    if setting.key == "ExecStart":
+        return _exec_start(setting.properties[0])
+    if setting.key == "Environment":
+        return " ".join(quote_word(assignment) for assignment in setting.properties[0].value)
+    text = _single_line(setting.key, setting.text)
+    return text.replace("%", "%%") if setting.key in _SPECIFIER_KEYS else text
+
+
+def _environment() -> Any:
+    import jinja2
+
+    from machined.resources import templates_dir
+
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(templates_dir())),
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+    )
+
+
+def render(definition: MachineDefinition, paths: Paths | None = None) -> str:
+    """The unit file of an enabled machine, from the same settings a transient start uses."""
+    from machined.machines import Machines
+
+    paths = paths or Paths.from_env()
+    definition.validate()
+    settings = Machines(paths).settings(definition)  # pure: no D-Bus until systemd is used
+    unit_entries: list[tuple[str, str]] = []
+    service_entries: list[tuple[str, str]] = []
+    for setting in settings:
+        entries = unit_entries if setting.key in UNIT_SECTION_KEYS else service_entries
+        entries.append((setting.key, setting_value(setting)))
+    mounts = (paths.image(definition.image), paths.machine_state(definition.name))
+    return (
+        _environment()
+        .get_template(TEMPLATE)
+        .render(
+            name=definition.name,
+            unit=unit_name(definition.name),
+            definition_file=paths.definition_file(definition.name),
+            unit_entries=unit_entries,
+            service_entries=service_entries,
+            mounts_for=" ".join(quote_word(str(m)) for m in mounts),
+        )
+    )
+
+
+def unit_file(name: str, paths: Paths | None = None) -> Path:
+    return (paths or Paths.from_env()).unit_files / unit_name(name)
+
+
+def is_enabled(name: str, paths: Paths | None = None) -> bool:
+    """Whether the machine has a unit file (no D-Bus: the file is the record)."""
+    return unit_file(name, paths).is_file()
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return None
+
+
+# --- helpers over systemd -----------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _using(machines: Machines | None) -> Iterator[Machines]:
+    if machines is not None:
+        yield machines
+        return
+    from machined.machines import Machines
+
+    with Machines() as own:
+        yield own
+
+
+def _live_status(machines: Machines, name: str) -> UnitStatus | None:
+    """The machine's running unit (service or ``run``'s scope), or None."""
+    from machined.machines import scope_name
+
+    for unit in (unit_name(name), scope_name(name)):
+        status = machines.systemd.status(unit)
+        if status is not None and status.running:
+            return status
+    return None
+
+
+def _is_transient(status: UnitStatus | None) -> bool:
+    if status is None:
+        return False
+    return bool(status.properties.get("Transient")) or str(
+        status.properties.get("FragmentPath", "")
+    ).startswith(_TRANSIENT_DIR)
+
+
+def _change_lines(changes: Iterable[Sequence[str]]) -> list[str]:
+    """EnableUnitFiles/DisableUnitFiles' ``a(sss)`` as systemctl prints it."""
+    lines = []
+    for kind, path, target in changes:
+        if kind == "symlink":
+            lines.append(f"Created symlink {path} → {target}.")
+        elif kind == "unlink":
+            lines.append(f'Removed "{path}".')
+        else:
+            lines.append(f"{kind}: {path}" + (f" → {target}" if target else ""))
+    return lines
+
+
+def control_dropins(name: str, keys: Iterable[str], paths: Paths | None = None) -> list[Path]:
+    """The runtime drop-ins ``SetUnitProperties(runtime=True)`` writes for KEYS of
+    an enabled machine's unit (``/run/systemd/system.control/UNIT.d/50-KEY.conf``)."""
+    paths = paths or Paths.from_env()
+    directory = paths.root / "run/systemd/system.control" / f"{unit_name(name)}.d"
+    return [directory / f"50-{key}.conf" for key in keys]
+
+
+def _remove_dropins(files: Iterable[Path]) -> bool:
+    removed = False
+    for path in files:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed = True
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()  # only once empty
+    return removed
+
+
+# --- enable / disable / refresh ------------------------------------------------------
+
+
+@dataclass
+class Enabled:
+    name: str
+    unit: str
+    path: Path
+    already: bool = False  # file up to date and enabled before: nothing changed
+    rewritten: bool = False  # the file existed with other content
+    started: bool = False
+    running: bool = False  # was running (as its enabled unit) already
+    changes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def enable(name: str, *, now: bool = False, machines: Machines | None = None) -> Enabled:
+    """Write, reload and enable the machine's unit file; with NOW, start it too."""
+    validate_machine_name(name)
+    with _using(machines) as m:
+        paths = m.paths
+        definition = definitions.load(name, paths)  # NotFound / InvalidInput first
+        text = render(definition, paths)
+        unit = unit_name(name)
+        path = paths.unit_files / unit
+        result = Enabled(name, unit, path)
+        systemd = m.systemd
+        old = _read(path)
+        state = systemd.unit_file_state(unit)
+        live = _live_status(m, name)
+        if live is not None and _is_transient(live):
+            raise Conflict(
+                f"machine '{name}' is running as a transient unit; stop it first "
+                f"('pymachine stop {name}'), then enable it"
+            )
+        target_state = systemd.unit_file_state(TARGET)
+        if target_state is None:
+            raise PymachineError(
+                f"{TARGET} is not installed on this host (package systemd-container); "
+                "'pymachine install-units' installs pymachine's copy"
+            )
+        if target_state == "masked":
+            result.warnings.append(f"{TARGET} is masked: machines will not start at boot")
+
+        if old == text and state in _ENABLED_STATES:
+            result.already = True
+        else:
+            if live is None:
+                systemd.reset_failed(unit)  # drop a failed transient run still loaded
+            result.rewritten = old is not None and old != text
+            write_atomic(path, text)
+            try:
+                systemd.reload()
+                to_enable = [unit] + ([TARGET] if target_state == "disabled" else [])
+                changes = systemd.enable_unit_files(to_enable, runtime=False, force=True)
+            except BaseException:
+                _restore(path, old)
+                with contextlib.suppress(Exception):
+                    systemd.reload()
+                raise
+            result.changes = _change_lines(_changes(changes))
+
+        if live is not None:
+            result.running = True
+        elif now:
+            m.start(name)  # StartUnit: the unit file exists now
+            result.started = True
+    return result
+
+
+def _restore(path: Path, old: str | None) -> None:
+    with contextlib.suppress(OSError):
+        if old is None:
+            path.unlink()
+        else:
+            write_atomic(path, old)
+
+
+@dataclass
+class Disabled:
+    name: str
+    unit: str
+    path: Path
+    already: bool = False  # was not enabled: nothing changed
+    stopped: bool = False
+    running: bool = False  # still running (disabled without --now)
+    changes: list[str] = field(default_factory=list)
+
+
+def disable(name: str, *, now: bool = False, machines: Machines | None = None) -> Disabled:
+    """Disable and remove the machine's unit file; with NOW, stop it first."""
+    validate_machine_name(name)
+    with _using(machines) as m:
+        paths = m.paths
+        unit = unit_name(name)
+        path = paths.unit_files / unit
+        result = Disabled(name, unit, path)
+        systemd = m.systemd
+        state = systemd.unit_file_state(unit)
+        has_file = path.exists()
+        if not has_file and not definitions.exists(name, paths):
+            raise NotFound(f"machine '{name}' not found")
+        live = _live_status(m, name)
+        if now and live is not None:
+            systemd.stop_unit(live.name)
+            result.stopped = True
+            live = None
+        if not has_file and state not in _ENABLED_STATES:
+            result.already = True
+            result.running = live is not None
+            return result
+        if state is not None:
+            changes = systemd.disable_unit_files([unit], runtime=False)
+            result.changes = _change_lines(_changes(changes))
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        if live is None:
+            # runtime drop-ins of `set --runtime` would apply to a later transient start
+            _remove_dropins(control_dropins(name, RESOURCE_KEYS, paths))
+        result.running = live is not None
+        systemd.reload()
+    return result
+
+
+def _changes(reply: Any) -> list[Sequence[str]]:
+    """The ``a(sss)`` of EnableUnitFiles' ``ba(sss)`` or DisableUnitFiles' ``a(sss)``."""
+    if isinstance(reply, (tuple, list)) and len(reply) == 2 and isinstance(reply[0], bool):
+        reply = reply[1]
+    return [tuple(change) for change in reply or []]
+
+
+def refresh(name: str, *, machines: Machines | None = None, reload: bool = True) -> bool:
+    """Re-render an enabled machine's unit file after its definition changed.
+
+    A no-op (no D-Bus) for a machine that is not enabled. Returns True when the
+    file changed (and systemd was reloaded, unless RELOAD is false).
+    """
+    validate_machine_name(name)
+    paths = machines.paths if machines is not None else Paths.from_env()
+    path = unit_file(name, paths)
+    old = _read(path)
+    if old is None:
+        return False
+    text = render(definitions.load(name, paths), paths)
+    if text == old:
+        return False
+    write_atomic(path, text)
+    if reload:
+        with _using(machines) as m:
+            m.systemd.reload()
+    return True
+
+
+# --- pymachine set -----------------------------------------------------------------
+
+
+@dataclass
+class Applied:
+    name: str
+    assignments: list[tuple[str, str]]
+    live_unit: str | None = None  # the running unit it was applied to
+    persisted: bool = False
+    unit_file_rewritten: bool = False
+
+
+def set_properties(
+    name: str,
+    assignments: Sequence[str],
+    *,
+    runtime: bool = False,
+    machines: Machines | None = None,
+) -> Applied:
+    """``pymachine set NAME -p KEY=VALUE…``: validate every assignment, apply them
+    live if the machine runs, and (unless RUNTIME) save them in the definition and
+    the enabled machine's unit file. Bad input changes nothing."""
+    if not assignments:
+        raise InvalidInput("nothing to set: give at least one -p KEY=VALUE")
+    pairs = [parse_assignment(text) for text in assignments]
+    validate_machine_name(name)
+    with _using(machines) as m:
+        paths = m.paths
+        definition = definitions.load(name, paths)
+        result = Applied(name, pairs)
+        live = _live_status(m, name)
+        if runtime and live is None:
+            raise NotRunning(
+                f"machine '{name}' is not running; --runtime changes only a running machine"
+            )
+        if live is not None:
+            props = [prop for key, value in pairs for prop in parse_resource(key, value)]
+            m.systemd.set_properties(live.name, props, runtime=True)
+            result.live_unit = live.name
+        if runtime:
+            return result
+        for key, value in pairs:
+            definition.resources[key] = value
+        definitions.save(definition, paths)
+        result.persisted = True
+        result.unit_file_rewritten = refresh(name, machines=m, reload=False)
+        dropins_gone = False
+        if live is not None and not _is_transient(live) and is_enabled(name, paths):
+            # the unit file says the same now: the drop-ins SetUnitProperties wrote go
+            dropins_gone = _remove_dropins(control_dropins(name, [k for k, _ in pairs], paths))
+        if result.unit_file_rewritten or dropins_gone:
+            m.systemd.reload()
+    return result
+
+
+# --- units/ ----------------------------------------------------------------------
+
+
+@dataclass
+class Installed:
+    installed: list[str] = field(default_factory=list)  # copied (new or changed)
+    unchanged: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (unit, why)
+    changes: list[str] = field(default_factory=list)
+
+
+def shipped_units() -> list[tuple[str, str]]:
+    """(name, text) of every unit file shipped in ``units/``."""
+    from machined.resources import units_dir
+
+    directory = units_dir()
+    if not directory.is_dir():
+        return []
+    return sorted(
+        (entry.name, entry.read_text())
+        for entry in directory.iterdir()
+        if entry.is_file() and entry.name.endswith(UNIT_SUFFIXES)
+    )
+
+
+def _has_install_section(text: str) -> bool:
+    return any(line.strip() == "[Install]" for line in text.splitlines())
+
+
+def install_units(*, machines: Machines | None = None) -> Installed:
+    """Copy ``units/*`` into the unit directory, reload, and enable the ones with
+    an ``[Install]`` section. A unit the host already has from elsewhere (e.g.
+    ``machines.target`` from systemd-container) is left to the host."""
+    result = Installed()
+    with _using(machines) as m:
+        paths = m.paths
+        systemd = m.systemd
+        to_enable = []
+        for name, text in shipped_units():
+            target = paths.unit_files / name
+            old = _read(target)
+            if old is None and systemd.unit_file_state(name) is not None:
+                result.skipped.append((name, "provided by the host"))
+                to_enable.append(name)  # still wanted enabled (machines.target)
+                continue
+            if old == text:
+                result.unchanged.append(name)
+            else:
+                write_atomic(target, text)
+                result.installed.append(name)
+            if _has_install_section(text):
+                to_enable.append(name)
+        systemd.reload()
+        if to_enable:
+            enable_now = [u for u in to_enable if systemd.unit_file_state(u) == "disabled"]
+            if enable_now:
+                changes = systemd.enable_unit_files(enable_now, runtime=False, force=True)
+                result.changes = _change_lines(_changes(changes))
+    return result
