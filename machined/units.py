@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from machined import definition as definitions
 from machined.definition import MachineDefinition
-from machined.errors import Conflict, InvalidInput, NotFound, NotRunning, PymachineError
+from machined.errors import InvalidInput, NotFound, NotRunning, PymachineError
 from machined.names import validate_machine_name
 from machined.paths import Paths, unit_name
 from machined.properties import (
@@ -274,10 +274,15 @@ def enable(name: str, *, now: bool = False, machines: Machines | None = None) ->
         old = _read(path)
         state = systemd.unit_file_state(unit)
         live = _live_status(m, name)
-        if live is not None and _is_transient(live):
-            raise Conflict(
-                f"machine '{name}' is running as a transient unit; stop it first "
-                f"('pymachine stop {name}'), then enable it"
+        transient = _is_transient(live)
+        if transient:
+            # EnableUnitFiles by name would find the transient unit's file first and refuse
+            # ("transient or generated"); by path it enables ours. No Reload: machines.target
+            # would then hold on to the transient unit after it stops, and a later start
+            # would run it again instead of loading the unit file.
+            result.warnings.append(
+                f"machine '{name}' is running as a transient unit; it starts from its unit "
+                f"file from its next start on ('pymachine restart {name}')"
             )
         target_state = systemd.unit_file_state(TARGET)
         if target_state is None:
@@ -296,9 +301,12 @@ def enable(name: str, *, now: bool = False, machines: Machines | None = None) ->
             result.rewritten = old is not None and old != text
             write_atomic(path, text)
             try:
-                systemd.reload()
-                to_enable = [unit] + ([TARGET] if target_state == "disabled" else [])
+                to_enable = [str(path) if transient else unit]
+                if target_state == "disabled":
+                    to_enable.append(TARGET)
                 changes = systemd.enable_unit_files(to_enable, runtime=False, force=True)
+                if not transient:
+                    systemd.reload()
             except BaseException:
                 _restore(path, old)
                 with contextlib.suppress(Exception):
