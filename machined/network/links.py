@@ -98,8 +98,14 @@ def _ignore(codes: tuple[int, ...], call: Any, *args: Any, **kwargs: Any) -> boo
 
 
 def index_of(ipr: IPRoute, ifname: str) -> int | None:
-    found = ipr.link_lookup(ifname=ifname)
-    return found[0] if found else None
+    """The interface's index in ``ipr``'s namespace (RTM_GETLINK by name, not a dump)."""
+    try:
+        links = ipr.get_links(ifname=ifname)
+    except NetlinkError as e:
+        if e.code == errno.ENODEV:
+            return None
+        raise
+    return links[0]["index"] if links else None
 
 
 def _kind(link: Any) -> str | None:

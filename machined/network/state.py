@@ -67,7 +67,7 @@ def read(paths: Paths, machine: str) -> dict[str, Any] | None:
 
 
 def write(paths: Paths, machine: str, data: dict[str, Any]) -> None:
-    write_json_atomic(state_file(paths, machine), data)
+    write_json_atomic(state_file(paths, machine), data, durable=False)
 
 
 def update(paths: Paths, machine: str, **changes: Any) -> None:
