@@ -533,3 +533,17 @@ def test_fixed_address_and_long_machine_names(machine, paths: Paths) -> None:
     assert ns.links() == ["lo", "host0"]
     network.teardown(name, paths)
     assert s.host_ifname not in [link["ifname"] for link in host_links()]
+
+
+def test_remove_bridge_only_when_unused(machine, paths: Paths) -> None:
+    machine("web")
+    assert network.remove_bridge(BRIDGE, paths) is False  # vm-web is still a port
+    network.teardown("web", paths)
+    assert network.remove_bridge(BRIDGE, paths) is True
+    assert BRIDGE not in [link["ifname"] for link in host_links()]
+    listing = json.loads(
+        subprocess.check_output(["nft", "-j", "list", "set", "inet", "pymachine", "bridges"])
+    )
+    [the_set] = [o["set"] for o in listing["nftables"] if "set" in o]
+    assert "elem" not in the_set
+    assert network.remove_bridge(BRIDGE, paths) is True  # idempotent
