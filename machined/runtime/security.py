@@ -42,12 +42,16 @@ ctypes only: the init is a fork of the runtime.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from machined.errors import InvalidInput
+from machined.runtime import userns
 
 # --- capabilities -------------------------------------------------------------
 
@@ -225,8 +229,8 @@ NETLINK_AUDIT = 9
 # --- errors -------------------------------------------------------------------
 
 
-class SecurityError(Exception):
-    """A value that does not parse, or the kernel refused a restriction."""
+class SecurityError(OSError):
+    """A restriction could not be applied (the runtime reports it and fails the start)."""
 
 
 # --- parsing (definition keys) ------------------------------------------------
@@ -238,7 +242,7 @@ def normalize_capability(name: str) -> str:
     if not upper.startswith("CAP_"):
         upper = "CAP_" + upper
     if upper not in CAPABILITIES:
-        raise SecurityError(f"unknown capability {name!r} (e.g. CAP_NET_ADMIN, CAP_SYS_TIME)")
+        raise InvalidInput(f"unknown capability {name!r} (e.g. CAP_NET_ADMIN, CAP_SYS_TIME)")
     return upper
 
 
@@ -247,10 +251,10 @@ def parse_capabilities(text: str) -> list[str]:
     names, or ``all``. Returns normalized names (``["all"]`` stays as is)."""
     words = text.replace(",", " ").split()
     if not words:
-        raise SecurityError("expected capability names, e.g. CAP_NET_ADMIN, or all")
+        raise InvalidInput("expected capability names, e.g. CAP_NET_ADMIN, or all")
     if any(w.lower() == "all" for w in words):
         if len(words) > 1:
-            raise SecurityError("'all' cannot be combined with capability names")
+            raise InvalidInput("'all' cannot be combined with capability names")
         return ["all"]
     return sorted({normalize_capability(w) for w in words})
 
@@ -258,12 +262,12 @@ def parse_capabilities(text: str) -> list[str]:
 def _check_syscall_name(name: str) -> None:
     if name.startswith("@"):
         if name not in SYSCALL_GROUPS:
-            raise SecurityError(
+            raise InvalidInput(
                 f"unknown system call group {name!r} (known: {', '.join(sorted(SYSCALL_GROUPS))})"
             )
         return
     if not name or not all(c.isalnum() or c == "_" for c in name) or not name.isascii():
-        raise SecurityError(f"invalid system call name {name!r}")
+        raise InvalidInput(f"invalid system call name {name!r}")
 
 
 def parse_syscall_filter(text: str) -> str:
@@ -274,7 +278,7 @@ def parse_syscall_filter(text: str) -> str:
     deny = value.startswith("~")
     words = value.removeprefix("~").split()
     if not words:
-        raise SecurityError("expected system call names or @groups, optionally after ~")
+        raise InvalidInput("expected system call names or @groups, optionally after ~")
     for word in words:
         _check_syscall_name(word)
     return ("~" if deny else "") + " ".join(words)
@@ -289,12 +293,10 @@ def _expand(words: list[str]) -> set[str]:
 
 def parse_private_users(text: str) -> str:
     """``PrivateUsers=``: ``pick`` (default), ``no``, or ``UID[:COUNT]``."""
-    from machined.runtime.userns import parse_spec
-
     try:
-        return parse_spec(text).text
+        return userns.parse_spec(text).text
     except ValueError as exc:
-        raise SecurityError(str(exc)) from None
+        raise InvalidInput(str(exc)) from None
 
 
 # --- the policy ---------------------------------------------------------------
@@ -395,7 +397,7 @@ def policy_for(definition, *, uid_base: int | None = None, uid_count: int = 0) -
         seccomp=True,
         denied_syscalls=tuple(sorted(denied_syscalls(kept, filters))),
         last_cap=last_cap(),
-        private_users=str(getattr(definition, "private_users", None) or "no"),
+        private_users=str(getattr(definition, "private_users", None) or userns.DEFAULT),
         uid_base=uid_base,
         uid_count=uid_count,
     )
@@ -442,7 +444,13 @@ PR_CAP_AMBIENT_CLEAR_ALL = 4
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_libc.prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
+_libc.prctl.argtypes = (
+    ctypes.c_int,
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+)
 _libc.prctl.restype = ctypes.c_int
 
 
@@ -508,14 +516,25 @@ def get_capabilities() -> tuple[int, int, int]:
     return eff, perm, inh
 
 
+_SONAMES = {"c": "libc.so.6", "seccomp": "libseccomp.so.2"}
+
+
 def _seccomp():
+    import ctypes.util
+
+    find_library = ctypes.util.find_library
+    # pyseccomp looks libc and libseccomp up with find_library, which runs
+    # ldconfig (20-100 ms): name the sonames directly, fall back otherwise.
+    ctypes.util.find_library = lambda name: _SONAMES.get(name) or find_library(name)
     try:
         import pyseccomp
-    except (ImportError, RuntimeError) as exc:  # RuntimeError: libseccomp.so not found
+    except (ImportError, RuntimeError, OSError) as exc:  # RuntimeError: libseccomp.so not found
         raise SecurityError(
             f"seccomp needs pyseccomp and libseccomp ({exc}); "
             "pip install pyseccomp, apt-get install libseccomp2"
         ) from None
+    finally:
+        ctypes.util.find_library = find_library
     return pyseccomp
 
 
@@ -549,15 +568,14 @@ def load_seccomp(denied: tuple[str, ...] | list[str], *, no_new_privs: bool) -> 
                 flt.add_rule(sc.ERRNO(errno.EPERM), name)
             except (OSError, ValueError):
                 unknown.add(name)  # unknown to libseccomp, or absent on this ABI
-        try:
+        # socketcall-only ABIs cannot take the rule: nspawn skips it there too
+        with contextlib.suppress(OSError, ValueError):
             flt.add_rule(
                 sc.ERRNO(errno.EAFNOSUPPORT),
                 "socket",
                 sc.Arg(0, sc.EQ, AF_NETLINK),
                 sc.Arg(2, sc.EQ, NETLINK_AUDIT),
             )
-        except (OSError, ValueError):
-            pass  # socketcall-only ABIs: nspawn skips the rule there too
         try:
             flt.load()
         except OSError as exc:
