@@ -18,7 +18,7 @@ import tty
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from machined.runtime import linux, users
+from machined.runtime import linux, security, userns, users
 from machined.runtime.state import RuntimeState
 
 # Joined in this order: cgroup first (paths are resolved in the host's view),
@@ -52,12 +52,17 @@ def _join(state: RuntimeState) -> None:
         if os.readlink(path) != os.readlink(f"/proc/self/ns/{name}"):
             fds.append((os.open(path, os.O_RDONLY | os.O_CLOEXEC), nstype))
     root = os.open(f"/proc/{state.leader}/root", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    user_ns = userns.open_ns(state.leader)  # security.py, userns.py: as the machine's PID 1
+    policy = security.read_state(Path(state.root).parent)
     for fd, nstype in fds:
         linux.setns(fd, nstype)
         os.close(fd)
     os.fchdir(root)
     os.chroot(".")
     os.close(root)
+    userns.join(user_ns)
+    if policy is not None:
+        security.apply(policy)
 
 
 def _exec(request: ExecRequest, base_env: dict[str, str]) -> None:

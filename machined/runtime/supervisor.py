@@ -31,7 +31,7 @@ import time
 from machined.definition import MachineDefinition
 from machined.network.config import NetworkMode
 from machined.paths import Paths
-from machined.runtime import cgroup, linux, state
+from machined.runtime import cgroup, linux, security, state, userns
 from machined.runtime.mounts import Bind, RootfsSpec
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -143,6 +143,8 @@ class Supervisor:
             from machined.runtime.mounts import setup_rootfs
 
             setup_rootfs(spec)
+            userns.enter(self.policy.uid_base, self.policy.uid_count)  # security.py, userns.py
+            security.apply(self.policy)
             os.write(report_write, b"r")
             os.close(report_write)
             os.close(go_read)
@@ -278,9 +280,14 @@ class Supervisor:
         linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
         self.layers.runtime_dir.mkdir(parents=True, exist_ok=True)
         try:
+            ids = userns.prepare(self.paths, self.definition, self.layers)
+            self.policy = security.policy_for(self.definition, **ids)
+            security.write_state(self.layers.runtime_dir, self.policy)
             self.layers.mount()
             binds = self._binds()
             _supervisor_cg, payload_cg = cgroup.split_for_payload()
+            if self.definition.boot:
+                userns.chown_cgroup(payload_cg, self.policy.uid_base)
             go_read, go_write = os.pipe()
             report_read, report_write = os.pipe()
             flags = self._namespace_flags()
