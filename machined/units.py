@@ -512,10 +512,11 @@ def install_units(*, machines: Machines | None = None) -> Installed:
                 result.installed.append(name)
             if _has_install_section(text):
                 to_enable.append(name)
+        # GetUnitFileState and EnableUnitFiles read the files on disk; Reload comes last
+        # so that systemd sees the new files and the new .wants/ symlinks at once
+        enable_now = [u for u in to_enable if systemd.unit_file_state(u) in (None, "disabled")]
+        if enable_now:
+            changes = systemd.enable_unit_files(enable_now, runtime=False, force=True)
+            result.changes = _change_lines(_changes(changes))
         systemd.reload()
-        if to_enable:
-            enable_now = [u for u in to_enable if systemd.unit_file_state(u) == "disabled"]
-            if enable_now:
-                changes = systemd.enable_unit_files(enable_now, runtime=False, force=True)
-                result.changes = _change_lines(_changes(changes))
     return result
