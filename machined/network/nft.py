@@ -141,7 +141,6 @@ def _base_chain(name: str, type_: str, hook: str, prio: int) -> dict[str, Any]:
 
 def _base_rules() -> dict[str, list[list[Cmd]]]:
     loopback4 = _match(_payload("ip", "saddr"), {"prefix": {"addr": "127.0.0.0", "len": 8}})
-    loopback6 = _match(_payload("ip6", "saddr"), "::1")
     from4 = _match(_payload("ip", "saddr"), "@subnets4")
     from6 = _match(_payload("ip6", "saddr"), "@subnets6")
     dnat = _match({"ct": {"key": "status"}}, "dnat", "in")  # a flag test, not equality
@@ -169,9 +168,8 @@ def _base_rules() -> dict[str, list[list[Cmd]]]:
                 _match(_meta("oifname"), "@bridges", "!="),
                 _MASQ,
             ],
-            # the host's 127.0.0.1 / ::1 → Port= → machine: a loopback source may not leave
+            # the host's 127.0.0.1 → Port= → machine: a loopback source may not leave the host
             [_TO_BRIDGE, loopback4, _MASQ],
-            [_TO_BRIDGE, loopback6, _MASQ],
             # machine → host:PORT → machine on the same bridge (hairpin): replies must come back
             [_TO_BRIDGE, dnat, from4, _MASQ],
             [_TO_BRIDGE, dnat, from6, _MASQ],
