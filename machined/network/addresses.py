@@ -40,7 +40,6 @@ import fcntl
 import ipaddress
 import json
 import os
-import secrets
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,6 +191,8 @@ def _parse_net6(text: Any, where: str) -> IPv6Network:
 
 def _random_ula() -> IPv6Network:
     """An RFC 4193 prefix: fd00::/8 + a 40-bit random global ID."""
+    import secrets  # only here: it pulls in hashlib and hmac
+
     global_id = int.from_bytes(secrets.token_bytes(5), "big")
     return ipaddress.IPv6Network(((0xFD << 120) | (global_id << 80), 48))
 
