@@ -1,0 +1,156 @@
+"""Resource limits of machines made by pymachine, enforced by the kernel (cgroup v2).
+
+Every machine here is a busybox image (``pymachine bootstrap --distro busybox``)
+with ``--network none``, so a failure points at the limit, not at networking.
+Swap is off except in the swap tests: with swap on, a payload over
+``MemoryMax=`` is swapped out instead of OOM-killed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from guest import (
+    active_state,
+    cgroup_dir,
+    cpu_stat,
+    create,
+    destroy,
+    host_is_healthy,
+    journal,
+    pm,
+    show,
+    swap_on,
+    swap_total_kb,
+    unit_of,
+    wait_stopped,
+    wait_until,
+)
+
+# busybox dd allocates a buffer of bs bytes and fills it from /dev/zero: a
+# memory hog with no extra tools. The sleep keeps it clear of start-up.
+HOG_200M = [
+    "sh",
+    "-c",
+    "sleep 2; dd if=/dev/zero of=/dev/null bs=200M count=1; echo SURVIVED; sleep 600",
+]
+
+
+@pytest.fixture
+def machine(request):
+    """A unique machine name, removed after the test whatever happened."""
+    name = request.node.name.removeprefix("test_").replace("_", "-")[:40]
+    destroy(name)
+    yield name
+    destroy(name)
+
+
+@pytest.fixture
+def bystander():
+    """Another machine running beside the one under test: it must be unaffected."""
+    name = "bystander"
+    destroy(name)
+    create(name, command=["sleep", "3600"])
+    pm("start", name)
+    yield name
+    destroy(name)
+
+
+def test_memory_max_oom_kill(machine, bystander):
+    assert swap_total_kb() == 0
+    create(machine, "MemoryMax=50M", command=HOG_200M)
+    pm("start", machine)
+    assert (cgroup_dir(unit_of(machine)) / "memory.max").read_text().strip() == str(50 << 20)
+    props = wait_stopped(machine, timeout=120)
+    assert props["Result"] == "oom-kill", (props, journal(unit_of(machine)))
+    assert "SURVIVED" not in journal(unit_of(machine))
+
+    status = pm("status", machine, check=False)
+    assert "oom-kill" in status.stdout, status.stdout
+    data = json.loads(pm("status", machine, "--json", check=False).stdout)
+    assert data["result"] == "oom-kill", data
+
+    host_is_healthy()
+    assert active_state(bystander) == "active"
+    assert json.loads(pm("status", bystander, "--json").stdout)["state"] == "running"
+
+
+def test_cpu_quota(machine):
+    create(machine, "CPUQuota=20%", command=["sh", "-c", "while :; do :; done"])
+    pm("start", machine)
+    unit = unit_of(machine)
+    assert (cgroup_dir(unit) / "cpu.max").read_text().split() == ["20000", "100000"]
+    time.sleep(1)  # past start-up (the runtime's own CPU time)
+    before, t0 = cpu_stat(unit), time.monotonic()
+    time.sleep(5)
+    after, t1 = cpu_stat(unit), time.monotonic()
+    share = (after["usage_usec"] - before["usage_usec"]) / ((t1 - t0) * 1e6)
+    assert share <= 0.25, f"busy loop used {share:.0%} of a CPU under CPUQuota=20%"
+    assert share >= 0.05, f"busy loop used only {share:.0%}: did it run?"
+    assert after["nr_throttled"] > 0, after
+    pm("stop", machine)
+
+
+def test_tasks_max_fork_bomb(machine):
+    # The bomb runs in a subshell; the machine's command goes on as a sleep.
+    bomb = "(bomb() { bomb | bomb & }; bomb) 2>/dev/null; exec sleep 3600"
+    create(machine, "TasksMax=30", command=["sh", "-c", bomb])
+    pm("start", machine)
+    unit = unit_of(machine)
+    group = cgroup_dir(unit)
+    assert (group / "pids.max").read_text().strip() == "30"
+    wait_until(
+        lambda: int((group / "pids.events").read_text().split()[1]) > 0,
+        timeout=60,
+        what="the fork bomb to hit TasksMax",
+    )
+    peak = 0
+    for _ in range(10):
+        peak = max(peak, int((group / "pids.current").read_text()))
+        time.sleep(0.3)
+    assert peak <= 30
+    host_is_healthy()
+
+    t0 = time.monotonic()
+    pm("stop", machine, timeout=120)
+    took = time.monotonic() - t0
+    props = show(unit, "ActiveState", "Result")
+    assert props["ActiveState"] in ("inactive", "failed"), props
+    assert not group.exists(), f"{group} left behind"
+    assert took < 90, f"stop took {took:.0f}s"
+
+
+def test_memory_swap_max_zero_with_swap(machine):
+    with swap_on():
+        assert swap_total_kb() > 100_000
+        create(machine, "MemoryMax=50M", "MemorySwapMax=0", command=HOG_200M)
+        pm("start", machine)
+        assert (cgroup_dir(unit_of(machine)) / "memory.swap.max").read_text().strip() == "0"
+        props = wait_stopped(machine, timeout=120)
+        assert props["Result"] == "oom-kill", (props, journal(unit_of(machine)))
+        assert "SURVIVED" not in journal(unit_of(machine))
+        host_is_healthy()
+
+
+def test_memory_max_without_swap_limit_swaps(machine):
+    """The control for the test above: the same limit without MemorySwapMax=0 lets
+    the payload survive by swapping, so it is the swap limit that kills."""
+    hog = [
+        "sh",
+        "-c",
+        "sleep 2; dd if=/dev/zero of=/dev/null bs=120M count=1 && echo SURVIVED; sleep 600",
+    ]
+    with swap_on():
+        create(machine, "MemoryMax=50M", command=hog)
+        pm("start", machine)
+        unit = unit_of(machine)
+        wait_until(
+            lambda: "SURVIVED" in journal(unit) or active_state(machine) != "active",
+            timeout=180,
+            what="the payload to finish",
+        )
+        assert active_state(machine) == "active", show(unit, "Result")
+        assert "SURVIVED" in journal(unit)
+        pm("stop", machine)
