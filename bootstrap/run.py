@@ -7,10 +7,13 @@ command and the last lines it printed, so the CLI shows something useful.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
+import signal
 import subprocess
+import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -104,6 +107,7 @@ def run(
             text=True,
             errors="replace",
             bufsize=1,
+            start_new_session=True,  # its own process group: stopped as a whole on interrupt
         ) as popen:
             assert popen.stdout is not None
             try:
@@ -113,19 +117,37 @@ def run(
                     on_line(line)
                 returncode = popen.wait()
             except BaseException:
-                # Interrupted (Ctrl-C, SIGTERM): take the tool down with us.
-                popen.terminate()
-                try:
-                    popen.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    popen.kill()
-                    popen.wait()
+                # Interrupted (Ctrl-C, SIGTERM): take the tool and its children down.
+                _stop_group(popen)
                 raise
         if check and returncode != 0:
             raise _failure(args, returncode, list(tail))
         return subprocess.CompletedProcess(args, returncode, "", "")
     except FileNotFoundError as exc:
         raise MissingTool(f"cannot run {args[0]!r}: {exc.strerror}") from exc
+
+
+def _stop_group(popen: subprocess.Popen[str], grace: float = 10.0) -> None:
+    """SIGTERM the tool's process group, SIGKILL whatever is left after ``grace``.
+
+    mmdebstrap/debootstrap run apt, dpkg and tar as children that would go on
+    writing into the tree while it is being removed if only the tool died.
+    """
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(popen.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        popen.wait(timeout=grace)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(popen.pid, signal.SIGKILL)
+    popen.wait()
+    # Stragglers of the group that outlived the leader: wait until none is left.
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(popen.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
 
 
 def _failure(args: list[str], returncode: int, tail: list[str]) -> BootstrapError:

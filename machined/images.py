@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import fcntl
 import json
 import os
@@ -433,8 +434,8 @@ def _umount(target: str) -> None:
     if _libc is None:
         _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     if _libc.umount2(os.fsencode(target), _MNT_DETACH) != 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, os.strerror(errno), target)
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), target)
 
 
 def remove_tree(path: Path) -> None:
@@ -468,4 +469,11 @@ def remove_tree(path: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         return
-    shutil.rmtree(path, onerror=onerror)
+    for attempt in range(5):
+        try:
+            shutil.rmtree(path, onerror=onerror)
+            return
+        except OSError as exc:  # something still wrote into it (a dying tool's child)
+            if attempt == 4 or exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            time.sleep(0.2 * (attempt + 1))
