@@ -8,6 +8,7 @@ when read, so a bad definition is a clear error before anything is started.
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from machined.errors import InvalidInput, NotFound
 from machined.names import validate_image_name, validate_machine_name
 from machined.network.config import NetworkConfig, NetworkMode, PortForward
 from machined.paths import Paths
-from machined.properties import parse_resource
+from machined.properties import format_seconds, parse_resource
 
 DEFAULT_STOP_TIMEOUT = 10.0  # seconds, like docker/podman; systemd's 90 s is for whole OSes
 
@@ -76,12 +77,22 @@ class MachineDefinition:
             raise InvalidInput(
                 f"invalid working directory {self.working_directory!r}: must be absolute"
             )
-        if not self.stop_timeout > 0:
-            raise InvalidInput(f"invalid stop timeout {self.stop_timeout!r}: must be > 0 seconds")
+        check_seconds(self.stop_timeout, what="stop timeout")
+        for what, value in self._text_values():
+            if any(c in value for c in "\n\r\0"):
+                raise InvalidInput(f"invalid {what} {value!r}: must not contain a newline or NUL")
         if self.boot and self.command:
             raise InvalidInput("a boot-mode machine runs the image's init; it takes no command")
         self.network.validate()
         return self
+
+    def _text_values(self) -> list[tuple[str, str]]:
+        """Every free-text value, for checks a line-based file format needs."""
+        values = [("command argument", arg) for arg in self.command]
+        values += [("environment value", f"{k}={v}") for k, v in self.environment.items()]
+        values += [("working directory", self.working_directory or ""), ("user", self.user or "")]
+        values += [("bind", str(b)) for b in self.binds]
+        return values
 
 
 # --- value codecs ------------------------------------------------------------
@@ -114,16 +125,22 @@ def parse_bool(text: str) -> bool:
     raise InvalidInput(f"invalid boolean {text!r}: expected yes or no")
 
 
+MAX_SECONDS = 365 * 24 * 3600.0
+
+
 def parse_seconds(text: str) -> float:
     value = text.strip().removesuffix("s")
-    try:
-        seconds = float(value)
-    except ValueError:
+    if not re.fullmatch(r"[0-9]+(?:\.[0-9]+)?", value):
+        raise InvalidInput(f"invalid duration {text!r}: expected seconds, e.g. 10 or 2.5s")
+    return check_seconds(float(value), text)
+
+
+def check_seconds(seconds: float, text: object = None, what: str = "duration") -> float:
+    if not 0 < seconds <= MAX_SECONDS:  # also false for nan
+        shown = text if text is not None else seconds
         raise InvalidInput(
-            f"invalid duration {text!r}: expected seconds, e.g. 10 or 2.5s"
-        ) from None
-    if seconds <= 0:
-        raise InvalidInput(f"invalid duration {text!r}: must be > 0")
+            f"invalid {what} {shown!r}: must be more than 0 and at most {MAX_SECONDS:.0f} seconds"
+        )
     return seconds
 
 
@@ -132,7 +149,7 @@ def _fmt_bool(value: bool) -> str:
 
 
 def _fmt_seconds(value: float) -> str:
-    return f"{value:g}"
+    return format_seconds(value)
 
 
 @dataclass(frozen=True)
@@ -160,8 +177,18 @@ def _scalar(
 
 
 def _set_env(d: MachineDefinition, text: str) -> None:
+    if text[:1] in ("'", '"'):  # quoted to keep leading/trailing blanks
+        try:
+            (text,) = shlex.split(text)
+        except ValueError:
+            raise InvalidInput(f"invalid environment assignment {text!r}") from None
     name, value = parse_env(text)
     d.environment[name] = value
+
+
+def _fmt_env(name: str, value: str) -> str:
+    text = f"{name}={value}"
+    return shlex.quote(text) if text != text.strip() or text[-1:] in "'\"" else text
 
 
 def _set_command(d: MachineDefinition, text: str) -> None:
@@ -184,7 +211,12 @@ _KEYS: tuple[_Key, ...] = (
     _Key("Machine", "Image", lambda d: [d.image], lambda d, v: setattr(d, "image", v)),
     _Key("Machine", "Boot", *_scalar("boot", parse_bool, _fmt_bool, default=False)),
     _Key("Exec", "Command", lambda d: [shlex.join(d.command)] if d.command else [], _set_command),
-    _Key("Exec", "Environment", lambda d: [f"{k}={v}" for k, v in d.environment.items()], _set_env),
+    _Key(
+        "Exec",
+        "Environment",
+        lambda d: [_fmt_env(k, v) for k, v in d.environment.items()],
+        _set_env,
+    ),
     _Key("Exec", "WorkingDirectory", *_scalar("working_directory")),
     _Key("Exec", "User", *_scalar("user")),
     _Key(
@@ -238,8 +270,10 @@ def from_text(name: str, text: str, path: str = "<string>") -> MachineDefinition
     definition.network.ports = []
     for section, entries in parsed.sections.items():
         if section not in SECTIONS:
-            first = entries[0] if entries else None
-            raise parsed.error(first, f"unknown section [{section}] (known: {', '.join(SECTIONS)})")
+            raise parsed.error(
+                parsed.section_lines.get(section),
+                f"unknown section [{section}] (known: {', '.join(SECTIONS)})",
+            )
         for entry in entries:
             try:
                 if section == "Resources":

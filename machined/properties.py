@@ -44,14 +44,25 @@ def _bad(key: str, value: str, expected: str) -> InvalidInput:
     return InvalidInput(f"invalid value for {key}: {value!r} (expected {expected})")
 
 
+_DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]+)?")
+_INTEGER = re.compile(r"[0-9]+")
+
+
 def _percent(key: str, value: str, expected: str, *, maximum: float | None = 100.0) -> float:
-    try:
-        number = float(value[:-1])
-    except ValueError:
-        raise _bad(key, value, expected) from None
-    if number < 0 or (maximum is not None and number > maximum):
+    """``N%`` with N a plain decimal (no nan/inf, no exponent, ASCII digits only)."""
+    number = value[:-1]
+    if not _DECIMAL.fullmatch(number):
         raise _bad(key, value, expected)
-    return number
+    percent = float(number)
+    if maximum is not None and percent > maximum:
+        raise _bad(key, value, expected)
+    return percent
+
+
+def _integer(key: str, value: str, expected: str, low: int, high: int) -> int:
+    if not _INTEGER.fullmatch(value) or not low <= int(value) <= high:
+        raise _bad(key, value, expected)
+    return int(value)
 
 
 def _scale(percent: float) -> int:
@@ -65,13 +76,18 @@ def _memory(key: str, value: str) -> list[Property]:
         return [Property(key, "t", UINT64_MAX)]
     if value.endswith("%"):
         return [Property(f"{key}Scale", "u", _scale(_percent(key, value, expected)))]
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGTPE]?)", value)
+    match = re.fullmatch(r"([0-9]+)(?:\.([0-9]+))?([KMGTPE]?)", value)
     if not match:
         raise _bad(key, value, expected)
-    number = float(match.group(1)) * _SIZE_SUFFIXES[match.group(2)]
+    whole, fraction, suffix = match.groups()
+    multiplier = _SIZE_SUFFIXES[suffix]
+    # Integer arithmetic: a float would round 2**53+1 and reject 2**64-2.
+    number = int(whole) * multiplier
+    if fraction:
+        number += int(fraction) * multiplier // 10 ** len(fraction)
     if number >= UINT64_MAX:
         raise _bad(key, value, expected)
-    return [Property(key, "t", int(number))]
+    return [Property(key, "t", number)]
 
 
 def _cpu_quota(key: str, value: str) -> list[Property]:
@@ -80,19 +96,17 @@ def _cpu_quota(key: str, value: str) -> list[Property]:
         return [Property("CPUQuotaPerSecUSec", "t", UINT64_MAX)]
     if not value.endswith("%"):
         raise _bad(key, value, expected)
-    percent = _percent(key, value, expected, maximum=None)
-    if percent <= 0:
+    usec = int(_percent(key, value, expected, maximum=None) * 10_000)
+    if not 0 < usec < UINT64_MAX:
         raise _bad(key, value, expected)
-    return [Property("CPUQuotaPerSecUSec", "t", int(percent * 10_000))]
+    return [Property("CPUQuotaPerSecUSec", "t", usec)]
 
 
 def _weight(key: str, value: str) -> list[Property]:
     expected = "an integer from 1 to 10000" + (", or idle" if key == "CPUWeight" else "")
     if key == "CPUWeight" and value == "idle":
         return [Property(key, "t", 0)]
-    if not value.isdigit() or not 1 <= int(value) <= 10000:
-        raise _bad(key, value, expected)
-    return [Property(key, "t", int(value))]
+    return [Property(key, "t", _integer(key, value, expected, 1, 10000))]
 
 
 def _tasks(key: str, value: str) -> list[Property]:
@@ -101,9 +115,7 @@ def _tasks(key: str, value: str) -> list[Property]:
         return [Property(key, "t", UINT64_MAX)]
     if value.endswith("%"):
         return [Property(f"{key}Scale", "u", _scale(_percent(key, value, expected)))]
-    if not value.isdigit() or int(value) < 1 or int(value) >= UINT64_MAX:
-        raise _bad(key, value, expected)
-    return [Property(key, "t", int(value))]
+    return [Property(key, "t", _integer(key, value, expected, 1, UINT64_MAX - 1))]
 
 
 def parse_cpu_set(key: str, value: str) -> list[int]:
@@ -198,6 +210,19 @@ def _setting(key: str, text: str, *props: Property) -> UnitSetting:
     return UnitSetting(key, text, props or (Property(key, "s", text),))
 
 
+def format_seconds(seconds: float) -> str:
+    """``10`` / ``2.5`` / ``1234567``: exact to the microsecond, never an exponent."""
+    return f"{seconds:.6f}".rstrip("0").rstrip(".")
+
+
+def _unit_quote(*words: str) -> str:
+    """Quote words for ExecStart=/Environment= in a unit file: shell-style quotes
+    (systemd understands them) and ``%`` doubled (those settings expand specifiers)."""
+    import shlex
+
+    return " ".join(shlex.quote(w) for w in words).replace("%", "%%")
+
+
 def machine_settings(
     name: str,
     resources: Mapping[str, str],
@@ -227,7 +252,7 @@ def machine_settings(
             ),
             _setting(
                 "ExecStart",
-                " ".join(exec_start),
+                _unit_quote(*exec_start),
                 Property("ExecStart", "a(sasb)", [(exec_start[0], exec_start, False)]),
             ),
         ]
@@ -235,13 +260,15 @@ def machine_settings(
             settings.append(
                 _setting(
                     "Environment",
-                    " ".join(f"{k}={v}" for k, v in environment.items()),
+                    _unit_quote(*(f"{k}={v}" for k, v in environment.items())),
                     Property("Environment", "as", [f"{k}={v}" for k, v in environment.items()]),
                 )
             )
     settings.append(
         _setting(
-            "TimeoutStopSec", f"{timeout:g}s", Property("TimeoutStopUSec", "t", int(timeout * 1e6))
+            "TimeoutStopSec",
+            f"{format_seconds(timeout)}s",
+            Property("TimeoutStopUSec", "t", round(timeout * 1_000_000)),
         )
     )
     for key, value in resources.items():

@@ -26,10 +26,11 @@ class Entry:
 class UnitFile:
     path: str
     sections: dict[str, list[Entry]] = field(default_factory=dict)
+    section_lines: dict[str, int] = field(default_factory=dict)  # where each [Section] starts
 
-    def error(self, entry: Entry | None, message: str) -> InvalidInput:
-        where = f"{self.path}:{entry.line}" if entry else self.path
-        return InvalidInput(f"{where}: {message}")
+    def error(self, where: Entry | int | None, message: str) -> InvalidInput:
+        line = where.line if isinstance(where, Entry) else where
+        return InvalidInput(f"{self.path}:{line}: {message}" if line else f"{self.path}: {message}")
 
 
 def parse(text: str, path: str = "<string>") -> UnitFile:
@@ -43,6 +44,7 @@ def parse(text: str, path: str = "<string>") -> UnitFile:
             if not line.endswith("]") or len(line) < 3:
                 raise InvalidInput(f"{path}:{number}: malformed section header {line!r}")
             current = unit.sections.setdefault(line[1:-1], [])
+            unit.section_lines.setdefault(line[1:-1], number)
             continue
         key, sep, value = line.partition("=")
         if not sep or not key.strip():

@@ -31,10 +31,11 @@ def print_json(value: Any) -> None:
 def human_bytes(value: int | None) -> str:
     if value is None:
         return "-"
-    units = ("B", "K", "M", "G", "T", "P")
+    units = ("B", "K", "M", "G", "T", "P", "E")
     number = float(value)
-    for unit in units:
-        if number < 1024 or unit == units[-1]:
+    for index, unit in enumerate(units):
+        # Move up a unit when the rounded figure would read 1024.0 of this one.
+        if round(number, 1) < 1024 or index == len(units) - 1:
             return f"{number:.0f}{unit}" if unit == "B" else f"{number:.1f}{unit}"
         number /= 1024
     return f"{value}B"

@@ -252,11 +252,6 @@ def test_logs_missing_machine_is_4(root: Path, capsys: pytest.CaptureFixture) ->
     assert capsys.readouterr().err.startswith("pymachine: machine 'ghost' not found")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: --stop-timeout inf is accepted (argparse float) and saved as StopTimeoutSec=inf; "
-    "starting the machine then overflows int(timeout * 1e6)",
-)
 def test_create_infinite_stop_timeout_is_rejected(
     root: Path, capsys: pytest.CaptureFixture
 ) -> None:

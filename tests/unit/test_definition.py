@@ -194,13 +194,10 @@ def test_unknown_section_is_named_with_line() -> None:
     with pytest.raises(InvalidInput) as info:
         from_text("w", "[Machine]\nImage=tiny\n[Service]\nType=simple\n", "/x/w.machine")
     message = str(info.value)
-    assert message.startswith("/x/w.machine:4: unknown section [Service]")
+    assert message.startswith("/x/w.machine:3: unknown section [Service]")
     assert "Machine, Exec, Files, Network, Resources" in message
 
 
-@pytest.mark.xfail(
-    strict=True, reason="BUG: an empty unknown section is reported without a line number"
-)
 def test_empty_unknown_section_names_line() -> None:
     with pytest.raises(InvalidInput) as info:
         from_text("w", "[Machine]\nImage=tiny\n[Service]\n", "/x/w.machine")
@@ -489,11 +486,6 @@ def test_exists_false(tmp_path: Path) -> None:
 # --- bugs ---------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: StopTimeoutSec=infinity is accepted (float('infinity')) and later overflows "
-    "int(timeout * 1e6) in machine_settings",
-)
 def test_infinite_stop_timeout_is_rejected_or_usable() -> None:
     try:
         d = from_text("w", "[Machine]\nImage=tiny\n[Exec]\nStopTimeoutSec=infinity\n")
@@ -503,27 +495,16 @@ def test_infinite_stop_timeout_is_rejected_or_usable() -> None:
     assert [p.value for p in props if p.name == "TimeoutStopUSec"] == [UINT64_MAX]
 
 
-@pytest.mark.xfail(
-    strict=True, reason="BUG: StopTimeoutSec is written with :g, 1234567 is read back as 1234570"
-)
 def test_long_stop_timeout_round_trip() -> None:
     original = MachineDefinition(name="w", image="tiny", stop_timeout=1234567)
     assert from_text("w", to_text(original)).stop_timeout == 1234567
 
 
-@pytest.mark.xfail(
-    strict=True, reason="BUG: Environment= values lose leading/trailing whitespace on round trip"
-)
 def test_environment_whitespace_round_trip() -> None:
     original = MachineDefinition(name="w", image="tiny", environment={"PAD": "  x  "})
     assert from_text("w", to_text(original)).environment == {"PAD": "  x  "}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a newline in a value (Environment=, WorkingDirectory=, Command=) is written "
-    "raw, so save() succeeds but the file injects other keys or no longer loads",
-)
 @pytest.mark.parametrize(
     "changes",
     [

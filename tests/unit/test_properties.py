@@ -399,9 +399,6 @@ def test_to_properties_flattens_in_order() -> None:
 # --- bugs -----------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True, reason="BUG: nan/inf percentages escape as ValueError/OverflowError"
-)
 @pytest.mark.parametrize(
     ("key", "value"),
     [("MemoryMax", "nan%"), ("TasksMax", "nan%"), ("CPUQuota", "nan%"), ("CPUQuota", "inf%")],
@@ -411,52 +408,32 @@ def test_non_finite_percent_is_invalid_input(key: str, value: str) -> None:
         parse_resource(key, value)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="BUG: str.isdigit() accepts '²' which int() rejects → ValueError"
-)
 @pytest.mark.parametrize("key", ["CPUWeight", "IOWeight", "TasksMax"])
 def test_superscript_digit_is_invalid_input(key: str) -> None:
     with pytest.raises(InvalidInput, match=key):
         parse_resource(key, "²")
 
 
-@pytest.mark.xfail(
-    strict=True, reason="BUG: CPUQuota has no upper bound: 1e30% gives a value beyond uint64"
-)
 def test_cpu_quota_beyond_uint64_is_rejected() -> None:
     with pytest.raises(InvalidInput, match="CPUQuota"):
         parse_resource("CPUQuota", "1e30%")
 
 
-@pytest.mark.xfail(
-    strict=True, reason="BUG: CPUQuota=0.00001% rounds to 0 µs/s although 0% is rejected"
-)
 def test_cpu_quota_rounding_to_zero_is_rejected() -> None:
     with pytest.raises(InvalidInput, match="CPUQuota"):
         parse_resource("CPUQuota", "0.00001%")
 
 
-@pytest.mark.xfail(
-    strict=True, reason="BUG: byte counts go through float, losing precision above 2**53"
-)
 @pytest.mark.parametrize("value", [2**53 + 1, UINT64_MAX - 1])
 def test_large_byte_counts_are_exact(value: int) -> None:
     assert parse_resource("MemoryMax", str(value)) == [Property("MemoryMax", "t", value)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: TimeoutStopSec text uses :g, so 1000005 s renders as '1e+06s' (and loses digits)",
-)
 def test_timeout_text_for_long_timeouts() -> None:
     by = _by_key(machine_settings("w", {}, 1_000_000, ["/bin/x"], {}))
     assert by["TimeoutStopSec"].text == "1000005s"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: unit-file text of ExecStart/Environment is not quoted; differs from D-Bus form",
-)
 def test_unit_text_quotes_arguments_with_spaces() -> None:
     exec_start = ["/opt/my python/bin/python3", "-m", "machined.runtime", "web"]
     environment = {"PYMACHINE_ROOT": "/tmp/a b"}
