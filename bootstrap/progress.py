@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from typing import TextIO
 
@@ -36,6 +37,7 @@ class Progress:
         self._phase_started = self.started
         self._last_draw = 0.0
         self._status_shown = False
+        self._lock = threading.RLock()  # backends may report from a watcher thread
 
     # --- events --------------------------------------------------------------
     def step(self, phase: str, total: int | None = None) -> None:
@@ -114,6 +116,10 @@ class Progress:
     def _draw(self, force: bool = False) -> None:
         if self.quiet:
             return
+        with self._lock:
+            self._draw_locked(force)
+
+    def _draw_locked(self, force: bool) -> None:
         now = time.monotonic()
         if not force and now - self._last_draw < REDRAW_INTERVAL:
             return
@@ -144,5 +150,6 @@ class Progress:
     def _print(self, text: str) -> None:
         if self.quiet:
             return
-        self.stream.write(text + "\n")
-        self.stream.flush()
+        with self._lock:
+            self.stream.write(text + "\n")
+            self.stream.flush()
