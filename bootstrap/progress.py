@@ -128,6 +128,7 @@ class Progress:
             width = os.get_terminal_size(self.stream.fileno()).columns
         except (OSError, ValueError, AttributeError):
             width = 80
+        width = width or 80  # a pty without a size says 0
         text = self.status_text()[: max(width - 1, 10)]
         self.stream.write(f"\r\x1b[K{text}")
         self.stream.flush()
