@@ -252,3 +252,45 @@ def test_lists_freshness(tmp_path):
 
     os.utime(tmp_path / "deb.debian.org_debian_dists_bookworm_InRelease", (old, old))
     assert not _lists_fresh(tmp_path)
+
+
+def test_cli_bootstrap_options_reach_the_config(monkeypatch, tmp_path):
+    import bootstrap.build
+    from bootstrap.build import cache_dir
+    from machined.cli import main
+    from machined.images import ImageStore
+    from machined.paths import Paths
+
+    seen = {}
+    monkeypatch.setattr(
+        bootstrap.build,
+        "bootstrap_image",
+        lambda name, config: seen.update(name=name, config=config),
+    )
+    assert (
+        main(
+            [
+                "bootstrap",
+                "--distro",
+                "debian",
+                "--release",
+                "trixie",
+                "--include",
+                "python3,dbus",
+                "--include",
+                "iproute2",
+                "--no-cache",
+                "img",
+            ]
+        )
+        == 0
+    )
+    config = seen["config"]
+    assert seen["name"] == "img"
+    assert config.release == "trixie" and config.variant == "minbase"
+    assert config.include == ("python3", "dbus", "iproute2")
+    assert config.use_cache is False
+    store = ImageStore(Paths(tmp_path))
+    assert cache_dir(store, config) is None
+    warm = BootstrapConfig(Distribution.debian, architecture="amd64")
+    assert cache_dir(store, warm) == tmp_path / "var/cache/pymachine/packages/debian/bookworm/amd64"
