@@ -209,6 +209,9 @@ class Machines:
         self.systemd.reset_failed(unit)
         try:
             if (self.paths.unit_files / unit).exists():
+                from machined import units
+
+                units.refresh(name, machines=self)  # the definition may have been edited by hand
                 self.systemd.start_unit(unit, timeout=timeout)  # enabled: same name, its unit file
             else:
                 self.systemd.start_transient(

@@ -135,25 +135,37 @@ def cmd_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def _each(names: list[str], action) -> int:
+    """Apply ACTION to every name like systemctl does: go on after a failure,
+    report each, and exit with the first failure's code."""
+    from machined.errors import PymachineError
+
+    if len(names) == 1:
+        action(names[0])  # one machine: errors propagate as they are
+        return 0
+    status = 0
+    for name in names:
+        try:
+            action(name)
+        except PymachineError as exc:
+            print(f"pymachine: {exc}", file=sys.stderr)
+            status = status or int(exc.exit_code)
+    return status
+
+
 def cmd_start(args: argparse.Namespace) -> int:
     with _machines() as machines:
-        for name in args.names:
-            machines.start(name)
-    return 0
+        return _each(args.names, machines.start)
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
     with _machines() as machines:
-        for name in args.names:
-            machines.stop(name)
-    return 0
+        return _each(args.names, machines.stop)
 
 
 def cmd_restart(args: argparse.Namespace) -> int:
     with _machines() as machines:
-        for name in args.names:
-            machines.restart(name)
-    return 0
+        return _each(args.names, machines.restart)
 
 
 def _parse_signal(text: str) -> int:
@@ -172,16 +184,12 @@ def _parse_signal(text: str) -> int:
 def cmd_kill(args: argparse.Namespace) -> int:
     number = _parse_signal(args.signal)
     with _machines() as machines:
-        for name in args.names:
-            machines.kill(name, number)
-    return 0
+        return _each(args.names, lambda name: machines.kill(name, number))
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
     with _machines() as machines:
-        for name in args.names:
-            machines.remove(name)
-    return 0
+        return _each(args.names, machines.remove)
 
 
 def _info_json(info) -> dict[str, Any]:
@@ -258,7 +266,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 f"{info.state}"
                 + (f" (result: {info.result})" if info.result and info.result != "success" else ""),
             ),
-            ("Unit", info.unit),
+            ("Unit", info.unit + (" (enabled: starts at boot)" if _enabled(info.name) else "")),
             ("Image", info.image),
             ("Mode", "boot" if definition and definition.boot else "application"),
             ("Leader", str(info.leader) if info.leader else None),
@@ -283,6 +291,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             print()
             print(lines)
     return 0 if info.state == MachineState.RUNNING else int(ExitCode.NOT_RUNNING)
+
+
+def _enabled(name: str) -> bool:
+    from machined import units
+
+    return units.is_enabled(name)
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
