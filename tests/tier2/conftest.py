@@ -18,16 +18,19 @@ collect_ignore = ["inside"]
 
 
 def skip_or_fail(reason: str):
-    """Skip when the environment lacks something, but never silently in CI."""
+    """Skip when the environment lacks something, but never silently in CI
+    (the project's policy, :func:`tests.harness.skip_or_fail`)."""
     try:
-        from harness import skip_or_fail as shared  # tests/harness, once it exists
-    except ImportError:
+        from tests.harness import skip_or_fail as shared
+    except ImportError:  # run outside the repository's test package
         shared = None
+    print(f"tier2: cannot run: {reason}")
     if shared is not None:
         return shared(reason)
     if os.environ.get("CI"):
-        pytest.fail(f"tier 2 cannot run, and CI is set: {reason}", pytrace=False)
-    print(f"tier2: skipped: {reason}")
+        pytest.fail(
+            f"{reason} (CI is set: missing prerequisites fail instead of skip)", pytrace=False
+        )
     pytest.skip(reason)
 
 

@@ -7,6 +7,7 @@ stages is real (a new boot id, enabled units start at boot).
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -36,7 +37,19 @@ def test_cgroup_v2_controllers():
 
 
 def test_python_deps_importable():
-    sh("python3", "-c", "import machined, pystemd, pyroute2, jinja2")
+    sh("python3", "-c", "import machined, pystemd, pyroute2, jinja2, pyseccomp")
+
+
+def test_runtime_dependencies_declared():
+    """What the runtime imports must be declared: ``pip install .`` alone must give
+    a working pymachine (the harness installs pyseccomp by hand meanwhile)."""
+    from importlib.metadata import requires
+
+    declared = {
+        re.split(r"[<>=!~ ;\[]", r, maxsplit=1)[0].lower() for r in requires("pymachine") or []
+    }
+    needed = {"pystemd", "pyroute2", "jinja2", "pyseccomp"}
+    assert needed <= declared, f"not in pyproject.toml's dependencies: {sorted(needed - declared)}"
 
 
 def test_memory_max_oom_kill_systemd_run():
