@@ -21,6 +21,7 @@ from machined.names import validate_image_name, validate_machine_name
 from machined.network.config import NetworkConfig, NetworkMode, PortForward
 from machined.paths import Paths
 from machined.properties import format_seconds, parse_resource
+from machined.runtime import security
 
 DEFAULT_STOP_TIMEOUT = 10.0  # seconds, like docker/podman; systemd's 90 s is for whole OSes
 
@@ -65,6 +66,11 @@ class MachineDefinition:
     ephemeral: bool = False
     network: NetworkConfig = field(default_factory=NetworkConfig)
     resources: dict[str, str] = field(default_factory=dict)
+    capability: list[str] = field(default_factory=list)
+    drop_capability: list[str] = field(default_factory=list)
+    system_call_filter: list[str] = field(default_factory=list)
+    no_new_privileges: bool | None = None  # None: yes for app machines, no in boot mode
+    private_users: str = "pick"
 
     def validate(self) -> MachineDefinition:
         validate_machine_name(self.name)
@@ -223,6 +229,35 @@ _KEYS: tuple[_Key, ...] = (
         "Exec",
         "StopTimeoutSec",
         *_scalar("stop_timeout", parse_seconds, _fmt_seconds, default=DEFAULT_STOP_TIMEOUT),
+    ),
+    _Key(
+        "Exec",
+        "Capability",
+        lambda d: [" ".join(d.capability)] if d.capability else [],
+        lambda d, v: d.capability.extend(security.parse_capabilities(v)),
+    ),
+    _Key(
+        "Exec",
+        "DropCapability",
+        lambda d: [" ".join(d.drop_capability)] if d.drop_capability else [],
+        lambda d, v: d.drop_capability.extend(security.parse_capabilities(v)),
+    ),
+    _Key(
+        "Exec",
+        "SystemCallFilter",
+        lambda d: list(d.system_call_filter),
+        lambda d, v: d.system_call_filter.append(security.parse_syscall_filter(v)),
+    ),
+    _Key(
+        "Exec",
+        "NoNewPrivileges",
+        lambda d: [] if d.no_new_privileges is None else [_fmt_bool(d.no_new_privileges)],
+        lambda d, v: setattr(d, "no_new_privileges", parse_bool(v)),
+    ),
+    _Key(
+        "Exec",
+        "PrivateUsers",
+        *_scalar("private_users", security.parse_private_users, default="pick"),
     ),
     _Key(
         "Files",

@@ -78,6 +78,9 @@ def runtime_environment(paths: Paths) -> dict[str, str]:
     env = {}
     if paths.root != Paths().root:
         env[ROOT_ENV] = str(paths.root)
+    crash_at = os.environ.get("PYMACHINE_TEST_CRASH_AT")  # fault injection, tests only
+    if crash_at:
+        env["PYMACHINE_TEST_CRASH_AT"] = crash_at
     return env
 
 
@@ -266,8 +269,41 @@ class Machines:
             from machined import network
 
             network.release(name, self.paths)
+        from machined.runtime import userns
+
+        userns.release(self.paths.state, name)
         with contextlib.suppress(Exception):
             self.systemd.reset_failed(unit_name(name))
+
+    def gc(self) -> list[str]:
+        """Clean what machines that are not running left behind (a runtime that
+        was SIGKILLed, a crash): runtime directories, machined registrations,
+        veths, nft rules. Returns a line per thing cleaned."""
+        from machined import registry
+
+        active = (MachineState.RUNNING, MachineState.STARTING, MachineState.STOPPING)
+        running = {info.name for info in self.list() if info.state in active}
+        cleaned: list[str] = []
+        if self.paths.runtime.is_dir():
+            for directory in sorted(self.paths.runtime.iterdir()):
+                if (
+                    directory.is_dir()
+                    and not directory.name.startswith(".")
+                    and directory.name not in running
+                ):
+                    shutil.rmtree(directory, ignore_errors=True)
+                    cleaned.append(f"runtime directory {directory}")
+        for name in registry.registered(self.systemd.bus):
+            if name not in running:
+                registry.unregister(self.systemd.bus, name)
+                cleaned.append(f"machined registration of {name}")
+        try:
+            from machined import network
+
+            cleaned += [f"network of {name}" for name in network.gc(self.paths, running)]
+        except ImportError:
+            pass
+        return cleaned
 
     def running_state(self, name: str) -> runtime_state.RuntimeState:
         validate_machine_name(name)

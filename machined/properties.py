@@ -246,6 +246,16 @@ def machine_settings(
             _setting("Type", "notify"),
             _setting("NotifyAccess", "main"),
             _setting("KillMode", "mixed"),
+            # Like systemd-nspawn@.service: only the container's own device nodes.
+            _setting("DevicePolicy", "closed"),
+            _setting(
+                "DeviceAllow",
+                "/dev/net/tun rwm",
+                Property("DeviceAllow", "a(ss)", [("/dev/net/tun", "rwm")]),
+            ),
+            _setting(
+                "DeviceAllow", "char-pts rw", Property("DeviceAllow", "a(ss)", [("char-pts", "rw")])
+            ),
             # The init passes SIGTERM's 143 on when the payload obeys a stop: that is success.
             _setting(
                 "SuccessExitStatus", "143", Property("SuccessExitStatus", "(aiai)", ([143], []))

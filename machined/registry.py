@@ -51,3 +51,9 @@ def is_registered(bus: Bus, name: str) -> bool:
     except BusError:
         return False
     return True
+
+
+def registered(bus: Bus) -> list[str]:
+    """Names of the machines machined knows that pymachine registered."""
+    machines = bus.call(MACHINED, MACHINED_PATH, MACHINED_MANAGER, "ListMachines")
+    return [name for name, _class, service, _path in machines if service == SERVICE]

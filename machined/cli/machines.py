@@ -61,6 +61,48 @@ def _add_definition_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_security_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--private-users",
+        metavar="pick|no|UID[:COUNT]",
+        help="user namespace (default: pick, a range of 65536 host UIDs of its own)",
+    )
+    p.add_argument(
+        "--capability",
+        action="append",
+        default=[],
+        metavar="CAP",
+        help="keep a capability beyond nspawn's default set",
+    )
+    p.add_argument(
+        "--drop-capability",
+        action="append",
+        default=[],
+        metavar="CAP",
+        help="drop a capability from the default set",
+    )
+    p.add_argument(
+        "--system-call-filter",
+        action="append",
+        default=[],
+        metavar="[~]CALL…",
+        help="seccomp filter in systemd's syntax",
+    )
+
+
+def _apply_security_flags(definition, args: argparse.Namespace) -> None:
+    from machined.runtime import security
+
+    if args.private_users:
+        definition.private_users = security.parse_private_users(args.private_users)
+    for text in args.capability:
+        definition.capability.extend(security.parse_capabilities(text))
+    for text in args.drop_capability:
+        definition.drop_capability.extend(security.parse_capabilities(text))
+    for text in args.system_call_filter:
+        definition.system_call_filter.append(security.parse_syscall_filter(text))
+
+
 def _build_definition(name: str, args: argparse.Namespace, command: list[str]):
     from machined.definition import BindMount, MachineDefinition, parse_env
     from machined.names import validate_image_name, validate_machine_name
@@ -93,6 +135,7 @@ def _build_definition(name: str, args: argparse.Namespace, command: list[str]):
     if args.address:
         definition.network.address = args.address
     definition.network.ports = [PortForward.parse(p) for p in args.port]
+    _apply_security_flags(definition, args)
     definition.command = command
     if not command and not args.boot:
         _apply_image_defaults(definition)
@@ -281,6 +324,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 shlex.join(definition.command) if definition and definition.command else None,
             ),
         ]
+        rows += _security_rows(info)
         if info.state != MachineState.RUNNING and info.result and info.exit_status is not None:
             rows.append(("Exit status", str(info.exit_status)))
         for key, value in rows:
@@ -291,6 +335,17 @@ def cmd_status(args: argparse.Namespace) -> int:
             print()
             print(lines)
     return 0 if info.state == MachineState.RUNNING else int(ExitCode.NOT_RUNNING)
+
+
+def _security_rows(info) -> list[tuple[str, str | None]]:
+    """What confines the running machine, from its runtime's record."""
+    if info.state != "running":
+        return []
+    from machined.paths import Paths
+    from machined.runtime import security
+
+    policy = security.read_state(Paths.from_env().machine_runtime(info.name))
+    return list(security.describe(policy).items()) if policy else []
 
 
 def _enabled(name: str) -> bool:
@@ -373,10 +428,21 @@ def cmd_logs(args: argparse.Namespace) -> int:
     return 1
 
 
+def cmd_gc(args: argparse.Namespace) -> int:
+    with _machines() as machines:
+        cleaned = machines.gc()
+    for line in cleaned:
+        print(f"Removed {line}.")
+    if not cleaned and not args.quiet:
+        print("Nothing to clean.")
+    return 0
+
+
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("create", help="define a machine from an image")
     p.add_argument("name")
     _add_definition_flags(p)
+    _add_security_flags(p)
     p.add_argument("-q", "--quiet", action="store_true")
     p.add_argument("command", nargs="*", help="-- CMD [ARGS…] (default: the image's)")
     p.set_defaults(func=cmd_create)
@@ -432,6 +498,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--ephemeral", action="store_true", help="throw the writable layer away at exit")
     p.add_argument("command", nargs="*", help="-- CMD [ARGS…]")
     p.set_defaults(func=cmd_run)
+
+    p = subparsers.add_parser(
+        "gc", help="clean what crashed machines left: veths, nft rules, registrations"
+    )
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_gc)
 
     p = subparsers.add_parser("logs", help="show a machine's journal")
     p.add_argument("name")

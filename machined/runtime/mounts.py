@@ -18,6 +18,7 @@ from machined.runtime.linux import (
     MS_NOSUID,
     MS_RDONLY,
     MS_REC,
+    MS_RELATIME,
     MS_REMOUNT,
     MS_SLAVE,
     MS_STRICTATIME,
@@ -58,16 +59,29 @@ class RootfsSpec:
     writable_cgroup: bool = False  # boot mode: the container's systemd owns its subtree
     binds: tuple[Bind, ...] = ()
     console: str | None = None  # a pty/tty to show as /dev/console
+    cgroup_dir: str | None = None  # the machine's cgroup, as a host path
 
 
 def _join(root: str, path: str) -> str:
     return os.path.join(root, path.lstrip("/"))
 
 
+def _kept_flags(path: str) -> int:
+    """The flags a read-only remount must keep: in a user namespace the kernel
+    refuses to clear nosuid/nodev/noexec/atime flags of a mount it inherited."""
+    flags = os.statvfs(path).f_flag
+    kept = flags & (os.ST_NOSUID | os.ST_NODEV | os.ST_NOEXEC | os.ST_NOATIME | os.ST_NODIRATIME)
+    return kept | (MS_RELATIME if flags & os.ST_RELATIME else 0)
+
+
+def _remount_read_only(target: str) -> None:
+    mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | _kept_flags(target))
+
+
 def _bind(source: str, target: str, *, read_only: bool = False, recursive: bool = True) -> None:
     mount(source, target, None, MS_BIND | (MS_REC if recursive else 0))
     if read_only:
-        mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+        _remount_read_only(target)
 
 
 def _mkfile(path: str) -> None:
@@ -91,15 +105,30 @@ def _mount_proc(root: str) -> None:
             mount("/dev/null", path, None, MS_BIND)
 
 
-def _mount_sys(root: str, writable_cgroup: bool) -> None:
+def _mount_sys(root: str, writable_cgroup: bool, cgroup_dir: str | None) -> None:
     sys_dir = _join(root, "/sys")
     os.makedirs(sys_dir, exist_ok=True)
-    mount("sysfs", sys_dir, "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    try:
+        mount("sysfs", sys_dir, "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    except PermissionError:
+        # In a user namespace that does not own the network namespace (Mode=host),
+        # the kernel refuses a new sysfs: show the host's, read-only, as nspawn does.
+        _bind("/sys", sys_dir, read_only=True)
     cgroup = os.path.join(sys_dir, "fs/cgroup")
     if os.path.isdir(cgroup):
         # A fresh cgroup2 mount inside our cgroup namespace shows only our subtree.
-        flags = MS_NOSUID | MS_NODEV | MS_NOEXEC | (0 if writable_cgroup else MS_RDONLY)
-        mount("cgroup2", cgroup, "cgroup2", flags, "nsdelegate")
+        # Mounted read-write (the superblock is shared with the host's: asking for
+        # read-only here would conflict), then made read-only as a mount.
+        try:
+            mount("cgroup2", cgroup, "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        except OSError:
+            if not cgroup_dir:
+                raise
+            # Beside the host's /sys (Mode=host in a user namespace) the kernel
+            # refuses a new cgroup2 mount: bind the machine's own cgroup instead.
+            _bind(cgroup_dir, cgroup, recursive=False)
+        if not writable_cgroup:
+            _remount_read_only(cgroup)
 
 
 def _mount_dev(root: str, console: str | None) -> None:
@@ -160,7 +189,7 @@ def setup_rootfs(spec: RootfsSpec) -> None:
     mount(root, root, None, MS_BIND | MS_REC)  # pivot_root wants a mount point
     _mount_binds(root, spec.binds)
     _mount_proc(root)
-    _mount_sys(root, spec.writable_cgroup)
+    _mount_sys(root, spec.writable_cgroup, spec.cgroup_dir)
     _mount_dev(root, spec.console)
     _mount_tmpfs(root, "/tmp", "1777")
     _mount_tmpfs(root, "/run", "755")
@@ -168,7 +197,7 @@ def setup_rootfs(spec: RootfsSpec) -> None:
     with open(_join(root, "/run/host/container-manager"), "w") as marker:
         marker.write("pymachine\n")
     if spec.read_only:
-        mount(None, root, None, MS_BIND | MS_REMOUNT | MS_RDONLY)
+        _remount_read_only(root)
     os.chdir(root)
     pivot_root(".", ".")  # stack the old root under the new one, then drop it
     umount(".", MNT_DETACH)

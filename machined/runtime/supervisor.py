@@ -119,16 +119,43 @@ class Supervisor:
         self.network_state = None
         self.registered = False
 
-    # --- the container side (runs in the forked child) ---------------------
-    def _child(self, go_read: int, report_write: int, flags: int) -> None:
-        """Become the container: never returns."""
+    # --- the container side (forked processes) ------------------------------
+    def _intermediate(self, go_read: int, report_write: int, flags: int) -> None:
+        """Create the namespaces, fork the container's PID 1 into them, exit.
+
+        With PrivateUsers the user namespace comes first, so every other
+        namespace (PID, net, UTS, …) is owned by it and root inside holds its
+        capabilities over them, as with systemd-nspawn -U. The PID 1 forked
+        here is re-parented to the supervisor (a child subreaper)."""
         status = 1
         try:
             linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
             if os.read(go_read, 1) != b"1":
                 os._exit(1)
-            linux.unshare(flags)
-            os.write(report_write, b"u")
+            if self.policy.uid_base is not None:
+                linux.unshare(linux.CLONE_NEWUSER)
+                os.write(report_write, b"U")
+                if os.read(go_read, 1) != b"m":  # the supervisor wrote our UID/GID maps
+                    os._exit(1)
+                os.setgroups([])
+                os.setresgid(0, 0, 0)
+                os.setresuid(0, 0, 0)
+            linux.unshare(flags | linux.CLONE_NEWPID)
+            leader = os.fork()
+            if leader == 0:
+                self._container(go_read, report_write)
+            os.write(report_write, f"P{leader}\n".encode())
+            status = 0
+        except BaseException as exc:  # report, never fall back into the parent's code
+            _log(f"cannot create the container's namespaces: {exc}")
+        finally:
+            sys.stderr.flush()
+            os._exit(status)
+
+    def _container(self, go_read: int, report_write: int) -> None:
+        """The container's PID 1: mounts, pivot_root, then init. Never returns."""
+        status = 1
+        try:
             message = json.loads(_read_line(go_read) or b"{}")
             spec = RootfsSpec(
                 root=str(self.layers.root),
@@ -137,13 +164,13 @@ class Supervisor:
                 writable_cgroup=self.definition.boot,
                 binds=tuple(Bind(**b) for b in message.get("binds", [])),
                 console=os.ttyname(0) if self.foreground and os.isatty(0) else None,
+                cgroup_dir=message.get("cgroup_dir"),
             )
             # Import now: after pivot_root the host's Python library is out of reach.
             from machined.runtime import init, users  # noqa: F401
             from machined.runtime.mounts import setup_rootfs
 
             setup_rootfs(spec)
-            userns.enter(self.policy.uid_base, self.policy.uid_count)  # security.py, userns.py
             security.apply(self.policy)
             os.write(report_write, b"r")
             os.close(report_write)
@@ -192,6 +219,8 @@ class Supervisor:
         return flags
 
     def _binds(self) -> list[dict]:
+        """The definition's binds; with PrivateUsers each source gets an idmapped
+        mount first, so host root's files are root's inside (nspawn's ``:idmap``)."""
         binds = []
         for bind in self.definition.binds:
             if not os.path.exists(bind.source):
@@ -199,7 +228,28 @@ class Supervisor:
             binds.append(
                 {"source": bind.source, "target": bind.target, "read_only": bind.read_only}
             )
+        if binds and self.policy.uid_base is not None:
+            self._idmap_binds(binds)
         return binds
+
+    def _idmap_binds(self, binds: list[dict]) -> None:
+        staging = self.layers.runtime_dir / "binds"
+        with userns.mapped_userns(self.policy.uid_base, self.policy.uid_count) as fd:
+            for index, bind in enumerate(binds):
+                staged = staging / str(index)
+                staging.mkdir(parents=True, exist_ok=True)
+                if os.path.isdir(bind["source"]):
+                    staged.mkdir(exist_ok=True)
+                else:
+                    staged.touch()
+                try:
+                    userns.idmapped_mount(bind["source"], staged, fd)
+                except OSError as exc:
+                    _log(
+                        f"bind {bind['source']}: no idmapped mount ({exc}); its files show as nobody inside"
+                    )
+                    continue
+                bind["source"] = str(staged)
 
     def _setup_network(self) -> list[dict]:
         """Configure the child's netns from here; returns extra binds (/etc files)."""
@@ -284,6 +334,7 @@ class Supervisor:
             self.policy = security.policy_for(self.definition, **ids)
             security.write_state(self.layers.runtime_dir, self.policy)
             self.layers.mount()
+            _crash_point("after-overlay")
             binds = self._binds()
             _supervisor_cg, payload_cg = cgroup.split_for_payload()
             if self.definition.boot:
@@ -291,22 +342,34 @@ class Supervisor:
             go_read, go_write = os.pipe()
             report_read, report_write = os.pipe()
             flags = self._namespace_flags()
-            self.child = _fork_into_new_pid_namespace()
-            if self.child == 0:
+            linux.prctl(linux.PR_SET_CHILD_SUBREAPER, 1)  # PID 1 comes back to us
+            intermediate = os.fork()
+            if intermediate == 0:
                 os.close(go_write)
                 os.close(report_read)
-                self._child(go_read, report_write, flags)
+                self._intermediate(go_read, report_write, flags)
             os.close(go_read)
             os.close(report_write)
-            cgroup.move(self.child, payload_cg)
+            cgroup.move(intermediate, payload_cg)
             os.write(go_write, b"1")
-            if os.read(report_read, 1) != b"u":
+            if self.policy.uid_base is not None:
+                if os.read(report_read, 1) != b"U":
+                    raise StartError("the container exited while creating its user namespace")
+                userns.write_maps(intermediate, self.policy.uid_base, self.policy.uid_count)
+                os.write(go_write, b"m")
+            line = _read_line(report_read)
+            _pid, intermediate_status = os.waitpid(intermediate, 0)
+            if not line.startswith(b"P") or intermediate_status != 0:
                 raise StartError("the container exited while creating its namespaces")
+            self.child = int(line[1:])
             binds += self._setup_network()
-            os.write(go_write, json.dumps({"binds": binds}).encode() + b"\n")
+            _crash_point("after-network")
+            message = {"binds": binds, "cgroup_dir": str(payload_cg)}
+            os.write(go_write, json.dumps(message).encode() + b"\n")
             if os.read(report_read, 1) != b"r":
                 raise StartError("the container failed to set up its file systems (see above)")
             self._register()
+            _crash_point("after-registration")
             state.write(
                 self.paths,
                 state.RuntimeState(
@@ -318,7 +381,7 @@ class Supervisor:
                     boot=self.definition.boot,
                     started=time.time(),
                     network_mode=str(self.definition.network.mode),
-                    address=getattr(self.network_state, "address", None),
+                    address=_without_prefix(getattr(self.network_state, "address", None)),
                     host_ifname=getattr(self.network_state, "host_ifname", None),
                 ),
             )
@@ -355,22 +418,18 @@ class Supervisor:
                 return os.WEXITSTATUS(status)
 
 
-def _fork_into_new_pid_namespace() -> int:
-    """fork() with the child as PID 1 of a new PID namespace.
+CRASH_ENV = "PYMACHINE_TEST_CRASH_AT"  # fault-injection for tests: a step name below
 
-    unshare(CLONE_NEWPID) changes where *all* later children go, and a process
-    whose children go elsewhere cannot start threads (pyroute2 needs them), so
-    the parent switches back to its own PID namespace right after the fork.
-    """
-    own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        linux.unshare(linux.CLONE_NEWPID)
-        pid = os.fork()
-        if pid:
-            linux.setns(own, linux.CLONE_NEWPID)
-        return pid
-    finally:
-        os.close(own)
+
+def _crash_point(step: str) -> None:
+    """Die like a SIGKILLed runtime at STEP when the tests ask for it, so they can
+    check that nothing is left behind (after-overlay, after-network, after-registration)."""
+    if os.environ.get(CRASH_ENV) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _without_prefix(address: str | None) -> str | None:
+    return address.split("/", 1)[0] if address else None
 
 
 def main(argv: list[str]) -> int:

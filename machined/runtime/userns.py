@@ -418,45 +418,8 @@ def chown_cgroup(cgroup_dir: Path, base: int | None) -> None:
 
 # --- the container's side --------------------------------------------------------
 
+
 #: tmpfs mounts setup_rootfs made as host root: handed to the range's root.
-RUNTIME_DIRS = ("/dev", "/dev/shm", "/run", "/run/host", "/tmp")
-
-
-def enter(base: int | None, count: int) -> None:
-    """Container PID 1, after setup_rootfs, before it execs: move into a new
-    user namespace mapped on BASE and become its root. No-op for base None."""
-    if base is None:
-        return
-    for path in RUNTIME_DIRS:
-        with contextlib.suppress(FileNotFoundError):
-            os.chown(path, base, base)
-    go_r, go_w = os.pipe()
-    helper = os.fork()
-    if helper == 0:  # stays in the host's user namespace: may write our maps
-        code = 1
-        try:
-            os.close(go_w)
-            if os.read(go_r, 1) == b"1":
-                write_maps(os.getppid(), base, count)
-                code = 0
-        except BaseException as exc:
-            os.write(2, f"pymachine-runtime: cannot write the UID map: {exc}\n".encode())
-        finally:
-            os._exit(code)
-    os.close(go_r)
-    try:
-        _unshare(CLONE_NEWUSER | CLONE_NEWNS)
-        os.write(go_w, b"1")
-    finally:
-        os.close(go_w)
-        _pid, status = os.waitpid(helper, 0)
-    if not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0:
-        raise OSError(errno.EPERM, "the user namespace's UID map could not be written")
-    os.setgroups([])
-    os.setresgid(0, 0, 0)
-    os.setresuid(0, 0, 0)
-
-
 def open_ns(leader: int) -> int | None:
     """``exec``: an fd of the machine's user namespace, None if it is ours."""
     path = f"/proc/{leader}/ns/user"

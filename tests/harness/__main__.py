@@ -57,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
             "--workdir", type=Path, help="where the host's files go (default: a new /tmp dir)"
         )
         p.add_argument("--timeout", type=float, default=60.0, help="boot timeout in seconds")
+        p.add_argument(
+            "--private-network",
+            action="store_true",
+            help="give the host a network namespace of its own (loopback up, nothing else)",
+        )
         p.add_argument("-q", "--quiet", action="store_true", help="do not report the boot time")
         if verb == "run":
             p.add_argument(
@@ -83,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir or new_workdir()
     binds = default_binds(workdir)
     binds.update(dict(args.bind))
-    host = SystemdHost(workdir / "host", name=args.name, binds=binds)
+    host = SystemdHost(
+        workdir / "host", name=args.name, binds=binds, private_network=args.private_network
+    )
     # SIGTERM/SIGHUP tear the host down like Ctrl-C would
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda *_: sys.exit(128 + 15))
@@ -93,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         except HostBootError as e:
             print(f"tests.harness: {e}", file=sys.stderr)
             return 2
+        if args.private_network:
+            host.run(["ip", "link", "set", "lo", "up"])
         if not args.quiet:
             print(
                 f"tests.harness: host {args.name} booted in {host.boot_seconds:.2f} s "

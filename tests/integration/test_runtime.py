@@ -102,7 +102,9 @@ def test_dev_is_private_and_minimal(systemd_host, make_machine, machine_name):
 
 
 def test_bind_mounts_and_read_only_root(systemd_host, make_machine, machine_name):
-    src = f"/srv/{machine_name}"
+    # On a real file system (the host's root is an overlay, which cannot be idmapped
+    # on this kernel): with PrivateUsers, host root's files must be root's inside.
+    src = f"/var/lib/pymachine/test-binds/{machine_name}"
     systemd_host.run(["mkdir", "-p", f"{src}/rw", f"{src}/ro"])
     systemd_host.run(["sh", "-c", f"echo from-host > {src}/ro/file"])
     name = make_machine(

@@ -1,0 +1,193 @@
+"""Machines on a bridge, through pymachine, in a systemd host with a network of
+its own (issue 5, issue 9 items 1–2). Traffic stays inside namespaces these tests
+made: the host's private netns, the machines', and an "outside" netns."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.harness.systemd_host import SystemdHost, default_binds
+
+PM = [sys.executable, "-m", "machined"]
+WEB = "echo hi-from-$(hostname) > /index.html; exec httpd -f -p 80 -h /"
+SLEEP = "while :; do sleep 1; done"
+
+
+@pytest.fixture(scope="module")
+def net_host(tmp_path_factory) -> SystemdHost:
+    from tests.harness import require_tier1
+
+    require_tier1()
+    base = tmp_path_factory.mktemp("net-host")
+    host = SystemdHost(
+        Path(base) / "host", name="pymnet", binds=default_binds(base), private_network=True
+    )
+    host.start()
+    host.run(["ip", "link", "set", "lo", "up"])
+    host.pymachine("bootstrap", "--distro", "busybox", "tiny")
+    # The "outside world": a namespace on a veth of its own, documentation addresses.
+    host.run(
+        "ip netns add outside && ip link add uplink type veth peer name eth0 netns outside && "
+        "ip addr add 192.0.2.1/24 dev uplink && ip link set uplink up && "
+        "ip -n outside addr add 192.0.2.2/24 dev eth0 && ip -n outside link set eth0 up && "
+        "ip -n outside link set lo up && ip -n outside route add default via 192.0.2.1"
+    )
+    yield host
+    host.stop()
+
+
+def create(host, name: str, script: str, *flags: str) -> None:
+    host.pymachine("create", name, "--image", "tiny", *flags, "--", "/bin/sh", "-c", script)
+
+
+def inside(host, name: str, script: str, check: bool = True):
+    return host.pymachine("exec", name, "--", "/bin/sh", "-c", script, check=check)
+
+
+def fetch(host, url: str, netns: str | None = None, check: bool = True):
+    prefix = ["ip", "netns", "exec", netns] if netns else []
+    return host.run([*prefix, "timeout", "10", "busybox", "wget", "-qO-", url], check=check)
+
+
+def address(host, name: str) -> str:
+    machines = {m["name"]: m for m in json.loads(host.pymachine("list", "--json").stdout)}
+    return machines[name]["address"]
+
+
+def wait_until(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return predicate()
+
+
+def test_machines_reach_each_other_and_the_host_reaches_them(net_host):
+    create(net_host, "web1", WEB)
+    create(net_host, "cli1", SLEEP)
+    net_host.pymachine("start", "web1", "cli1")
+    try:
+        web_address = address(net_host, "web1")
+        assert web_address.startswith("10.")
+        assert inside(net_host, "cli1", f"ping -c1 -W2 {web_address}").returncode == 0
+        page = inside(net_host, "cli1", f"wget -qO- http://{web_address}/index.html").stdout
+        assert page == "hi-from-web1\n"
+        assert fetch(net_host, f"http://{web_address}/index.html").stdout == "hi-from-web1\n"
+        assert inside(net_host, "cli1", "ip -o addr show host0").stdout.count("inet") >= 1
+        # By name through /etc/hosts (busybox-static cannot resolve names itself: no NSS)
+        assert f"{web_address}\tweb1" in inside(net_host, "cli1", "cat /etc/hosts").stdout.split(
+            "\n"
+        )
+        status = net_host.run(["machinectl", "status", "web1"]).stdout
+        assert web_address in status  # RegisterMachineWithNetwork: machined sees the address
+    finally:
+        net_host.pymachine("stop", "web1", "cli1")
+
+
+def test_port_forward_from_outside_and_from_the_hosts_localhost(net_host):
+    create(net_host, "web2", WEB, "--port", "tcp:8080:80")
+    net_host.pymachine("start", "web2")
+    try:
+        assert (
+            fetch(net_host, "http://192.0.2.1:8080/index.html", netns="outside").stdout
+            == "hi-from-web2\n"
+        )
+        assert fetch(net_host, "http://127.0.0.1:8080/index.html").stdout == "hi-from-web2\n"
+        rules = net_host.run(["nft", "list", "table", "inet", "pymachine"]).stdout
+        assert "pymachine:web2:tcp:8080:80" in rules
+    finally:
+        net_host.pymachine("stop", "web2")
+    rules = net_host.run(["nft", "list", "table", "inet", "pymachine"]).stdout
+    assert "pymachine:web2" not in rules
+    assert (
+        fetch(net_host, "http://192.0.2.1:8080/index.html", netns="outside", check=False).returncode
+        != 0
+    )
+
+
+def test_outbound_traffic_is_masqueraded(net_host):
+    create(net_host, "out1", SLEEP)
+    net_host.pymachine("start", "out1")
+    accept_once = (
+        "import socket; s = socket.socket(); s.bind(('192.0.2.2', 9000)); s.listen(); "
+        "c, peer = s.accept(); print(peer[0], c.recv(100).decode().strip())"
+    )
+    server = net_host.popen(
+        ["ip", "netns", "exec", "outside", sys.executable, "-c", accept_once], stdout=-1, text=True
+    )
+    try:
+        time.sleep(0.5)
+        inside(net_host, "out1", "echo hello-outside | nc 192.0.2.2 9000", check=False)
+        out, _ = server.communicate(timeout=10)
+        # The outside world sees the host's address on its link, not the machine's.
+        assert out.split() == ["192.0.2.1", "hello-outside"]
+    finally:
+        server.kill()
+        net_host.pymachine("stop", "out1")
+
+
+def test_host_mode_shares_the_hosts_links(net_host):
+    create(net_host, "hostnet", SLEEP, "--network", "host")
+    net_host.pymachine("start", "hostnet")
+    try:
+        host_links = sorted(net_host.run("ls /sys/class/net").stdout.split())
+        assert sorted(inside(net_host, "hostnet", "ls /sys/class/net").stdout.split()) == host_links
+        assert address(net_host, "hostnet") is None
+    finally:
+        net_host.pymachine("stop", "hostnet")
+
+
+def test_ten_machines_started_at_once_get_distinct_addresses(net_host):
+    names = [f"many{i}" for i in range(10)]
+    for name in names:
+        create(net_host, name, SLEEP)
+    script = " ".join(f"{' '.join(PM)} start {name} &" for name in names) + " wait"
+    net_host.run(["/bin/sh", "-c", script], timeout=300)
+    try:
+        addresses = [address(net_host, name) for name in names]
+        assert all(addresses) and len(set(addresses)) == 10
+        before = addresses[0]
+        net_host.pymachine("restart", names[0])
+        assert address(net_host, names[0]) == before  # a machine keeps its address
+    finally:
+        net_host.pymachine("stop", *names)
+    links = net_host.run(["ip", "-o", "link"]).stdout
+    assert "vm-many" not in links
+    assert (
+        "pymachine:many" not in net_host.run(["nft", "list", "table", "inet", "pymachine"]).stdout
+    )
+
+
+def test_sigkilled_runtime_leaves_nothing_after_gc_and_restarts(net_host):
+    create(net_host, "crash1", SLEEP, "--port", "tcp:8181:80")
+    net_host.pymachine("start", "crash1")
+    main_pid = net_host.run(
+        ["systemctl", "show", "-P", "MainPID", "pymachine-crash1.service"]
+    ).stdout.strip()
+    net_host.run(["kill", "-9", main_pid])
+    assert wait_until(
+        lambda: (
+            net_host.run(
+                ["systemctl", "is-active", "pymachine-crash1.service"], check=False
+            ).stdout.strip()
+            in ("failed", "inactive")
+        )
+    )
+    net_host.pymachine("gc")
+    assert (
+        "pymachine:crash1" not in net_host.run(["nft", "list", "table", "inet", "pymachine"]).stdout
+    )
+    assert "crash1" not in net_host.run(["ip", "-o", "link"]).stdout
+    assert "crash1" not in net_host.run(["machinectl", "list", "--no-legend"]).stdout
+    net_host.pymachine("start", "crash1")
+    rules = net_host.run(["nft", "list", "table", "inet", "pymachine"]).stdout
+    assert (
+        rules.count("pymachine:crash1:tcp:8181:80") == 2
+    )  # one IPv4 and one IPv6 rule, not doubled
+    net_host.pymachine("stop", "crash1")
