@@ -52,3 +52,25 @@ def make_machine(systemd_host, tiny_image):
     for name in made:
         systemd_host.pymachine("stop", name, check=False)
         systemd_host.pymachine("remove", name, check=False)
+
+
+@pytest.fixture(scope="session")
+def debian_boot_image(systemd_host) -> str:
+    """Debian bookworm minbase with systemd and dbus, for boot mode (mmdebstrap, ~30 s;
+    its packages are cached under /var/cache/pymachine across runs)."""
+    name = "debian-boot"
+    if systemd_host.run(["test", "-d", f"/var/lib/machines/{name}"], check=False).returncode:
+        systemd_host.pymachine(
+            "bootstrap",
+            "--distro",
+            "debian",
+            "--release",
+            "bookworm",
+            "--variant",
+            "minbase",
+            "--include",
+            "systemd,systemd-sysv,dbus",
+            name,
+            timeout=900,
+        )
+    return name
