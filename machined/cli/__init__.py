@@ -18,6 +18,7 @@ VERB_MODULES = (
     "machined.cli.machines",
     "machined.cli.images",
     "machined.cli.units",
+    "machined.cli.transfer",
 )
 
 
