@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -133,3 +134,25 @@ def wait_stopped(name: str, timeout: float = 90) -> dict[str, str]:
         what=f"{unit_of(name)} to stop",
     )
     return show(unit_of(name), "ActiveState", "Result", "ExecMainStatus", "ExecMainCode")
+
+
+def oom_victims(since_monotonic: float) -> list[str]:
+    """Names of processes the kernel's OOM killer killed since a CLOCK_MONOTONIC
+    time (from the kernel log: "Memory cgroup out of memory: Killed process N (NAME)")."""
+    out = sh(
+        "journalctl",
+        "-k",
+        "-o",
+        "short-monotonic",
+        "--no-pager",
+        "-q",
+        "--grep",
+        "Killed process",
+        check=False,
+    ).stdout
+    victims = []
+    for line in out.splitlines():
+        m = re.match(r"\[\s*([0-9.]+)\].*Killed process \d+ \(([^)]*)\)", line)
+        if m and float(m.group(1)) >= since_monotonic:
+            victims.append(m.group(2))
+    return victims

@@ -2,8 +2,9 @@
 
 Every machine here is a busybox image (``pymachine bootstrap --distro busybox``)
 with ``--network none``, so a failure points at the limit, not at networking.
-Swap is off except in the swap tests: with swap on, a payload over
-``MemoryMax=`` is swapped out instead of OOM-killed.
+Swap is off except in the swap test: with swap on, a payload over
+``MemoryMax=`` is swapped out instead of OOM-killed (test_smoke.py shows that
+with plain systemd-run, cheaply).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from guest import (
     destroy,
     host_is_healthy,
     journal,
+    oom_victims,
     pm,
     show,
     swap_on,
@@ -61,9 +63,16 @@ def bystander():
 def test_memory_max_oom_kill(machine, bystander):
     assert swap_total_kb() == 0
     create(machine, "MemoryMax=50M", command=HOG_200M)
+    t0 = time.monotonic()
     pm("start", machine)
     assert (cgroup_dir(unit_of(machine)) / "memory.max").read_text().strip() == str(50 << 20)
     props = wait_stopped(machine, timeout=120)
+    victims = oom_victims(t0)
+    assert victims, f"no OOM kill in the kernel log; {props}"
+    assert victims == ["dd"], (
+        f"the OOM killer chose {victims}, not (only) the payload 'dd': whatever else runs in "
+        "the machine's cgroup (pymachine's runtime) counts against MemoryMax"
+    )
     assert props["Result"] == "oom-kill", (props, journal(unit_of(machine)))
     assert "SURVIVED" not in journal(unit_of(machine))
 
@@ -77,33 +86,42 @@ def test_memory_max_oom_kill(machine, bystander):
     assert json.loads(pm("status", bystander, "--json").stdout)["state"] == "running"
 
 
-def test_cpu_quota(machine):
-    create(machine, "CPUQuota=20%", command=["sh", "-c", "while :; do :; done"])
-    pm("start", machine)
-    unit = unit_of(machine)
+# One machine for CPUQuota= and TasksMax=: under TCG every start costs seconds of
+# CPU (the runtime is Python), five times as long under a 20% quota. Its command
+# runs a fork bomb in the background and a busy loop (a shell builtin: no forks)
+# in the foreground.
+BOMB_AND_SPIN = "(bomb() { bomb | bomb & }; bomb) 2>/dev/null & while :; do :; done"
+
+
+@pytest.fixture(scope="module")
+def limited():
+    name = "cpu-tasks"
+    destroy(name)
+    create(name, "CPUQuota=20%", "TasksMax=30", command=["sh", "-c", BOMB_AND_SPIN])
+    pm("start", name, timeout=300)
+    yield name
+    destroy(name)
+
+
+def test_cpu_quota(limited):
+    unit = unit_of(limited)
     assert (cgroup_dir(unit) / "cpu.max").read_text().split() == ["20000", "100000"]
-    time.sleep(1)  # past start-up (the runtime's own CPU time)
     before, t0 = cpu_stat(unit), time.monotonic()
     time.sleep(5)
     after, t1 = cpu_stat(unit), time.monotonic()
     share = (after["usage_usec"] - before["usage_usec"]) / ((t1 - t0) * 1e6)
     assert share <= 0.25, f"busy loop used {share:.0%} of a CPU under CPUQuota=20%"
     assert share >= 0.05, f"busy loop used only {share:.0%}: did it run?"
-    assert after["nr_throttled"] > 0, after
-    pm("stop", machine)
+    assert after["nr_throttled"] > before["nr_throttled"], after
 
 
-def test_tasks_max_fork_bomb(machine):
-    # The bomb runs in a subshell; the machine's command goes on as a sleep.
-    bomb = "(bomb() { bomb | bomb & }; bomb) 2>/dev/null; exec sleep 3600"
-    create(machine, "TasksMax=30", command=["sh", "-c", bomb])
-    pm("start", machine)
-    unit = unit_of(machine)
+def test_tasks_max_fork_bomb(limited):
+    unit = unit_of(limited)
     group = cgroup_dir(unit)
     assert (group / "pids.max").read_text().strip() == "30"
     wait_until(
         lambda: int((group / "pids.events").read_text().split()[1]) > 0,
-        timeout=60,
+        timeout=90,
         what="the fork bomb to hit TasksMax",
     )
     peak = 0
@@ -114,43 +132,23 @@ def test_tasks_max_fork_bomb(machine):
     host_is_healthy()
 
     t0 = time.monotonic()
-    pm("stop", machine, timeout=120)
+    pm("stop", limited, timeout=180)
     took = time.monotonic() - t0
     props = show(unit, "ActiveState", "Result")
     assert props["ActiveState"] in ("inactive", "failed"), props
     assert not group.exists(), f"{group} left behind"
-    assert took < 90, f"stop took {took:.0f}s"
+    assert took < 120, f"stop took {took:.0f}s"
 
 
 def test_memory_swap_max_zero_with_swap(machine):
     with swap_on():
         assert swap_total_kb() > 100_000
         create(machine, "MemoryMax=50M", "MemorySwapMax=0", command=HOG_200M)
+        t0 = time.monotonic()
         pm("start", machine)
         assert (cgroup_dir(unit_of(machine)) / "memory.swap.max").read_text().strip() == "0"
         props = wait_stopped(machine, timeout=120)
+        assert oom_victims(t0), f"no OOM kill in the kernel log; {props}"
         assert props["Result"] == "oom-kill", (props, journal(unit_of(machine)))
         assert "SURVIVED" not in journal(unit_of(machine))
         host_is_healthy()
-
-
-def test_memory_max_without_swap_limit_swaps(machine):
-    """The control for the test above: the same limit without MemorySwapMax=0 lets
-    the payload survive by swapping, so it is the swap limit that kills."""
-    hog = [
-        "sh",
-        "-c",
-        "sleep 2; dd if=/dev/zero of=/dev/null bs=120M count=1 && echo SURVIVED; sleep 600",
-    ]
-    with swap_on():
-        create(machine, "MemoryMax=50M", command=hog)
-        pm("start", machine)
-        unit = unit_of(machine)
-        wait_until(
-            lambda: "SURVIVED" in journal(unit) or active_state(machine) != "active",
-            timeout=180,
-            what="the payload to finish",
-        )
-        assert active_state(machine) == "active", show(unit, "Result")
-        assert "SURVIVED" in journal(unit)
-        pm("stop", machine)
