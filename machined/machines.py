@@ -202,6 +202,7 @@ class Machines:
             runtime_command(definition.name),
             runtime_environment(self.paths),
             scope=scope,
+            exec_stop_post=runtime_command(definition.name, "--cleanup"),
         )
 
     def start(self, name: str, *, timeout: float = 120) -> None:

@@ -231,10 +231,15 @@ def machine_settings(
     environment: Mapping[str, str],
     *,
     scope: bool = False,
+    exec_stop_post: list[str] | None = None,
 ) -> list[UnitSetting]:
     """Everything a machine's unit carries, in one list that both the transient
     path (D-Bus properties) and the enabled path (rendered unit file) use, so
-    the two can never differ."""
+    the two can never differ.
+
+    ``exec_stop_post``: a clean-up command systemd runs after the main process
+    is gone however it ended (a SIGKILLed runtime included); its failure is
+    ignored (``-``), so it never turns a clean stop into a failed unit."""
     timeout = stop_timeout + STOP_TIMEOUT_MARGIN
     settings = [
         _setting("Description", f"pymachine machine {name}"),
@@ -266,6 +271,16 @@ def machine_settings(
                 Property("ExecStart", "a(sasb)", [(exec_start[0], exec_start, False)]),
             ),
         ]
+        if exec_stop_post:
+            settings.append(
+                _setting(
+                    "ExecStopPost",
+                    "-" + _unit_quote(*exec_stop_post),
+                    Property(
+                        "ExecStopPost", "a(sasb)", [(exec_stop_post[0], exec_stop_post, True)]
+                    ),
+                )
+            )
         if environment:
             settings.append(
                 _setting(

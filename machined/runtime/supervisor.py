@@ -432,8 +432,31 @@ def _without_prefix(address: str | None) -> str | None:
     return address.split("/", 1)[0] if address else None
 
 
+def cleanup(name: str, paths: Paths) -> None:
+    """What :meth:`Supervisor._teardown` does, from the persisted state only: the
+    unit's ``ExecStopPost=``, so a runtime SIGKILLed at any step leaves no veth,
+    nft rule or state file behind even if the machine is never started again.
+    After a clean stop there is nothing left and nothing heavy is imported."""
+    from machined.names import validate_machine_name
+    from machined.network import state as network_state
+
+    validate_machine_name(name)
+    if network_state.read(paths, name) is not None:
+        try:
+            from machined import network
+
+            network.teardown(name, paths)
+        except Exception as exc:
+            _log(f"network clean-up of {name} failed: {exc}")
+    runtime_dir = paths.machine_runtime(name)
+    with contextlib.suppress(FileNotFoundError):
+        (runtime_dir / state.STATE_FILE).unlink()
+    shutil.rmtree(runtime_dir / "ephemeral", ignore_errors=True)
+
+
 def main(argv: list[str]) -> int:
-    """``python -m machined.runtime NAME [--foreground] [-- CMD…]``."""
+    """``python -m machined.runtime NAME [--foreground] [-- CMD…]``, or
+    ``python -m machined.runtime NAME --cleanup`` (the unit's ExecStopPost)."""
     from machined import definition as definitions
 
     command: list[str] | None = None
@@ -444,6 +467,9 @@ def main(argv: list[str]) -> int:
         _log("usage: python -m machined.runtime NAME [--foreground] [--ephemeral] [-- CMD…]")
         return 2
     paths = Paths.from_env()
+    if "--cleanup" in argv[1:]:
+        cleanup(argv[0], paths)
+        return 0
     definition = definitions.load(argv[0], paths)
     if "--ephemeral" in argv[1:]:
         definition.ephemeral = True
