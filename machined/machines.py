@@ -66,6 +66,13 @@ class MachineInfo:
         )
 
 
+# systemd's answers to a start that raced another start or a stop of the same unit
+_RACING_START = (
+    "org.freedesktop.systemd1.UnitExists",
+    "org.freedesktop.systemd1.TransactionIsDestructive",
+)
+
+
 def scope_name(machine: str) -> str:
     return f"pymachine-{machine}.scope"
 
@@ -206,6 +213,7 @@ class Machines:
         )
 
     def start(self, name: str, *, timeout: float = 120) -> None:
+        from machined.dbus import BusError
         from machined.systemd import JobFailed
 
         definition = self._check_startable(name)
@@ -222,7 +230,15 @@ class Machines:
                     unit, to_properties(self.settings(definition)), timeout=timeout
                 )
         except JobFailed as exc:
+            if exc.result == "canceled":  # a stop (another process) replaced our start job
+                raise Conflict(f"machine '{name}' was stopped while it was starting") from None
             raise PymachineError(self._failure_report(name, unit, exc.result)) from None
+        except BusError as exc:
+            if exc.name in _RACING_START:  # another process started or is stopping it
+                raise Conflict(
+                    f"machine '{name}' is already running (or being started or stopped)"
+                ) from None
+            raise
 
     def _failure_report(self, name: str, unit: str, job_result: str) -> str:
         status = self.systemd.status(unit)
@@ -241,7 +257,15 @@ class Machines:
         status = self._unit_status(name)
         if status is None or not status.running:
             raise NotRunning(f"machine '{name}' is not running")
-        self.systemd.stop_unit(status.name, timeout=timeout)
+        from machined.dbus import BusError
+        from machined.systemd import NO_SUCH_UNIT
+
+        try:
+            self.systemd.stop_unit(status.name, timeout=timeout)
+        except BusError as exc:
+            if exc.name == NO_SUCH_UNIT:  # it stopped (and was unloaded) meanwhile
+                raise NotRunning(f"machine '{name}' is not running") from None
+            raise
 
     def restart(self, name: str) -> None:
         if self.is_running(name):
