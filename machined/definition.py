@@ -337,11 +337,18 @@ def load(name: str, paths: Paths | None = None) -> MachineDefinition:
     validate_machine_name(name)
     path = paths.definition_file(name)
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except FileNotFoundError:
         raise NotFound(f"machine '{name}' not found (no {path})") from None
-    except UnicodeDecodeError:
-        raise InvalidInput(f"{path}: not a text file") from None
+    except OSError as exc:
+        raise InvalidInput(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise InvalidInput(
+            f"{path}:{line}: not a text file (invalid UTF-8: byte {data[exc.start]:#04x})"
+        ) from None
     return from_text(name, text, str(path))
 
 

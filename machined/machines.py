@@ -19,7 +19,7 @@ from typing import Any
 
 from machined import definition as definitions
 from machined.definition import MachineDefinition
-from machined.errors import Conflict, NotFound, NotRunning, PymachineError
+from machined.errors import Conflict, InvalidInput, NotFound, NotRunning, PymachineError
 from machined.names import validate_machine_name
 from machined.paths import ROOT_ENV, Paths, unit_name
 from machined.properties import machine_settings, to_properties
@@ -58,6 +58,7 @@ class MachineInfo:
     exit_status: int | None = None
     definition: MachineDefinition | None = None
     unit_properties: dict[str, Any] = field(default_factory=dict)
+    problem: str | None = None  # why the definition could not be read (list goes on)
 
     @property
     def uptime(self) -> float | None:
@@ -149,11 +150,13 @@ class Machines:
     def info(self, name: str, *, require_definition: bool = True) -> MachineInfo:
         validate_machine_name(name)
         definition = None
+        problem = None
         try:
             definition = self.load(name)
-        except NotFound:
+        except (NotFound, InvalidInput) as exc:
             if require_definition:
                 raise
+            problem = str(exc) if isinstance(exc, InvalidInput) else None
         status = self._unit_status(name)
         state = MachineState.STOPPED
         if status is not None:
@@ -164,6 +167,7 @@ class Machines:
             image=definition.image if definition else None,
             unit=status.name if status else unit_name(name),
             definition=definition,
+            problem=problem,
         )
         if status is not None:
             info.memory = status.memory_current if status.running else None
@@ -197,7 +201,17 @@ class Machines:
         definition = self.load(name)
         if not self.paths.image(definition.image).is_dir():
             raise NotFound(f"image '{definition.image}' of machine '{name}' not found")
-        if self.is_running(name):
+        status = self._unit_status(name)
+        # Still stopping (stopped by another client, a machine that powered itself
+        # off, a killed runtime): wait for the stop to finish instead of calling it
+        # running, so a start right after a stop never races it (systemd#13766).
+        deadline = time.monotonic() + definition.stop_timeout + 10
+        while status is not None and status.active_state == "deactivating":
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+            status = self._unit_status(name)
+        if status is not None and status.running:
             raise Conflict(f"machine '{name}' is already running")
         return definition
 

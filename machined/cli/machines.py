@@ -258,6 +258,9 @@ def cmd_list(args: argparse.Namespace) -> int:
         infos = machines.list()
     if not args.all:
         pass  # every defined machine is listed; stopped ones show as stopped
+    for info in infos:  # a broken definition is listed (with what systemd knows) and named
+        if info.problem:
+            print(f"pymachine: warning: {info.problem}", file=sys.stderr)
     if args.json:
         print_json([_info_json(i) for i in infos])
         return 0

@@ -458,7 +458,7 @@ def test_load_binary_file(tmp_path: Path) -> None:
     path.write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(InvalidInput) as info:
         defs.load("web", paths)
-    assert str(info.value) == f"{path}: not a text file"
+    assert str(info.value) == f"{path}:1: not a text file (invalid UTF-8: byte 0xff)"
 
 
 def test_list_names(tmp_path: Path) -> None:
