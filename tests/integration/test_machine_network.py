@@ -104,7 +104,7 @@ def test_port_forward_from_outside_and_from_the_hosts_localhost(net_host):
     finally:
         net_host.pymachine("stop", "web2")
     rules = net_host.run(["nft", "list", "table", "inet", "pymachine"]).stdout
-    assert "pymachine:web2" not in rules
+    assert "pymachine:web2" not in rules, net_host.journal("pymachine-web2.service")
     assert (
         fetch(net_host, "http://192.0.2.1:8080/index.html", netns="outside", check=False).returncode
         != 0

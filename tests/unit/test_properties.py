@@ -328,12 +328,20 @@ def test_machine_settings_service() -> None:
         "Type",
         "NotifyAccess",
         "KillMode",
+        "DevicePolicy",
+        "DeviceAllow",
+        "DeviceAllow",
         "SuccessExitStatus",
         "ExecStart",
         "Environment",
         "TimeoutStopSec",
         "MemoryMax",
         "CPUQuota",
+    ]
+    device_allow = [s.properties for s in settings if s.key == "DeviceAllow"]
+    assert device_allow == [
+        (Property("DeviceAllow", "a(ss)", [("/dev/net/tun", "rwm")]),),
+        (Property("DeviceAllow", "a(ss)", [("char-pts", "rw")]),),
     ]
     by = _by_key(settings)
     assert by["Description"].text == "pymachine machine web"
