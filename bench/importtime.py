@@ -1,0 +1,101 @@
+"""What the CLI's hottest verbs import, from ``python -X importtime``.
+
+For each verb: the total import time (best of 3), the number of modules, and
+the heaviest packages by self time. ``site`` (the interpreter's .pth files) is
+shown apart: it is paid by every Python program here, not pymachine's.
+
+    python3 -m bench.importtime
+"""
+
+from __future__ import annotations
+
+import re
+
+from bench.common import PY, pym_create, pym_remove, run, table
+
+LINE = re.compile(r"import time:\s+(\d+) \|\s+(\d+) \| (\s*)(\S+)")
+
+VERBS = {
+    "list": ["-m", "machined", "list"],
+    "status M": ["-m", "machined", "status", "bimp"],
+    "start M (running: fails after its checks)": ["-m", "machined", "start", "bimp"],
+    "stop M (not running)": ["-m", "machined", "stop", "bimp"],
+    "runtime (unit's main process)": ["-c", "import machined.runtime.supervisor"],
+    "runtime --cleanup (ExecStopPost)": ["-m", "machined.runtime", "bimp", "--cleanup"],
+}
+
+# what a verb needs is its own module, argparse, the bus client; these are not
+WATCH = (
+    "pyroute2",
+    "jinja2",
+    "lxml.etree",
+    "pystemd",
+    "machined.network",
+    "hashlib",
+    "importlib.resources",
+    "zipfile",
+    "inspect",
+    "uuid",
+    "json",
+    "subprocess",
+    "dataclasses",
+    "typing",
+)
+
+
+def parse(text: str) -> list[tuple[int, int, int, str]]:
+    rows = []
+    for line in text.splitlines():
+        m = LINE.match(line)
+        if m:
+            rows.append((int(m.group(1)), int(m.group(2)), len(m.group(3)) // 2, m.group(4)))
+    return rows
+
+
+def profile(args: list[str]) -> dict:
+    best = None
+    for _ in range(3):
+        cp = run([PY, "-X", "importtime", *args], check=False)
+        rows = parse(cp.stderr)
+        site = sum(c for s, c, depth, name in rows if depth == 0 and name in ("site", "encodings"))
+        total = sum(c for s, c, depth, name in rows if depth == 0) - site
+        if best is None or total < best["total_us"]:
+            names = {name for *_x, name in rows}
+            cumulative = {name: c for s, c, d, name in rows}
+            best = {
+                "total_us": total,
+                "site_us": site,
+                "modules": len(rows),
+                "watch": {w: cumulative[w] for w in WATCH if w in names},
+                "heaviest": sorted(((s, name) for s, c, d, name in rows), reverse=True)[:6],
+            }
+    return best
+
+
+def main() -> int:
+    pym_create("bimp", "--network", "none", command=["/bin/sleep", "1"])
+    results = {verb: profile(args) for verb, args in VERBS.items()}
+    pym_remove("bimp")
+    rows = [
+        [
+            verb,
+            f"{r['total_us'] / 1000:.0f}",
+            r["modules"],
+            ", ".join(f"{k} {v / 1000:.0f}" for k, v in r["watch"].items()),
+        ]
+        for verb, r in results.items()
+    ]
+    print("\n### Import time (best of 3, ms, without site/.pth)\n")
+    print(table(["verb", "imports ms", "modules", "of which (cumulative ms)"], rows))
+    site = min(r["site_us"] for r in results.values())
+    print(
+        f"\n(site + .pth files of this interpreter: {site / 1000:.0f} ms on every start, not counted)"
+    )
+    from bench.common import save
+
+    save("importtime", results)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,158 @@
+"""Start (and stop) latency: pymachine vs systemd-nspawn, same busybox rootfs.
+
+Foreground: ``pymachine run M -- /bin/true`` vs ``systemd-nspawn -q -D ROOTFS
+/bin/true`` (both register with machined, both run /bin/true under a PID 1 of
+their own: pymachine's init, nspawn's payload is PID 1 itself).
+
+Service: ``pymachine start M`` (returns when the unit is READY) vs
+``machinectl start M`` of a ``systemd-nspawn@M.service`` whose ``.nspawn`` file
+makes it an app container (``Boot=no``, ``ProcessTwo=yes``, ``/bin/sleep``);
+stop: ``pymachine stop M`` vs ``systemctl stop systemd-nspawn@M.service``
+(both wait for the stop job; ``machinectl stop`` returns before the machine is
+gone).
+
+    python3 -m bench.start_latency [-n REPEATS]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from bench.common import (
+    IMAGE,
+    IMAGES,
+    PAIR_HEADERS,
+    ensure_image,
+    load,
+    nspawn_machine,
+    nspawn_remove,
+    pair_row,
+    pym_create,
+    pym_remove,
+    pymachine,
+    save,
+    stats,
+    table,
+    timed,
+)
+
+FOREGROUND = [
+    # label, pymachine create flags, nspawn flags
+    ("no network, no userns", ["--network", "none", "--private-users", "no"], []),
+    ("no network, PrivateUsers=pick", ["--network", "none"], ["-U"]),
+    ("defaults: bridge + PrivateUsers=pick", [], ["-U", "--network-veth"]),
+]
+
+SERVICE = [
+    ("no network, no userns", ["--network", "none", "--private-users", "no"], False, False),
+    ("bridge/veth + PrivateUsers=pick", [], True, True),
+]
+
+
+def foreground(repeats: int) -> list[dict]:
+    rootfs = str(IMAGES / IMAGE)
+    results = []
+    for index, (label, flags, nspawn_flags) in enumerate(FOREGROUND):
+        name = f"bfg{index}"
+        pym_create(name, *flags, command=["/bin/true"])
+        ours, ref = [], []
+        timed(pymachine("run", name, "--", "/bin/true"))  # warm caches once, both sides
+        timed(["systemd-nspawn", "-q", *nspawn_flags, "-D", rootfs, "/bin/true"])
+        for _ in range(repeats):
+            ours.append(timed(pymachine("run", name, "--", "/bin/true")))
+            ref.append(timed(["systemd-nspawn", "-q", *nspawn_flags, "-D", rootfs, "/bin/true"]))
+        pym_remove(name)
+        results.append(
+            {
+                "label": label,
+                "pymachine": f"pymachine run M -- /bin/true ({' '.join(flags) or 'defaults'})",
+                "reference": f"systemd-nspawn -q {' '.join(nspawn_flags)} -D ROOTFS /bin/true",
+                "ref_label": " ".join(["nspawn", *nspawn_flags]),
+                "ours": stats(ours),
+                "ref": stats(ref),
+                "ours_raw": ours,
+                "ref_raw": ref,
+            }
+        )
+    return results
+
+
+def service(repeats: int) -> list[dict]:
+    results = []
+    for index, (label, flags, users, veth) in enumerate(SERVICE):
+        name, ref_name = f"bsv{index}", f"bsn{index}"
+        pym_create(name, *flags, command=["/bin/sleep", "1000000"])
+        nspawn_machine(ref_name, private_users=users, veth=veth)
+        starts, stops, ref_starts, ref_stops = [], [], [], []
+        for i in range(repeats + 1):
+            a = timed(pymachine("start", name))
+            b = timed(["machinectl", "start", ref_name])
+            c = timed(pymachine("stop", name))
+            d = timed(["systemctl", "stop", f"systemd-nspawn@{ref_name}.service"])
+            if i:  # the first round warms caches
+                starts.append(a)
+                ref_starts.append(b)
+                stops.append(c)
+                ref_stops.append(d)
+        pym_remove(name)
+        nspawn_remove(ref_name)
+        results.append(
+            {
+                "label": label,
+                "start": {
+                    "ours": stats(starts),
+                    "ref": stats(ref_starts),
+                    "ours_raw": starts,
+                    "ref_raw": ref_starts,
+                },
+                "stop": {
+                    "ours": stats(stops),
+                    "ref": stats(ref_stops),
+                    "ours_raw": stops,
+                    "ref_raw": ref_stops,
+                },
+            }
+        )
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("-n", "--repeats", type=int, default=10)
+    args = parser.parse_args(argv)
+    ensure_image()
+    load_start = load()
+    fg = foreground(args.repeats)
+    sv = service(args.repeats)
+    print(f"\n### Start latency, foreground (n={args.repeats}, load {load_start} → {load()})\n")
+    rows = [pair_row(f"run: {r['label']}", r["ours_raw"], r["ref_raw"], r["ref_label"]) for r in fg]
+    print(table(PAIR_HEADERS, rows))
+    print(f"\n### Start/stop latency, service (n={args.repeats})\n")
+    rows = []
+    for r in sv:
+        rows.append(
+            pair_row(
+                f"start: {r['label']}",
+                r["start"]["ours_raw"],
+                r["start"]["ref_raw"],
+                "machinectl start",
+            )
+        )
+        rows.append(
+            pair_row(
+                f"stop: {r['label']}",
+                r["stop"]["ours_raw"],
+                r["stop"]["ref_raw"],
+                "systemctl stop nspawn@",
+            )
+        )
+    print(table(PAIR_HEADERS, rows))
+    save(
+        "start_latency",
+        {"repeats": args.repeats, "load_start": load_start, "foreground": fg, "service": sv},
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
