@@ -99,13 +99,13 @@ def setup(machine: str, config: NetworkConfig, netns_pid: int, paths: Paths) -> 
     config.validate()
     if config.mode == NetworkMode.HOST:
         return None
-    from machined.network import links
-
     if config.mode == NetworkMode.NONE:
-        links.loopback_up(netns_pid)
+        from machined.network.loopback import loopback_up
+
+        loopback_up(netns_pid)  # one ioctl: no pyroute2 in a runtime that needs nothing else
         return None
 
-    from machined.network import nft, sysctl
+    from machined.network import links, nft, sysctl
 
     if state.read(paths, machine) is not None:
         teardown(machine, paths)  # a previous run was killed before it could clean up

@@ -253,20 +253,22 @@ class Supervisor:
 
     def _setup_network(self) -> list[dict]:
         """Configure the child's netns from here; returns extra binds (/etc files)."""
-        mode = self.definition.network.mode
-        if mode == NetworkMode.HOST:
-            return []
-        from machined import network
-
-        self.network_state = network.setup(
-            self.definition.name, self.definition.network, self.child, self.paths
-        )
         etc_dir = self.layers.runtime_dir / "etc"
         etc_dir.mkdir(parents=True, exist_ok=True)
-        network.render_etc_files(self.definition.name, self.network_state, self.paths, etc_dir)
+        # The machine's name, not the image's: many machines share one image.
+        (etc_dir / "hostname").write_text(f"{self.definition.name}\n")
+        names = ["hostname"]
+        if self.definition.network.mode != NetworkMode.HOST:
+            from machined import network
+
+            self.network_state = network.setup(
+                self.definition.name, self.definition.network, self.child, self.paths
+            )
+            network.render_etc_files(self.definition.name, self.network_state, self.paths, etc_dir)
+            names += ["hosts", "resolv.conf"]
         return [
             {"source": str(etc_dir / name), "target": f"/etc/{name}", "read_only": False}
-            for name in ("hosts", "resolv.conf")
+            for name in names
             if (etc_dir / name).exists()
         ]
 
@@ -293,7 +295,7 @@ class Supervisor:
                     registry.unregister(bus, name)
             except Exception as exc:  # the bus may be gone at shutdown
                 _log(f"could not unregister from machined: {exc}")
-        if self.definition.network.mode != NetworkMode.HOST:
+        if self.definition.network.mode == NetworkMode.BRIDGE:  # none/host: no veth, no rules
             try:
                 from machined import network
 
