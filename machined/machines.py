@@ -140,14 +140,24 @@ class Machines:
         return definitions.load(name, self.paths)
 
     # --- state -------------------------------------------------------------
-    def _unit_status(self, name: str):
+    def _unit_status(self, name: str, loaded: set[str] | None = None):
+        """The machine's service, or its foreground scope when that is the one
+        running (or failed). LOADED, when the caller has it (``list``): the units
+        systemd has loaded; the others are not asked about (no round trip)."""
+        service = None
         for unit in (unit_name(name), scope_name(name)):
+            if loaded is not None and unit not in loaded:
+                continue
             status = self.systemd.status(unit)
             if status is not None and (status.running or status.active_state == "failed"):
                 return status
-        return self.systemd.status(unit_name(name))
+            if unit == unit_name(name):
+                service = status
+        return service
 
-    def info(self, name: str, *, require_definition: bool = True) -> MachineInfo:
+    def info(
+        self, name: str, *, require_definition: bool = True, loaded: set[str] | None = None
+    ) -> MachineInfo:
         validate_machine_name(name)
         definition = None
         problem = None
@@ -157,7 +167,7 @@ class Machines:
             if require_definition:
                 raise
             problem = str(exc) if isinstance(exc, InvalidInput) else None
-        status = self._unit_status(name)
+        status = self._unit_status(name, loaded)
         state = MachineState.STOPPED
         if status is not None:
             state = _ACTIVE_TO_STATE.get(status.active_state, MachineState.STOPPED)
@@ -186,11 +196,13 @@ class Machines:
 
     def list(self) -> list[MachineInfo]:
         names = set(definitions.list_names(self.paths))
+        loaded = set()
         for unit, _active, _sub in self.systemd.list_units(
             ["pymachine-*.service", "pymachine-*.scope"]
         ):
+            loaded.add(unit)
             names.add(unit.removeprefix("pymachine-").rsplit(".", 1)[0])
-        return [self.info(n, require_definition=False) for n in sorted(names)]
+        return [self.info(n, require_definition=False, loaded=loaded) for n in sorted(names)]
 
     def is_running(self, name: str) -> bool:
         status = self._unit_status(name)

@@ -168,10 +168,9 @@ class Systemd:
         path = self.unit_path(unit)
         if path is None:
             return None
-        unit_props = self.bus.get_all(SYSTEMD, path, UNIT)
-        kind = unit.rsplit(".", 1)[-1].capitalize()
-        specific = self.bus.get_all(SYSTEMD, path, f"org.freedesktop.systemd1.{kind}")
-        props = {**unit_props, **specific}
+        # one round trip: sd-bus answers GetAll("") with the properties of every
+        # interface of the object (Unit, then Service/Scope, …)
+        props = self.bus.get_all(SYSTEMD, path, "")
         if props.get("LoadState") == "not-found":
             return None
         return UnitStatus(
