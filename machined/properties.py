@@ -265,6 +265,12 @@ def machine_settings(
             _setting(
                 "SuccessExitStatus", "143", Property("SuccessExitStatus", "(aiai)", ([143], []))
             ),
+            # 133: a boot-mode container asked for a reboot (as with systemd-nspawn@.service).
+            _setting(
+                "RestartForceExitStatus",
+                "133",
+                Property("RestartForceExitStatus", "(aiai)", ([133], [])),
+            ),
             _setting(
                 "ExecStart",
                 _unit_quote(*exec_start),

@@ -37,6 +37,7 @@ from machined.runtime.mounts import Bind, RootfsSpec
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 BOOT_INITS = ("/sbin/init", "/lib/systemd/systemd", "/usr/lib/systemd/systemd")
 HALT = signal.SIGRTMIN + 3  # what systemd as PID 1 takes as "halt"
+REBOOT_EXIT_STATUS = 133  # systemd-nspawn's "the container asked for a reboot"
 
 
 class StartError(Exception):
@@ -415,9 +416,21 @@ class Supervisor:
             except ChildProcessError:
                 return 1
             if pid == self.child:
-                if os.WIFSIGNALED(status):
-                    return 128 + os.WTERMSIG(status)
-                return os.WEXITSTATUS(status)
+                return self._exit_status(status)
+
+    def _exit_status(self, wait_status: int) -> int:
+        """The container's status, passed on as the unit's. In a container,
+        systemd-shutdown ends by killing itself with SIGINT (halt/power-off) or
+        SIGHUP (reboot), as systemd-nspawn expects: 0, or 133 = "restart me"
+        (the unit has RestartForceExitStatus=133, like systemd-nspawn@.service)."""
+        if os.WIFSIGNALED(wait_status):
+            sig = os.WTERMSIG(wait_status)
+            if self.definition.boot and sig == signal.SIGINT:
+                return 0
+            if self.definition.boot and sig == signal.SIGHUP:
+                return REBOOT_EXIT_STATUS
+            return 128 + sig
+        return os.WEXITSTATUS(wait_status)
 
 
 CRASH_ENV = "PYMACHINE_TEST_CRASH_AT"  # fault-injection for tests: a step name below

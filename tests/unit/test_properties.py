@@ -332,6 +332,7 @@ def test_machine_settings_service() -> None:
         "DeviceAllow",
         "DeviceAllow",
         "SuccessExitStatus",
+        "RestartForceExitStatus",
         "ExecStart",
         "Environment",
         "TimeoutStopSec",
