@@ -98,11 +98,21 @@ class Systemd:
         return result
 
     def start_transient(
-        self, unit: str, properties: Sequence[Property], *, wait: bool = True, timeout: float = 120
+        self,
+        unit: str,
+        properties: Sequence[Property],
+        *,
+        aux: Sequence[tuple[str, Sequence[Property]]] = (),
+        wait: bool = True,
+        timeout: float = 120,
     ) -> None:
-        """``StartTransientUnit(name, "fail", props, [])`` and wait for the job."""
+        """``StartTransientUnit(name, "fail", props, aux)`` and wait for the job."""
         self._subscribe_jobs()
-        raw = encode_properties(properties) + [(ord("a"), b"(sa(sv))"), (-1, None)]
+        raw = encode_properties(properties) + [(ord("a"), b"(sa(sv))")]
+        for aux_name, aux_properties in aux:
+            raw += [(ord("r"), b"sa(sv)"), (ord("s"), aux_name.encode())]
+            raw += encode_properties(aux_properties) + [(-1, None)]
+        raw.append((-1, None))
         job = self._manager("StartTransientUnit", "ss", [unit, "fail"], raw_args=raw)
         if wait:
             self._wait_job(job, unit, timeout)

@@ -285,6 +285,30 @@ class Supervisor:
             )
         self.registered = True
 
+    def _start_loopback_proxies(self) -> None:
+        """``Port=`` on the host's [::1] (nftables cannot): see machined.proxies."""
+        if self.network_state is None or not self.definition.network.ports:
+            return
+        from machined import network, proxies
+        from machined.systemd import Systemd
+
+        wanted = network.loopback_proxies(self.network_state)
+        own_unit = next(
+            (
+                part
+                for part in cgroup.own_cgroup().split("/")
+                if part.endswith((".service", ".scope"))
+            ),
+            None,
+        )
+        if not wanted or own_unit is None:
+            return
+        try:
+            with Systemd() as systemd:
+                proxies.start(systemd, self.definition.name, own_unit, wanted)
+        except Exception as exc:  # the IPv4 and other IPv6 forwards still work
+            _log(f"port forwards on [::1] are not available: {exc}")
+
     def _teardown(self) -> None:
         name = self.definition.name
         if self.registered:
@@ -373,6 +397,7 @@ class Supervisor:
                 raise StartError("the container failed to set up its file systems (see above)")
             self._register()
             _crash_point("after-registration")
+            self._start_loopback_proxies()
             state.write(
                 self.paths,
                 state.RuntimeState(

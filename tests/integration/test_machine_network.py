@@ -109,6 +109,11 @@ def test_port_forward_from_outside_and_from_the_hosts_localhost(net_host):
         fetch(net_host, "http://192.0.2.1:8080/index.html", netns="outside", check=False).returncode
         != 0
     )
+    assert fetch(net_host, "http://[::1]:8080/index.html", check=False).returncode != 0
+    units = net_host.run(
+        ["systemctl", "list-units", "--all", "--no-legend", "pymachine-web2-*"]
+    ).stdout
+    assert units.strip() == ""  # the [::1] proxy went with the machine
 
 
 def test_outbound_traffic_is_masqueraded(net_host):
