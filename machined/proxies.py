@@ -44,8 +44,7 @@ def start(systemd, machine: str, machine_unit: str, proxies) -> list[str]:
         socket_props = [
             Property("Description", "s", f"pymachine machine {machine}: [::1]:{port}"),
             Property("Listen", "a(ss)", [("Stream", proxy.listen)]),
-            Property("BindIPv6Only", "s", "ipv6-only"),
-            Property("Service", "s", service_unit),
+            Property("BindIPv6Only", "s", "ipv6-only"),  # activates the service of the same name
             *bound,
         ]
         service_props = [

@@ -330,9 +330,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         rows += _security_rows(info)
         if info.state != MachineState.RUNNING and info.result and info.exit_status is not None:
             rows.append(("Exit status", str(info.exit_status)))
+        width = max(len(key) for key, value in rows if value)
         for key, value in rows:
             if value:
-                print(f"{key:>12}: {value}")
+                print(f"{key:>{width}}: {value}")
         lines = journal(info.unit, lines=args.lines)
         if lines:
             print()

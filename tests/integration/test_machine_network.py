@@ -99,6 +99,12 @@ def test_port_forward_from_outside_and_from_the_hosts_localhost(net_host):
             == "hi-from-web2\n"
         )
         assert fetch(net_host, "http://127.0.0.1:8080/index.html").stdout == "hi-from-web2\n"
+        # [::1] through the socket-activated proxy (nftables cannot DNAT it)
+        proxy = net_host.run(
+            ["systemctl", "is-active", "pymachine-web2-port8080.socket"], check=False
+        )
+        assert proxy.stdout.strip() == "active", net_host.journal("pymachine-web2.service")
+        assert fetch(net_host, "http://[::1]:8080/index.html").stdout == "hi-from-web2\n"
         rules = net_host.run(["nft", "list", "table", "inet", "pymachine"]).stdout
         assert "pymachine:web2:tcp:8080:80" in rules
     finally:
