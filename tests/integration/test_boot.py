@@ -61,7 +61,7 @@ def test_boot_mode_runs_systemd_and_halts_cleanly(systemd_host, debian_boot_imag
             "--wait",
             "-q",
             "-p",
-            "TasksMax=10",
+            "MemoryMax=32M",
             "/bin/true",
             check=False,
             timeout=60,
