@@ -21,6 +21,7 @@ removed here on exit, or by the next start from the persisted state.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import shutil
@@ -157,7 +158,14 @@ class Supervisor:
         """The container's PID 1: mounts, pivot_root, then init. Never returns."""
         status = 1
         try:
-            message = json.loads(_read_line(go_read) or b"{}")
+            line = _read_line(go_read)
+            # The intermediate has exited: our parent is the supervisor now. Die
+            # with it (as nspawn's inner child does), so a SIGKILLed runtime never
+            # leaves a container running headless, e.g. in a `pymachine run` scope.
+            linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+            if not line or _writer_gone(go_read):
+                raise StartError("the supervisor is gone")
+            message = json.loads(line)
             spec = RootfsSpec(
                 root=str(self.layers.root),
                 hostname=self.definition.name,
@@ -370,6 +378,7 @@ class Supervisor:
             report_read, report_write = os.pipe()
             flags = self._namespace_flags()
             linux.prctl(linux.PR_SET_CHILD_SUBREAPER, 1)  # PID 1 comes back to us
+            gc.freeze()  # keep the collector off the pages PID 1 shares with us
             intermediate = os.fork()
             if intermediate == 0:
                 os.close(go_write)
@@ -466,6 +475,15 @@ def _crash_point(step: str) -> None:
     check that nothing is left behind (after-overlay, after-network, after-registration)."""
     if os.environ.get(CRASH_ENV) == step:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _writer_gone(fd: int) -> bool:
+    """Whether every writer of the pipe FD has exited (the supervisor keeps one open)."""
+    import select
+
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return any(events & select.POLLHUP for _fd, events in poller.poll(0))
 
 
 def _without_prefix(address: str | None) -> str | None:
