@@ -25,6 +25,7 @@ VERBS = {
 }
 
 # what a verb needs is its own module, argparse, the bus client; these are not
+# (importlib.resources and zipfile are not watched: the .pth files of site load them here)
 WATCH = (
     "pyroute2",
     "jinja2",
@@ -32,14 +33,11 @@ WATCH = (
     "pystemd",
     "machined.network",
     "hashlib",
-    "importlib.resources",
-    "zipfile",
     "inspect",
     "uuid",
     "json",
     "subprocess",
     "dataclasses",
-    "typing",
 )
 
 
