@@ -210,6 +210,41 @@ def test_killed_runtime_leaves_nothing_and_the_next_start_works(host):
     host.pymachine("remove", *names)
 
 
+@pytest.mark.parametrize("cleaner", ["start", "gc"])
+def test_killed_foreground_run_leaves_no_container_and_start_or_gc_cleans(host, cleaner):
+    """``pymachine run`` is a scope: no ExecStopPost. A SIGKILLed runtime takes its
+    container with it (no headless machine); the nft rules it leaves are cleaned
+    by the next start, or by gc."""
+    name = f"fgcrash-{cleaner}"
+    host.pymachine(*create(name, "--port", f"tcp:{8310 + len(cleaner)}:80"))
+    run = host.run(
+        [*PM, "run", name], check=False, env={CRASH_ENV: "after-registration"}, timeout=60
+    )
+    assert run.returncode == -9 or run.returncode == 137, run
+    scope = f"pymachine-{name}.scope"
+    assert wait_until(
+        lambda: host.run(["systemctl", "is-active", scope], check=False).stdout.strip() != "active"
+    ), host.run(["systemctl", "status", scope], check=False).stdout
+    found = leftovers(host, name)[name]
+    assert {k: found[k] for k in ("mounts", "links", "registered")} == {
+        "mounts": "0",
+        "links": "0",
+        "registered": "0",
+    }, found
+    assert host.run(["pgrep", "-f", f"machined.runtime {name}"], check=False).returncode == 1
+    if cleaner == "gc":
+        assert f"Removed network of {name}." in host.pymachine("gc").stdout
+        assert nft_rules(host, name) == 0
+    host.pymachine("start", name)
+    try:
+        assert host.pymachine("exec", name, "--", "hostname").stdout.strip() == name
+        assert nft_rules(host, name) == 2  # the stale ones were removed, not doubled
+    finally:
+        host.pymachine("stop", name)
+    assert without_unit(leftovers(host, name)) == nothing_left(name)
+    host.pymachine("remove", name)
+
+
 # --- 2. ten processes start and stop the same machine at once ----------------------
 
 
