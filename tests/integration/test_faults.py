@@ -210,39 +210,44 @@ def test_killed_runtime_leaves_nothing_and_the_next_start_works(host):
     host.pymachine("remove", *names)
 
 
-@pytest.mark.parametrize("cleaner", ["start", "gc"])
-def test_killed_foreground_run_leaves_no_container_and_start_or_gc_cleans(host, cleaner):
+def test_killed_foreground_run_leaves_no_container_and_start_or_gc_cleans(host):
     """``pymachine run`` is a scope: no ExecStopPost. A SIGKILLed runtime takes its
     container with it (no headless machine); the nft rules it leaves are cleaned
-    by the next start, or by gc."""
-    name = f"fgcrash-{cleaner}"
-    host.pymachine(*create(name, "--port", f"tcp:{8310 + len(cleaner)}:80"))
-    run = host.run(
-        [*PM, "run", name], check=False, env={CRASH_ENV: "after-registration"}, timeout=60
-    )
-    assert run.returncode == -9 or run.returncode == 137, run
-    scope = f"pymachine-{name}.scope"
+    by the next start of the machine, or by gc."""
+    names = ["fgcrash-start", "fgcrash-gc"]
+    pm_all(host, *(create(n, "--port", f"tcp:{8310 + i}:80") for i, n in enumerate(names)))
+    runs = " ".join(f"{' '.join(PM)} run {n} </dev/null >/dev/null 2>&1 & " for n in names)
+    host.run(["/bin/sh", "-c", runs + "wait"], env={CRASH_ENV: "after-registration"}, timeout=60)
+    scopes = [f"pymachine-{n}.scope" for n in names]
     assert wait_until(
-        lambda: host.run(["systemctl", "is-active", scope], check=False).stdout.strip() != "active"
-    ), host.run(["systemctl", "status", scope], check=False).stdout
-    found = leftovers(host, name)[name]
-    assert {k: found[k] for k in ("mounts", "links", "registered")} == {
-        "mounts": "0",
-        "links": "0",
-        "registered": "0",
-    }, found
-    assert host.run(["pgrep", "-f", f"machined.runtime {name}"], check=False).returncode == 1
-    if cleaner == "gc":
-        assert f"Removed network of {name}." in host.pymachine("gc").stdout
-        assert nft_rules(host, name) == 0
-    host.pymachine("start", name)
+        lambda: (
+            "active"
+            not in host.run(["systemctl", "is-active", *scopes], check=False).stdout.split()
+        )
+    ), host.run(["systemctl", "status", *scopes], check=False).stdout
+    found = leftovers(host, *names)
+    for name in names:
+        assert {k: found[name][k] for k in ("mounts", "links", "registered")} == {
+            "mounts": "0",
+            "links": "0",
+            "registered": "0",
+        }, found
+        assert found[name]["nft"] == "2", found  # left for the next start or gc
+        assert host.run(["pgrep", "-f", f"machined.runtime {name}"], check=False).returncode == 1
+
+    host.pymachine("start", names[0])  # cleans its own leftovers first
+    assert nft_rules(host, names[0]) == 2 and nft_rules(host, names[1]) == 2
+    assert f"Removed network of {names[1]}." in host.pymachine("gc").stdout
+    assert nft_rules(host, names[1]) == 0 and nft_rules(host, names[0]) == 2
+    host.pymachine("start", names[1])
     try:
-        assert host.pymachine("exec", name, "--", "hostname").stdout.strip() == name
-        assert nft_rules(host, name) == 2  # the stale ones were removed, not doubled
+        hostnames = pm_all(host, *(["exec", n, "--", "hostname"] for n in names))
+        assert [r.stdout.strip() for r in hostnames] == names
+        assert [nft_rules(host, n) for n in names] == [2, 2]  # not doubled
     finally:
-        host.pymachine("stop", name)
-    assert without_unit(leftovers(host, name)) == nothing_left(name)
-    host.pymachine("remove", name)
+        pm_all(host, ["stop", *names], check=False)
+    assert without_unit(leftovers(host, *names)) == nothing_left(*names)
+    host.pymachine("remove", *names)
 
 
 # --- 2. ten processes start and stop the same machine at once ----------------------
