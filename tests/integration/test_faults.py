@@ -186,15 +186,15 @@ def test_killed_runtime_leaves_nothing_and_the_next_start_works(host):
     # Nothing is left, without waiting for a start or a gc: the unit's own
     # clean-up (ExecStopPost) runs however the runtime ended.
     assert without_unit(leftovers(host, *names)) == nothing_left(*names)
-    statuses = pm_all(host, *(["status", n] for n in names), check=False)
+    # status tells what happened; gc has nothing of theirs left but runtime directories
+    *statuses, gc = pm_all(host, *(["status", n] for n in names), ["gc"], check=False)
     for result in statuses:
         assert result.returncode == 3 and "State: failed (result: signal)" in result.stdout, result
-    # gc has nothing of theirs left to clean but their runtime directories
-    cleaned = host.pymachine("gc").stdout
+    assert gc.returncode == 0, gc
     assert all(
         line.startswith("Removed runtime directory") or not any(n in line for n in names)
-        for line in cleaned.splitlines()
-    ), cleaned
+        for line in gc.stdout.splitlines()
+    ), gc
 
     pm_all(host, *(["start", n] for n in names))
     try:
