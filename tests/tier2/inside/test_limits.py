@@ -37,7 +37,7 @@ from guest import (
 HOG_200M = [
     "sh",
     "-c",
-    "sleep 2; dd if=/dev/zero of=/dev/null bs=200M count=1; echo SURVIVED; sleep 600",
+    "sleep 2; dd if=/dev/zero of=/dev/null bs=200M count=1 && echo SURVIVED; sleep 600",
 ]
 
 
@@ -67,7 +67,7 @@ def test_memory_max_oom_kill(machine, bystander):
     t0 = time.monotonic()
     pm("start", machine)
     assert (cgroup_dir(unit_of(machine)) / "memory.max").read_text().strip() == str(50 << 20)
-    props = wait_stopped(machine, timeout=120)
+    props = wait_stopped(machine, timeout=240)
     victims = oom_victims(t0)
     assert victims, f"no OOM kill in the kernel log; {props}"
     assert victims == ["dd"], (
