@@ -386,6 +386,7 @@ class Supervisor:
                 self._intermediate(go_read, report_write, flags)
             os.close(go_read)
             os.close(report_write)
+            _protect_from_oom_killer()  # after the fork: the container keeps the default
             cgroup.move(intermediate, payload_cg)
             os.write(go_write, b"1")
             if self.policy.uid_base is not None:
@@ -484,6 +485,14 @@ def _writer_gone(fd: int) -> bool:
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     return any(events & select.POLLHUP for _fd, events in poller.poll(0))
+
+
+def _protect_from_oom_killer() -> None:
+    """The runtime shares the unit's MemoryMax= with the container; when the
+    container runs out, the kernel must kill the container's hog, not us (the
+    unit's result is then 'oom-kill', as a user expects)."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/oom_score_adj").write_text("-1000")
 
 
 def _without_prefix(address: str | None) -> str | None:
