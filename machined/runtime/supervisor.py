@@ -491,8 +491,8 @@ def _protect_from_oom_killer() -> None:
     """The runtime shares the unit's MemoryMax= with the container; when the
     container runs out, the kernel must kill the container's hog, not us (the
     unit's result is then 'oom-kill', as a user expects)."""
-    with contextlib.suppress(OSError):
-        Path("/proc/self/oom_score_adj").write_text("-1000")
+    with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as handle:
+        handle.write("-1000")
 
 
 def _without_prefix(address: str | None) -> str | None:
