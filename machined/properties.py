@@ -251,6 +251,10 @@ def machine_settings(
             _setting("Type", "notify"),
             _setting("NotifyAccess", "main"),
             _setting("KillMode", "mixed"),
+            # Delegate=yes would make systemd default to OOMPolicy=continue; a machine
+            # whose process the kernel OOM-kills stops with result 'oom-kill', as any
+            # other service does by default.
+            _setting("OOMPolicy", "stop"),
             # Like systemd-nspawn@.service: only the container's own device nodes.
             _setting("DevicePolicy", "closed"),
             _setting(

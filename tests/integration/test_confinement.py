@@ -109,14 +109,16 @@ def _mknod(host, machine):
     return attempt.returncode != 0, True, attempt
 
 
-def _require_host_file(host, path: str, why: str) -> None:
-    if host.run(["test", "-e", path], check=False).returncode:
-        pytest.skip(f"this kernel has no {path} ({why}): nothing to protect")
+def _host_has(host, path: str) -> bool:
+    """Some kernels lack a file (CONFIG_MAGIC_SYSRQ, CONFIG_PROC_KCORE off): the
+    attempt inside must fail all the same; only the host-side control is moot."""
+    return host.run(["test", "-e", path], check=False).returncode == 0
 
 
 def _sysrq(host, machine):
-    _require_host_file(host, "/proc/sysrq-trigger", "CONFIG_MAGIC_SYSRQ off")
     attempt = inside(host, machine["name"], "echo h > /proc/sysrq-trigger")
+    if not _host_has(host, "/proc/sysrq-trigger"):
+        return attempt.returncode != 0, True, attempt
     control = host.run("test -w /proc/sysrq-trigger", check=False)
     return attempt.returncode != 0, control.returncode == 0, attempt
 
@@ -131,9 +133,10 @@ def _core_pattern(host, machine):
 
 
 def _kcore(host, machine):
-    _require_host_file(host, "/proc/kcore", "CONFIG_PROC_KCORE off")
     script = "head -c 16 /proc/kcore | wc -c"
     attempt = inside(host, machine["name"], script)
+    if not _host_has(host, "/proc/kcore"):
+        return attempt.stdout.strip() in ("", "0"), True, attempt
     control = host.run(script, check=False)
     return attempt.stdout.strip() in ("", "0"), control.stdout.strip() == "16", attempt
 

@@ -328,6 +328,7 @@ def test_machine_settings_service() -> None:
         "Type",
         "NotifyAccess",
         "KillMode",
+        "OOMPolicy",
         "DevicePolicy",
         "DeviceAllow",
         "DeviceAllow",
