@@ -51,77 +51,6 @@ from machined.runtime.state import RuntimeState
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
-_SYS_OPEN_TREE = 428  # one number on every architecture
-_SYS_MOVE_MOUNT = 429
-_SYS_MOUNT_SETATTR = 442
-AT_FDCWD = -100
-OPEN_TREE_CLONE = 1
-AT_EMPTY_PATH = 0x1000
-AT_RECURSIVE = 0x8000
-MOVE_MOUNT_F_EMPTY_PATH = 0x4
-MOUNT_ATTR_RDONLY = 0x1
-MOUNT_ATTR_IDMAP = 0x00100000
-
-
-class _MountAttr(ctypes.Structure):
-    _fields_ = [
-        ("attr_set", ctypes.c_uint64),
-        ("attr_clr", ctypes.c_uint64),
-        ("propagation", ctypes.c_uint64),
-        ("userns_fd", ctypes.c_uint64),
-    ]
-
-
-def _check(result: int, what: str) -> int:
-    if result < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-    return result
-
-
-def open_tree_clone(path: str) -> int:
-    """A detached copy of the mount tree at PATH (recursive), as an fd."""
-    flags = OPEN_TREE_CLONE | os.O_CLOEXEC | AT_RECURSIVE
-    return _check(
-        _libc.syscall(
-            ctypes.c_long(_SYS_OPEN_TREE),
-            ctypes.c_int(AT_FDCWD),
-            os.fsencode(path),
-            ctypes.c_uint(flags),
-        ),
-        f"open_tree {path}",
-    )
-
-
-def mount_setattr(tree: int, attr_set: int, userns_fd: int = 0) -> None:
-    attr = _MountAttr(attr_set, 0, 0, userns_fd)
-    _check(
-        _libc.syscall(
-            ctypes.c_long(_SYS_MOUNT_SETATTR),
-            ctypes.c_int(tree),
-            b"",
-            ctypes.c_uint(AT_EMPTY_PATH | AT_RECURSIVE),
-            ctypes.byref(attr),
-            ctypes.c_size_t(ctypes.sizeof(attr)),
-        ),
-        "mount_setattr",
-    )
-
-
-def move_mount(tree: int, target: str) -> None:
-    _check(
-        _libc.syscall(
-            ctypes.c_long(_SYS_MOVE_MOUNT),
-            ctypes.c_int(tree),
-            b"",
-            ctypes.c_int(AT_FDCWD),
-            os.fsencode(target),
-            ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH),
-        ),
-        f"move_mount to {target}",
-    )
-
-
 # --- the machine -------------------------------------------------------------------
 
 
@@ -492,16 +421,16 @@ def bind(
     uid, gid = root_ids(state.leader)
     ids = id_range(state.leader)
     try:
-        tree = open_tree_clone(host_path)
+        tree = linux.open_tree_clone(host_path)
     except OSError as exc:
         raise PymachineError(f"cannot bind {host_path}: {exc}") from None
     warnings: list[str] = []
     try:
-        attrs = MOUNT_ATTR_RDONLY if read_only else 0
+        attrs = linux.MOUNT_ATTR_RDONLY if read_only else 0
         if ids is not None:
             try:
                 with userns.mapped_userns(*ids) as fd:
-                    mount_setattr(tree, attrs | MOUNT_ATTR_IDMAP, fd)
+                    linux.mount_setattr(tree, attrs | linux.MOUNT_ATTR_IDMAP, fd)
                 attrs = 0
             except OSError as exc:  # a file system without idmapped mounts
                 warnings.append(
@@ -509,13 +438,13 @@ def bind(
                     "its files show as nobody inside the machine"
                 )
         if attrs:
-            mount_setattr(tree, attrs)
+            linux.mount_setattr(tree, attrs)
 
         def job() -> list[str]:
             target = os.path.normpath(machine_path)
             try:
                 _ensure_target(target, is_dir, mkdir, uid, gid)
-                move_mount(tree, target)
+                linux.move_mount(tree, target)
             except OSError as exc:
                 raise _os_failure(exc, f"{machine_path} in machine {state.name}") from None
             return []

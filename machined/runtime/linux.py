@@ -112,3 +112,69 @@ def set_process_name(name: str) -> None:
     """Name shown by ps/top (comm, 15 bytes)."""
     with contextlib.suppress(OSError):
         prctl(PR_SET_NAME, name.encode()[:15])
+
+
+# --- the new mount API (Linux >= 5.2; one syscall number on every architecture) ---
+
+_SYS_OPEN_TREE = 428
+_SYS_MOVE_MOUNT = 429
+_SYS_MOUNT_SETATTR = 442
+AT_FDCWD = -100
+AT_EMPTY_PATH = 0x1000
+AT_RECURSIVE = 0x8000
+OPEN_TREE_CLONE = 1
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_IDMAP = 0x00100000
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
+
+
+def open_tree_clone(path: str | os.PathLike) -> int:
+    """A detached copy of the mount tree at PATH (recursive), as an fd."""
+    fd = _libc.syscall(
+        ctypes.c_long(_SYS_OPEN_TREE),
+        ctypes.c_int(AT_FDCWD),
+        os.fsencode(path),
+        ctypes.c_uint(OPEN_TREE_CLONE | os.O_CLOEXEC | AT_RECURSIVE),
+    )
+    _check(fd, f"open_tree {os.fspath(path)}")
+    return fd
+
+
+def mount_setattr(tree: int, attr_set: int, userns_fd: int = 0) -> None:
+    """Set attributes (read-only, an ID mapping…) on a detached tree, recursively."""
+    attr = _MountAttr(attr_set, 0, 0, userns_fd)
+    _check(
+        _libc.syscall(
+            ctypes.c_long(_SYS_MOUNT_SETATTR),
+            ctypes.c_int(tree),
+            b"",
+            ctypes.c_uint(AT_EMPTY_PATH | AT_RECURSIVE),
+            ctypes.byref(attr),
+            ctypes.c_size_t(ctypes.sizeof(attr)),
+        ),
+        "mount_setattr",
+    )
+
+
+def move_mount(tree: int, target: str | os.PathLike) -> None:
+    """Attach a detached tree at TARGET."""
+    _check(
+        _libc.syscall(
+            ctypes.c_long(_SYS_MOVE_MOUNT),
+            ctypes.c_int(tree),
+            b"",
+            ctypes.c_int(AT_FDCWD),
+            os.fsencode(target),
+            ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH),
+        ),
+        f"move_mount to {os.fspath(target)}",
+    )

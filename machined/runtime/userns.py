@@ -36,7 +36,6 @@ Standard library and ctypes only: :func:`enter` runs in the forked PID 1.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
 import json
@@ -44,6 +43,8 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+
+from machined.runtime import linux
 
 PICK_MIN = 0x00080000
 PICK_MAX = 0x6FFF0000
@@ -190,45 +191,6 @@ def allocations(state_dir: Path | str) -> dict[str, tuple[int, int]]:
 
 # --- system calls --------------------------------------------------------------
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_SYS_OPEN_TREE = 428  # the new mount API has one number on every architecture
-_SYS_MOVE_MOUNT = 429
-_SYS_MOUNT_SETATTR = 442
-OPEN_TREE_CLONE = 1
-AT_EMPTY_PATH = 0x1000
-AT_RECURSIVE = 0x8000
-MOVE_MOUNT_F_EMPTY_PATH = 0x4
-MOUNT_ATTR_IDMAP = 0x00100000
-
-
-class _MountAttr(ctypes.Structure):
-    _fields_ = [
-        ("attr_set", ctypes.c_uint64),
-        ("attr_clr", ctypes.c_uint64),
-        ("propagation", ctypes.c_uint64),
-        ("userns_fd", ctypes.c_uint64),
-    ]
-
-
-def _check(result: int, what: str) -> int:
-    if result < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-    return result
-
-
-def _syscall(number: int, *args) -> int:
-    _libc.syscall.restype = ctypes.c_long
-    return _libc.syscall(ctypes.c_long(number), *args)
-
-
-def _unshare(flags: int) -> None:
-    _check(_libc.unshare(ctypes.c_int(flags)), "unshare")
-
-
-def _setns(fd: int, nstype: int) -> None:
-    _check(_libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype)), "setns")
-
 
 def map_text(base: int, count: int) -> str:
     return f"0 {base} {count}\n"
@@ -252,7 +214,7 @@ def mapped_userns(base: int, count: int):
         try:
             os.close(ready_r)
             os.close(done_w)
-            _unshare(CLONE_NEWUSER)
+            linux.unshare(CLONE_NEWUSER)
             os.write(ready_w, b"1")
             os.read(done_r, 1)
             code = 0
@@ -279,39 +241,10 @@ def mapped_userns(base: int, count: int):
 def idmapped_mount(source: str | os.PathLike, target: str | os.PathLike, userns_fd: int) -> None:
     """Mount SOURCE on TARGET (recursively), its owners seen through USERNS_FD's
     mapping: host UID 0 on disk appears as the range's first UID."""
-    tree = _check(
-        _syscall(
-            _SYS_OPEN_TREE,
-            ctypes.c_int(-100),
-            os.fsencode(source),
-            ctypes.c_uint(OPEN_TREE_CLONE | os.O_CLOEXEC | AT_RECURSIVE),
-        ),
-        f"open_tree {source}",
-    )
+    tree = linux.open_tree_clone(source)
     try:
-        attr = _MountAttr(MOUNT_ATTR_IDMAP, 0, 0, userns_fd)
-        _check(
-            _syscall(
-                _SYS_MOUNT_SETATTR,
-                ctypes.c_int(tree),
-                b"",
-                ctypes.c_uint(AT_EMPTY_PATH | AT_RECURSIVE),
-                ctypes.byref(attr),
-                ctypes.c_size_t(ctypes.sizeof(attr)),
-            ),
-            f"mount_setattr(MOUNT_ATTR_IDMAP) on {source}",
-        )
-        _check(
-            _syscall(
-                _SYS_MOVE_MOUNT,
-                ctypes.c_int(tree),
-                b"",
-                ctypes.c_int(-100),
-                os.fsencode(target),
-                ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH),
-            ),
-            f"move_mount to {target}",
-        )
+        linux.mount_setattr(tree, linux.MOUNT_ATTR_IDMAP, userns_fd)
+        linux.move_mount(tree, target)
     finally:
         os.close(tree)
 
@@ -432,7 +365,7 @@ def join(fd: int | None) -> None:
     """``exec``: after the other namespaces, become root of the machine's user namespace."""
     if fd is None:
         return
-    _setns(fd, CLONE_NEWUSER)
+    linux.setns(fd, CLONE_NEWUSER)
     os.close(fd)
     os.setgroups([])
     os.setresgid(0, 0, 0)

@@ -10,14 +10,14 @@ def show(host, unit: str, *props: str) -> dict[str, str]:
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
 
-def test_boot_mode_runs_systemd_and_halts_cleanly(systemd_host, debian_boot_image, machine_name):
+def test_boot_mode_runs_systemd_and_halts_cleanly(systemd_host, debian_image, machine_name):
     name = machine_name
     unit = f"pymachine-{name}.service"
     systemd_host.pymachine(
         "create",
         name,
         "--image",
-        debian_boot_image,
+        debian_image,
         "--boot",
         "--network",
         "none",

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tarfile
 import uuid
 
 import pytest
 
-from tests.harness import skip_or_fail
 from tests.unit.test_bootstrap_oci import BASE, CONFIG, TOP, LayoutBuilder
 from tests.unit.test_bootstrap_tar import build_tree, make_tar, manifest
 
@@ -33,30 +31,6 @@ def images(host) -> dict[str, dict]:
 
 def machine_dirs(host) -> list[str]:
     return sorted(os.listdir(host.host_path("/var/lib/machines")))
-
-
-@pytest.fixture(scope="session")
-def debian_image(systemd_host) -> str:
-    """A Debian bookworm minbase image bootstrapped for real inside the host."""
-    for tool in ("mmdebstrap", "debootstrap"):
-        if shutil.which(tool):
-            break
-    else:
-        skip_or_fail("neither mmdebstrap nor debootstrap is installed (apt-get install mmdebstrap)")
-    name = "debian-test"
-    if systemd_host.run(["test", "-d", f"/var/lib/machines/{name}"], check=False).returncode:
-        systemd_host.pymachine(
-            "bootstrap",
-            "--distro",
-            "debian",
-            "--release",
-            "bookworm",
-            "--variant",
-            "minbase",
-            name,
-            timeout=900,
-        )
-    return name
 
 
 def test_busybox_bootstrap_lists_and_runs(systemd_host):

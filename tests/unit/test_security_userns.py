@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from machined.runtime import userns
+from machined.runtime import linux, userns
 from machined.runtime.userns import (
     DEFAULT_COUNT,
     PICK_MAX,
@@ -124,9 +124,7 @@ def _unshare_mount_ns_in_child(func) -> int:
     if pid == 0:
         code = 99
         try:
-            userns._unshare(userns.CLONE_NEWNS)
-            from machined.runtime import linux
-
+            linux.unshare(linux.CLONE_NEWNS)
             linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
             code = func()
         except BaseException as exc:
