@@ -143,24 +143,33 @@ def ensure_bridge(ipr: IPRoute, net: BridgeNet, ipv6: bool) -> tuple[int, bool]:
         address=str(net.gateway),
         prefixlen=net.subnet.prefixlen,
     )
-    has6 = False
-    if ipv6 and net.subnet6 is not None:
-        try:
-            _ignore(
-                (errno.EEXIST,),
-                ipr.addr,
-                "add",
-                index=index,
-                address=str(net.gateway6),
-                prefixlen=net.subnet6.prefixlen,
-                flags=IFA_F_NODAD,
-            )
-            has6 = True
-        except NetlinkError as e:  # IPv6 disabled on this host or interface
-            if e.code not in (errno.EACCES, errno.EPERM, errno.EAFNOSUPPORT, errno.EOPNOTSUPP):
-                raise
+    has6 = (
+        ipv6
+        and net.subnet6 is not None
+        and _add_ipv6(ipr, index, str(net.gateway6), net.subnet6.prefixlen)
+    )
     ipr.link("set", index=index, state="up")
     return index, has6
+
+
+def _add_ipv6(ipr: IPRoute, index: int, address: str, prefixlen: int) -> bool:
+    """Add an IPv6 address without duplicate detection; False where IPv6 is
+    disabled on this host or interface."""
+    try:
+        _ignore(
+            (errno.EEXIST,),
+            ipr.addr,
+            "add",
+            index=index,
+            address=address,
+            prefixlen=prefixlen,
+            flags=IFA_F_NODAD,
+        )
+    except NetlinkError as e:
+        if e.code not in (errno.EACCES, errno.EPERM, errno.EAFNOSUPPORT, errno.EOPNOTSUPP):
+            raise
+        return False
+    return True
 
 
 def create_veth(ipr: IPRoute, machine: str, ifname: str, bridge_index: int, netns_pid: int) -> int:
@@ -269,20 +278,7 @@ def configure_inside(netns_pid: int, lease: Lease, net: BridgeNet, ipv6: bool) -
         use6 = ipv6 and lease.address6 is not None and net.gateway6 is not None
         if use6:
             address6 = ipaddress.IPv6Interface(lease.address6)
-            try:
-                _ignore(
-                    (errno.EEXIST,),
-                    ipr.addr,
-                    "add",
-                    index=index,
-                    address=str(address6.ip),
-                    prefixlen=address6.network.prefixlen,
-                    flags=IFA_F_NODAD,
-                )
-            except NetlinkError as e:
-                if e.code not in (errno.EACCES, errno.EPERM, errno.EAFNOSUPPORT, errno.EOPNOTSUPP):
-                    raise
-                use6 = False
+            use6 = _add_ipv6(ipr, index, str(address6.ip), address6.network.prefixlen)
         ipr.link("set", index=index, state="up")
         _ignore(
             (errno.EEXIST,), ipr.route, "add", dst="0.0.0.0/0", gateway=str(net.gateway), oif=index
