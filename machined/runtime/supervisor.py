@@ -257,7 +257,9 @@ class Supervisor:
                     _log(
                         f"bind {bind['source']}: no idmapped mount ({exc}); its files show as nobody inside"
                     )
-                    continue
+                    # Still staged by us, host root: inside the user namespace the
+                    # source's own path may not be reachable (e.g. under /root, 0700).
+                    linux.mount(bind["source"], str(staged), None, linux.MS_BIND | linux.MS_REC)
                 bind["source"] = str(staged)
 
     def _setup_network(self) -> list[dict]:

@@ -57,7 +57,8 @@ def make_machine(systemd_host, tiny_image):
 
 @pytest.fixture(scope="session")
 def debian_image(systemd_host) -> str:
-    """Debian bookworm minbase with systemd and dbus, bootstrapped for real inside
+    """Debian bookworm minbase with systemd, dbus, machined and busybox (for boot
+    mode and nested machines), bootstrapped for real inside
     the host (mmdebstrap, ~30 s; packages cached in /var/cache/pymachine across
     runs). One image serves the image tests and boot mode."""
     from tests.harness import skip_or_fail
@@ -75,7 +76,7 @@ def debian_image(systemd_host) -> str:
             "--variant",
             "minbase",
             "--include",
-            "systemd,systemd-sysv,dbus",
+            "systemd,systemd-sysv,dbus,systemd-container,busybox-static",
             name,
             timeout=900,
         )

@@ -80,3 +80,92 @@ def test_boot_mode_runs_systemd_and_halts_cleanly(systemd_host, debian_image, ma
     finally:
         systemd_host.pymachine("stop", name, check=False)
         systemd_host.pymachine("remove", name, check=False)
+
+
+def test_pymachine_runs_a_nested_machine_inside_a_boot_mode_machine(
+    systemd_host, debian_image, machine_name
+):
+    """moby#44402: inside a boot-mode machine, pymachine itself starts a
+    machine of its own, as a transient unit of the inner systemd (issue 9 item 4)."""
+    import sys
+    from pathlib import Path
+
+    import machined
+    from tests.harness import skip_or_fail
+
+    prefix = Path(sys.base_prefix).resolve()
+    if str(prefix) in ("/usr", "/usr/local"):
+        skip_or_fail(
+            "the nested test binds the test run's own Python install, not the system's /usr"
+        )
+    repo = Path(machined.__file__).resolve().parents[1]
+    outer = machine_name
+    state = f"/var/lib/pymachine/nested/{outer}"
+    systemd_host.run(["mkdir", "-p", f"{state}/state", f"{state}/images"])
+    systemd_host.pymachine(
+        "create",
+        outer,
+        "--image",
+        debian_image,
+        "--boot",
+        "--network",
+        "none",
+        "--stop-timeout",
+        "30",
+        "--bind",
+        f"{prefix}:{prefix}:ro",
+        "--bind",
+        f"{repo}:{repo}:ro",
+        # the nested machines' layers must not live on the outer machine's overlay root
+        "--bind",
+        f"{state}/state:/var/lib/pymachine",
+        "--bind",
+        f"{state}/images:/var/lib/machines",
+    )
+    inner_pm = ["exec", outer, "--", sys.executable, "-m", "machined"]
+    try:
+        systemd_host.pymachine("start", outer)
+        systemd_host.pymachine(
+            "exec",
+            outer,
+            "--",
+            "timeout",
+            "90",
+            "systemctl",
+            "is-system-running",
+            "--wait",
+            check=False,
+            timeout=120,
+        )
+        systemd_host.pymachine(*inner_pm, "bootstrap", "--distro", "busybox", "tiny", timeout=120)
+        systemd_host.pymachine(
+            *inner_pm,
+            "create",
+            "inner",
+            "--image",
+            "tiny",
+            "--network",
+            "none",
+            "--private-users",
+            "no",
+            "--",
+            "/bin/sh",
+            "-c",
+            "while :; do sleep 1; done",
+        )
+        systemd_host.pymachine(*inner_pm, "start", "inner", timeout=120)
+        assert (
+            systemd_host.pymachine(*inner_pm, "exec", "inner", "--", "hostname").stdout == "inner\n"
+        )
+        listed = systemd_host.pymachine(
+            "exec", outer, "--", "machinectl", "list", "--no-legend"
+        ).stdout
+        assert listed.split()[:3] == ["inner", "container", "pymachine"]
+        shown = systemd_host.pymachine(
+            "exec", outer, "--", "systemctl", "show", "-p", "ActiveState", "pymachine-inner.service"
+        ).stdout
+        assert shown.strip() == "ActiveState=active"
+        systemd_host.pymachine(*inner_pm, "stop", "inner", timeout=120)
+    finally:
+        systemd_host.pymachine("stop", outer, check=False, timeout=120)
+        systemd_host.pymachine("remove", outer, check=False)
