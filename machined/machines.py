@@ -209,7 +209,8 @@ class Machines:
         return status is not None and status.running
 
     # --- lifecycle ---------------------------------------------------------
-    def _check_startable(self, name: str) -> MachineDefinition:
+    def check_startable(self, name: str) -> MachineDefinition:
+        """The definition, if the machine can start now (image there, not running)."""
         definition = self.load(name)
         if not self.paths.image(definition.image).is_dir():
             raise NotFound(f"image '{definition.image}' of machine '{name}' not found")
@@ -242,7 +243,7 @@ class Machines:
         from machined.dbus import BusError
         from machined.systemd import JobFailed
 
-        definition = self._check_startable(name)
+        definition = self.check_startable(name)
         unit = unit_name(name)
         self.systemd.reset_failed(unit)
         try:

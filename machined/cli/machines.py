@@ -256,8 +256,6 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     with _machines() as machines:
         infos = machines.list()
-    if not args.all:
-        pass  # every defined machine is listed; stopped ones show as stopped
     for info in infos:  # a broken definition is listed (with what systemd knows) and named
         if info.problem:
             print(f"pymachine: warning: {info.problem}", file=sys.stderr)
@@ -385,7 +383,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     command = _command(args)
     with Machines() as machines:
-        definition = machines._check_startable(args.name)
+        definition = machines.check_startable(args.name)
         if args.ephemeral:
             definition.ephemeral = True
         if machines.systemd.status(scope_name(args.name)) is not None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from machined.runtime import linux, security, userns, users
+from machined.runtime.init import exit_status
 from machined.runtime.state import RuntimeState
 
 # Joined in this order: cgroup first (paths are resolved in the host's view),
@@ -100,16 +101,10 @@ def _exec(request: ExecRequest, base_env: dict[str, str]) -> None:
         os._exit(126)
 
 
-def _status(wait_status: int) -> int:
-    if os.WIFSIGNALED(wait_status):
-        return 128 + os.WTERMSIG(wait_status)
-    return os.WEXITSTATUS(wait_status)
-
-
 def _wait(pid: int) -> int:
     while True:
         try:
-            return _status(os.waitpid(pid, 0)[1])
+            return exit_status(os.waitpid(pid, 0)[1])
         except InterruptedError:
             continue
 

@@ -51,7 +51,8 @@ class Payload:
     terminal: bool = False  # attached to the user's terminal (pymachine run)
 
 
-def _exit_status(wait_status: int) -> int:
+def exit_status(wait_status: int) -> int:
+    """A wait status as a shell would report it: the code, or 128+N if killed by N."""
     if os.WIFSIGNALED(wait_status):
         return 128 + os.WTERMSIG(wait_status)
     return os.WEXITSTATUS(wait_status)
@@ -149,7 +150,7 @@ def run(payload: Payload, *, stop_timeout: float = 10.0) -> int:
                 rebooting, stopping_since = False, None
                 continue
             _drain(stop_timeout)
-            return _exit_status(status)
+            return exit_status(status)
         if sig in POWEROFF or (sig in REBOOT) or (sig == signal.SIGINT and not payload.terminal):
             rebooting = sig not in POWEROFF
             stopping_since = time.monotonic()

@@ -32,7 +32,7 @@ import time
 from machined.definition import MachineDefinition
 from machined.network.config import NetworkMode
 from machined.paths import Paths
-from machined.runtime import cgroup, linux, security, state, userns
+from machined.runtime import cgroup, init, linux, security, state, userns
 from machined.runtime.mounts import Bind, RootfsSpec
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -176,7 +176,7 @@ class Supervisor:
                 cgroup_dir=message.get("cgroup_dir"),
             )
             # Import now: after pivot_root the host's Python library is out of reach.
-            from machined.runtime import init, users  # noqa: F401
+            from machined.runtime import users  # noqa: F401
             from machined.runtime.mounts import setup_rootfs
 
             setup_rootfs(spec)
@@ -198,13 +198,13 @@ class Supervisor:
     def _exec_boot(self) -> None:
         env = {"PATH": DEFAULT_PATH, "container": "pymachine", "TERM": "vt220"}
         env.update(self.definition.environment)
-        for init in BOOT_INITS:
-            if os.access(init, os.X_OK):
-                os.execve(init, [init], env)
+        for path in BOOT_INITS:
+            if os.access(path, os.X_OK):
+                os.execve(path, [path], env)
         raise StartError(f"boot mode: none of {', '.join(BOOT_INITS)} exists in the image")
 
     def _run_init(self) -> int:
-        from machined.runtime import init, users
+        from machined.runtime import users
 
         user = users.resolve(self.definition.user)
         terminal = self.foreground and os.isatty(0)
@@ -460,14 +460,13 @@ class Supervisor:
         systemd-shutdown ends by killing itself with SIGINT (halt/power-off) or
         SIGHUP (reboot), as systemd-nspawn expects: 0, or 133 = "restart me"
         (the unit has RestartForceExitStatus=133, like systemd-nspawn@.service)."""
-        if os.WIFSIGNALED(wait_status):
+        if self.definition.boot and os.WIFSIGNALED(wait_status):
             sig = os.WTERMSIG(wait_status)
-            if self.definition.boot and sig == signal.SIGINT:
+            if sig == signal.SIGINT:
                 return 0
-            if self.definition.boot and sig == signal.SIGHUP:
+            if sig == signal.SIGHUP:
                 return REBOOT_EXIT_STATUS
-            return 128 + sig
-        return os.WEXITSTATUS(wait_status)
+        return init.exit_status(wait_status)
 
 
 CRASH_ENV = "PYMACHINE_TEST_CRASH_AT"  # fault-injection for tests: a step name below

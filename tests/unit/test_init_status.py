@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from machined.runtime.init import _exit_status
+from machined.runtime.init import exit_status
 
 
 def _wait_status_of(child) -> int:
@@ -26,7 +26,7 @@ def _wait_status_of(child) -> int:
 def test_exit_code_is_passed_on(code: int) -> None:
     status = _wait_status_of(lambda: os._exit(code))
     assert os.WIFEXITED(status)
-    assert _exit_status(status) == code
+    assert exit_status(status) == code
 
 
 def _die_by(sig: int):
@@ -55,15 +55,15 @@ def test_killed_by_signal_is_128_plus_n(sig: int, expected: int) -> None:
     status = _wait_status_of(_die_by(sig))
     assert os.WIFSIGNALED(status)
     assert os.WTERMSIG(status) == sig
-    assert _exit_status(status) == expected
+    assert exit_status(status) == expected
 
 
 def test_exit_3_and_sigkill_from_the_brief() -> None:
-    assert _exit_status(_wait_status_of(lambda: os._exit(3))) == 3
-    assert _exit_status(_wait_status_of(_die_by(signal.SIGKILL))) == 137
+    assert exit_status(_wait_status_of(lambda: os._exit(3))) == 3
+    assert exit_status(_wait_status_of(_die_by(signal.SIGKILL))) == 137
 
 
 def test_exit_code_143_is_not_confused_with_sigterm() -> None:
     status = _wait_status_of(lambda: os._exit(143))
     assert os.WIFEXITED(status) and not os.WIFSIGNALED(status)
-    assert _exit_status(status) == 143
+    assert exit_status(status) == 143
