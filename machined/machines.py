@@ -236,7 +236,9 @@ class Machines:
             runtime_command(definition.name),
             runtime_environment(self.paths),
             scope=scope,
+            boot=definition.boot,
             exec_stop_post=runtime_command(definition.name, "--cleanup"),
+            pid_file=str(runtime_state.pid_file(self.paths, definition.name)),
         )
 
     def start(self, name: str, *, timeout: float = 120) -> None:

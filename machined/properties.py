@@ -11,6 +11,7 @@ property systemd's D-Bus API expects (transient units), e.g. ``CPUQuota=20%`` â†
 from __future__ import annotations
 
 import re
+import signal
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -231,7 +232,9 @@ def machine_settings(
     environment: Mapping[str, str],
     *,
     scope: bool = False,
+    boot: bool = False,
     exec_stop_post: list[str] | None = None,
+    pid_file: str | None = None,
 ) -> list[UnitSetting]:
     """Everything a machine's unit carries, in one list that both the transient
     path (D-Bus properties) and the enabled path (rendered unit file) use, so
@@ -248,9 +251,21 @@ def machine_settings(
     ]
     if not scope:
         settings += [
-            _setting("Type", "notify"),
-            _setting("NotifyAccess", "main"),
+            # The runtime sets the machine up, writes PID 1's PID and exits: PID 1,
+            # adopted by systemd, is the main process (see runtime/supervisor.py).
+            _setting("Type", "forking"),
+            *([_setting("PIDFile", pid_file)] if pid_file else []),
             _setting("KillMode", "mixed"),
+        ]
+        if boot:
+            # Stop reaches PID 1 directly (the runtime handed the unit over): the
+            # image's systemd halts on SIGRTMIN+3, as systemd-nspawn asks it to.
+            settings.append(
+                _setting(
+                    "KillSignal", "SIGRTMIN+3", Property("KillSignal", "i", signal.SIGRTMIN + 3)
+                )
+            )
+        settings += [
             # Delegate=yes would make systemd default to OOMPolicy=continue; a machine
             # whose process the kernel OOM-kills stops with result 'oom-kill', as any
             # other service does by default.
@@ -269,11 +284,13 @@ def machine_settings(
             _setting(
                 "SuccessExitStatus", "143", Property("SuccessExitStatus", "(aiai)", ([143], []))
             ),
-            # 133: a boot-mode container asked for a reboot (as with systemd-nspawn@.service).
+            # A reboot: the runtime's 133 in foreground mode (as systemd-nspawn@.service);
+            # in service mode systemd sees PID 1 itself, which the kernel kills with
+            # SIGHUP when the container's systemd calls reboot(2) (SIGINT: halt, clean).
             _setting(
                 "RestartForceExitStatus",
-                "133",
-                Property("RestartForceExitStatus", "(aiai)", ([133], [])),
+                "133 SIGHUP",
+                Property("RestartForceExitStatus", "(aiai)", ([133], [1])),
             ),
             _setting(
                 "ExecStart",

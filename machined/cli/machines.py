@@ -359,7 +359,7 @@ def _enabled(name: str) -> bool:
 def cmd_exec(args: argparse.Namespace) -> int:
     from machined.definition import parse_env
     from machined.runtime.enter import ExecRequest, run_in_machine
-    from machined.runtime.supervisor import DEFAULT_PATH
+    from machined.runtime.init import DEFAULT_PATH
 
     command = _command(args)
     if not command and args.verb == "exec":

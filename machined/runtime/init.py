@@ -11,17 +11,18 @@ does SIGINT when no terminal is attached (machinectl reboot sends SIGINT; with
 a terminal, SIGINT is the user's Ctrl-C and is forwarded). Reboot restarts the
 payload inside the same container.
 
-Runs as the forked runtime, so it imports nothing beyond ``os``/``signal``.
+Loaded by the container's PID 1 (:mod:`machined.runtime.leader`), a fresh
+interpreter that stays alive for the machine's lifetime: every module imported
+here is memory paid per machine, so only ``os``, ``_signal`` (``signal``
+without its enum classes, ~1 MB) and ``time``.
 """
 
 from __future__ import annotations
 
-import contextlib
+import _signal as signal
 import os
-import signal
 import sys
 import time
-from dataclasses import dataclass, field
 
 FORWARDED = (
     signal.SIGTERM,
@@ -34,21 +35,33 @@ FORWARDED = (
     signal.SIGCONT,
     signal.SIGTSTP,
 )
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 RT = signal.SIGRTMIN
 POWEROFF = {RT + 3, RT + 4, RT + 13, RT + 14}
 REBOOT = {RT + 5, RT + 6, RT + 15, RT + 16}
 WATCHED = set(FORWARDED) | POWEROFF | REBOOT | {signal.SIGCHLD, signal.SIGALRM}
 
 
-@dataclass
 class Payload:
-    argv: list[str]
-    environment: dict[str, str] = field(default_factory=dict)
-    working_directory: str = "/"
-    uid: int = 0
-    gid: int = 0
-    groups: list[int] = field(default_factory=list)
-    terminal: bool = False  # attached to the user's terminal (pymachine run)
+    """What to run as the machine's payload (a plain class: no dataclasses in PID 1)."""
+
+    def __init__(
+        self,
+        argv: list[str],
+        environment: dict[str, str] | None = None,
+        working_directory: str = "/",
+        uid: int = 0,
+        gid: int = 0,
+        groups: list[int] | None = None,
+        terminal: bool = False,  # attached to the user's terminal (pymachine run)
+    ) -> None:
+        self.argv = argv
+        self.environment = environment or {}
+        self.working_directory = working_directory
+        self.uid = uid
+        self.gid = gid
+        self.groups = groups or []
+        self.terminal = terminal
 
 
 def exit_status(wait_status: int) -> int:
@@ -58,10 +71,28 @@ def exit_status(wait_status: int) -> int:
     return os.WEXITSTATUS(wait_status)
 
 
+def _exec(argv: list[str], environment: dict[str, str]) -> None:
+    """execvpe(3) by hand: ``os.execvpe`` imports ``warnings``, which PID 1
+    cannot load after pivot_root. Searches the payload's PATH, as a shell does."""
+    name = argv[0]
+    if "/" in name:
+        os.execve(name, argv, environment)
+    denied: OSError | None = None
+    for directory in environment.get("PATH", DEFAULT_PATH).split(":"):
+        try:
+            os.execve(f"{directory or '.'}/{name}", argv, environment)
+        except PermissionError as exc:
+            denied = exc
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+    raise denied or FileNotFoundError(name)
+
+
 def _spawn(payload: Payload) -> int:
     pid = os.fork()
     if pid:
         return pid
+    status = 127
     try:
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
         for sig in WATCHED:
@@ -73,17 +104,18 @@ def _spawn(payload: Payload) -> int:
             os.setgroups(payload.groups)
             os.setgid(payload.gid)
             os.setuid(payload.uid)
-        os.execvpe(payload.argv[0], payload.argv, payload.environment)
+        _exec(payload.argv, payload.environment)
     except FileNotFoundError:
         print(f"pymachine-init: {payload.argv[0]}: command not found", file=sys.stderr)
-        os._exit(127)
     except PermissionError as exc:
+        status = 126
         print(f"pymachine-init: {payload.argv[0]}: {exc.strerror}", file=sys.stderr)
-        os._exit(126)
-    except OSError as exc:
+    except BaseException as exc:  # never fall back into PID 1's code in this child
+        status = 126
         print(f"pymachine-init: cannot start {payload.argv[0]}: {exc}", file=sys.stderr)
-        os._exit(126)
-    os._exit(127)  # unreachable
+    finally:
+        sys.stderr.flush()
+        os._exit(status)
 
 
 def _reap(main: int) -> int | None:
@@ -163,5 +195,7 @@ def run(payload: Payload, *, stop_timeout: float = 10.0) -> int:
 
 
 def _signal(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
+    try:  # noqa: SIM105 — contextlib would load collections/functools into PID 1
         os.kill(pid, sig)
+    except ProcessLookupError:
+        pass

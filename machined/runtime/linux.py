@@ -1,6 +1,6 @@
 """The Linux system calls Python 3.11 lacks (unshare, setns, mount, pivot_root…),
-through ctypes on libc, in the spirit of mkosi's sandbox.py: standard library
-only, so the PID-1 init forked from here stays small.
+through ctypes on libc, in the spirit of mkosi's sandbox.py: ctypes and os
+only: the container's PID 1 loads it, and stays small.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ import contextlib
 import ctypes
 import errno
 import os
-import platform
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
@@ -98,9 +97,10 @@ def try_umount(target: str, flags: int = MNT_DETACH) -> bool:
 
 
 def pivot_root(new_root: str, put_old: str) -> None:
-    number = _SYS_PIVOT_ROOT.get(platform.machine())
+    machine = os.uname().machine
+    number = _SYS_PIVOT_ROOT.get(machine)
     if number is None:
-        raise OSError(errno.ENOSYS, f"pivot_root: unknown syscall number on {platform.machine()}")
+        raise OSError(errno.ENOSYS, f"pivot_root: unknown syscall number on {machine}")
     _check(_libc.syscall(number, _b(new_root), _b(put_old)), "pivot_root")
 
 

@@ -32,18 +32,16 @@ with libseccomp's own bindings, which PyPI does not carry for our Python):
 libseccomp knows every architecture's system call numbers and builds the
 compat-ABI (i386, x32) filters a hand-written BPF program would get wrong.
 
-Contract with the runtime: :func:`policy_for` runs on the host *before*
-``pivot_root`` (it imports everything :func:`apply` needs, since the host's
-Python library is out of reach afterwards); :func:`apply` runs in the
-container's PID 1 (and in ``exec``'s joined process) right before it execs or
-starts the init, still root with full capabilities. Standard library and
-ctypes only: the init is a fork of the runtime.
+Contract with the runtime: :func:`policy_for` and :func:`restrictions` run on
+the host (the latter compiles the seccomp programs with libseccomp); the
+container's PID 1 applies the result to itself with :mod:`restrict` (ctypes
+only: PID 1 is a small interpreter of its own) before it starts the payload or
+execs the image's init. ``exec``'s joined process calls :func:`apply`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import json
 import os
@@ -51,7 +49,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from machined.errors import InvalidInput
-from machined.runtime import userns
+from machined.runtime import restrict, userns
+from machined.runtime.restrict import (  # noqa: F401  (the process-level calls, re-exported)
+    drop_bounding_set,
+    get_capabilities,
+    set_capabilities,
+)
 
 # --- capabilities -------------------------------------------------------------
 
@@ -435,87 +438,6 @@ def read_state(runtime_dir: str | os.PathLike) -> SecurityPolicy | None:
 
 # --- applying it (inside the container) ----------------------------------------
 
-PR_CAPBSET_READ = 23
-PR_CAPBSET_DROP = 24
-PR_SET_NO_NEW_PRIVS = 38
-PR_GET_NO_NEW_PRIVS = 39
-PR_CAP_AMBIENT = 47
-PR_CAP_AMBIENT_CLEAR_ALL = 4
-_LINUX_CAPABILITY_VERSION_3 = 0x20080522
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.prctl.argtypes = (
-    ctypes.c_int,
-    ctypes.c_ulong,
-    ctypes.c_ulong,
-    ctypes.c_ulong,
-    ctypes.c_ulong,
-)
-_libc.prctl.restype = ctypes.c_int
-
-
-class _CapHeader(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-
-class _CapData(ctypes.Structure):
-    _fields_ = [
-        ("effective", ctypes.c_uint32),
-        ("permitted", ctypes.c_uint32),
-        ("inheritable", ctypes.c_uint32),
-    ]
-
-
-_libc.capset.argtypes = (ctypes.POINTER(_CapHeader), ctypes.POINTER(_CapData))
-_libc.capget.argtypes = (ctypes.POINTER(_CapHeader), ctypes.POINTER(_CapData))
-
-
-def _prctl(option: int, arg2: int = 0, arg3: int = 0) -> int:
-    result = _libc.prctl(option, arg2, arg3, 0, 0)
-    if result < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"prctl({option}): {os.strerror(err)}")
-    return result
-
-
-def drop_bounding_set(keep_mask: int, last: int) -> None:
-    for cap in range(last + 1):
-        if keep_mask & (1 << cap):
-            continue
-        try:
-            _prctl(PR_CAPBSET_DROP, cap)
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:  # a capability this kernel does not know
-                raise
-
-
-def set_capabilities(mask: int, inheritable: int = 0) -> None:
-    """capset(2) on ourselves: effective = permitted = MASK."""
-    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
-    data = (_CapData * 2)()
-    for i in range(2):
-        part = (mask >> (32 * i)) & 0xFFFFFFFF
-        data[i].effective = part
-        data[i].permitted = part
-        data[i].inheritable = (inheritable >> (32 * i)) & 0xFFFFFFFF
-    if _libc.capset(ctypes.byref(header), data) < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"capset: {os.strerror(err)}")
-
-
-def get_capabilities() -> tuple[int, int, int]:
-    """(effective, permitted, inheritable) of this process."""
-    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
-    data = (_CapData * 2)()
-    if _libc.capget(ctypes.byref(header), data) < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"capget: {os.strerror(err)}")
-    eff = data[0].effective | (data[1].effective << 32)
-    perm = data[0].permitted | (data[1].permitted << 32)
-    inh = data[0].inheritable | (data[1].inheritable << 32)
-    return eff, perm, inh
-
-
 _SONAMES = {"c": "libc.so.6", "seccomp": "libseccomp.so.2"}
 
 
@@ -547,12 +469,18 @@ def _local_arches(sc) -> list[int]:
     return [native, *extra]
 
 
-def load_seccomp(denied: tuple[str, ...] | list[str], *, no_new_privs: bool) -> list[str]:
-    """One filter per local architecture, default allow, DENIED → EPERM, plus
-    nspawn's NETLINK_AUDIT rule. Returns the names this libseccomp did not know
-    (skipped, as nspawn does)."""
+def compile_seccomp(
+    denied: tuple[str, ...] | list[str], unknown: set[str] | None = None
+) -> list[bytes]:
+    """One BPF program per local architecture (native first), default allow,
+    DENIED → EPERM, plus nspawn's NETLINK_AUDIT rule. Names this libseccomp
+    does not know are skipped (as nspawn does) and added to UNKNOWN.
+
+    Compiled on the host, loaded by :func:`restrict.load_bpf` in the container:
+    PID 1 never needs libseccomp itself."""
     sc = _seccomp()
-    unknown: set[str] = set()
+    unknown = set() if unknown is None else unknown
+    programs = []
     for arch in _local_arches(sc):
         flt = sc.SyscallFilter(sc.ALLOW)
         try:
@@ -562,7 +490,6 @@ def load_seccomp(denied: tuple[str, ...] | list[str], *, no_new_privs: bool) -> 
         except OSError:
             continue  # this libseccomp cannot build for that ABI
         flt.set_attr(sc.Attr.ACT_BADARCH, sc.ALLOW)  # other arches: their own filter
-        flt.set_attr(sc.Attr.CTL_NNP, 1 if no_new_privs else 0)
         for name in denied:
             try:
                 flt.add_rule(sc.ERRNO(errno.EPERM), name)
@@ -576,33 +503,43 @@ def load_seccomp(denied: tuple[str, ...] | list[str], *, no_new_privs: bool) -> 
                 sc.Arg(0, sc.EQ, AF_NETLINK),
                 sc.Arg(2, sc.EQ, NETLINK_AUDIT),
             )
+        fd = os.memfd_create("seccomp-bpf", os.MFD_CLOEXEC)
+        with os.fdopen(fd, "w+b") as buffer:
+            flt.export_bpf(buffer)
+            buffer.seek(0)
+            programs.append(buffer.read())
+    return programs
+
+
+def load_seccomp(denied: tuple[str, ...] | list[str], *, no_new_privs: bool) -> list[str]:
+    """Compile and load the filter into this process; returns the skipped names.
+    Without no_new_privs the caller needs CAP_SYS_ADMIN (as with libseccomp)."""
+    if no_new_privs:
+        restrict.prctl(restrict.PR_SET_NO_NEW_PRIVS, 1)
+    unknown: set[str] = set()
+    for index, program in enumerate(compile_seccomp(denied, unknown)):
         try:
-            flt.load()
+            restrict.load_bpf(program)
         except OSError as exc:
-            if arch == sc.system_arch():
-                raise SecurityError(f"cannot load the seccomp filter: {exc}") from None
+            if index == 0:
+                raise SecurityError(str(exc)) from None
     return sorted(unknown)
 
 
-def apply(policy: SecurityPolicy) -> None:
-    """Restrict the calling process (and so everything it execs) to POLICY.
+def restrictions(policy: SecurityPolicy) -> dict:
+    """POLICY as :func:`restrict.apply`'s keyword arguments, seccomp compiled:
+    what the container's PID 1 is sent (plain data, it crosses a pipe)."""
+    return {
+        "keep_mask": policy.capability_mask(),
+        "last_cap": policy.last_cap,
+        "no_new_privileges": policy.no_new_privileges,
+        "seccomp_programs": compile_seccomp(policy.denied_syscalls) if policy.seccomp else [],
+    }
 
-    Order: bounding set (needs CAP_SETPCAP), ambient set, no_new_privs, seccomp
-    (needs CAP_SYS_ADMIN unless no_new_privs), then the process's own sets.
-    """
-    keep = policy.capability_mask()
-    drop_bounding_set(keep, policy.last_cap)
-    try:
-        _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
-    except OSError as exc:
-        if exc.errno != errno.EINVAL:
-            raise
-    if policy.no_new_privileges:
-        _prctl(PR_SET_NO_NEW_PRIVS, 1)
-    if policy.seccomp:
-        load_seccomp(policy.denied_syscalls, no_new_privs=policy.no_new_privileges)
-    _eff, perm, _inh = get_capabilities()
-    set_capabilities(keep & perm)
+
+def apply(policy: SecurityPolicy) -> None:
+    """Restrict the calling process (and so everything it execs) to POLICY."""
+    restrict.apply(**restrictions(policy))
 
 
 def describe(policy: SecurityPolicy) -> dict[str, str]:

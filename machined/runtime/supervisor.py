@@ -1,27 +1,30 @@
-"""The unit's main process: builds the container from kernel parts and waits.
+"""The unit's main process until the machine is up: builds the container from
+kernel parts.
 
-Order matters (ARCHITECTURE.md, "the path of start"):
+Order matters (docs/architecture.md, "the path of start"):
 
 1. private mount namespace, overlay root (image = lower, machine = upper);
-2. split the delegated cgroup, fork the container's PID 1 into a new PID
-   namespace *before* importing anything heavy;
-3. the child unshares mount/UTS/IPC/net/cgroup namespaces and waits;
-4. the parent sets up the network for the child's netns, registers with
-   machined, writes the state file;
-5. the child mounts /proc, /sys, /dev…, pivots and becomes PID 1 (pymachine's
-   init, or the image's own init in boot mode); the parent sends READY=1;
-6. on SIGTERM the parent asks PID 1 to stop, then tears down what it set up
-   and exits with the container's status.
+2. split the delegated cgroup; fork an intermediate that creates the user
+   namespace first (we write its maps), then the others, and forks the
+   container's PID 1, which execs a fresh small interpreter
+   (:mod:`machined.runtime.leader`) and is re-parented to us (subreaper);
+3. we set up the network for PID 1's netns and send it a JSON message;
+4. PID 1's set-up child mounts /proc, /sys, /dev… and pivots; PID 1 confines
+   itself and reports ``r``; we register with machined, write the state file;
+5. service mode (``Type=forking``): we write PID 1's PID to the unit's
+   ``PIDFile=`` and exit — systemd adopts PID 1, sees its exit status, signals
+   it on stop, and ``ExecStopPost=`` (:mod:`machined.runtime.cleanup`) tears
+   down; foreground mode (``run``, a scope): we stay, forward signals, tear
+   down and pass the status on.
 
 Everything mounted lives in namespaces that die with the processes, so a
-SIGKILL leaves no mount behind; the network and machined registration are
-removed here on exit, or by the next start from the persisted state.
+SIGKILL leaves no mount behind; the network and the state file are removed by
+ExecStopPost=, by us in foreground mode, or by the next start.
 """
 
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import os
 import shutil
@@ -32,11 +35,8 @@ import time
 from machined.definition import MachineDefinition
 from machined.network.config import NetworkMode
 from machined.paths import Paths
-from machined.runtime import cgroup, init, linux, security, state, userns
-from machined.runtime.mounts import Bind, RootfsSpec
+from machined.runtime import cgroup, container, init, leader, linux, security, state, userns
 
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-BOOT_INITS = ("/sbin/init", "/lib/systemd/systemd", "/usr/lib/systemd/systemd")
 HALT = signal.SIGRTMIN + 3  # what systemd as PID 1 takes as "halt"
 REBOOT_EXIT_STATUS = 133  # systemd-nspawn's "the container asked for a reboot"
 
@@ -47,16 +47,6 @@ class StartError(Exception):
 
 def _log(message: str) -> None:
     print(f"pymachine-runtime: {message}", file=sys.stderr, flush=True)
-
-
-def _read_line(fd: int) -> bytes:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 class Layers:
@@ -88,21 +78,6 @@ class Layers:
             shutil.rmtree(self.runtime_dir / "ephemeral", ignore_errors=True)
 
 
-def _payload_environment(
-    definition: MachineDefinition, home: str, terminal: bool
-) -> dict[str, str]:
-    env = {
-        "PATH": DEFAULT_PATH,
-        "HOME": home,
-        "container": "pymachine",
-        "HOSTNAME": definition.name,
-    }
-    if terminal and os.environ.get("TERM"):
-        env["TERM"] = os.environ["TERM"]
-    env.update(definition.environment)
-    return env
-
-
 class Supervisor:
     def __init__(
         self,
@@ -120,105 +95,28 @@ class Supervisor:
         self.child = 0
         self.network_state = None
         self.registered = False
+        self.handed_over = False  # service mode: PID 1 is the unit's main process now
 
     # --- the container side (forked processes) ------------------------------
-    def _intermediate(self, go_read: int, report_write: int, flags: int) -> None:
-        """Create the namespaces, fork the container's PID 1 into them, exit.
-
-        With PrivateUsers the user namespace comes first, so every other
-        namespace (PID, net, UTS, …) is owned by it and root inside holds its
-        capabilities over them, as with systemd-nspawn -U. The PID 1 forked
-        here is re-parented to the supervisor (a child subreaper)."""
-        status = 1
+    def _exec_intermediate(self, go_read: int, report_write: int, flags: int) -> None:
+        """Become the intermediate: a fresh small interpreter (machined.runtime.leader)
+        that creates the namespaces and forks the container's PID 1."""
         try:
-            linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
-            if os.read(go_read, 1) != b"1":
-                os._exit(1)
-            if self.policy.uid_base is not None:
-                linux.unshare(linux.CLONE_NEWUSER)
-                os.write(report_write, b"U")
-                if os.read(go_read, 1) != b"m":  # the supervisor wrote our UID/GID maps
-                    os._exit(1)
-                os.setgroups([])
-                os.setresgid(0, 0, 0)
-                os.setresuid(0, 0, 0)
-            linux.unshare(flags | linux.CLONE_NEWPID)
-            leader = os.fork()
-            if leader == 0:
-                self._container(go_read, report_write)
-            os.write(report_write, f"P{leader}\n".encode())
-            status = 0
-        except BaseException as exc:  # report, never fall back into the parent's code
-            _log(f"cannot create the container's namespaces: {exc}")
-        finally:
-            sys.stderr.flush()
-            os._exit(status)
-
-    def _container(self, go_read: int, report_write: int) -> None:
-        """The container's PID 1: mounts, pivot_root, then init. Never returns."""
-        status = 1
-        try:
-            line = _read_line(go_read)
-            # The intermediate has exited: our parent is the supervisor now. Die
-            # with it (as nspawn's inner child does), so a SIGKILLed runtime never
-            # leaves a container running headless, e.g. in a `pymachine run` scope.
-            linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
-            if not line or _writer_gone(go_read):
-                raise StartError("the supervisor is gone")
-            message = json.loads(line)
-            spec = RootfsSpec(
-                root=str(self.layers.root),
-                hostname=self.definition.name,
-                read_only=self.definition.read_only,
-                writable_cgroup=self.definition.boot,
-                binds=tuple(Bind(**b) for b in message.get("binds", [])),
-                console=os.ttyname(0) if self.foreground and os.isatty(0) else None,
-                cgroup_dir=message.get("cgroup_dir"),
+            os.set_inheritable(go_read, True)
+            os.set_inheritable(report_write, True)
+            argv = leader.command(
+                go_read,
+                report_write,
+                flags,
+                userns=self.policy.uid_base is not None,
+                foreground=self.foreground,
             )
-            # Import now: after pivot_root the host's Python library is out of reach.
-            from machined.runtime import users  # noqa: F401
-            from machined.runtime.mounts import setup_rootfs
-
-            setup_rootfs(spec)
-            security.apply(self.policy)
-            os.write(report_write, b"r")
-            os.close(report_write)
-            os.close(go_read)
-            if self.definition.boot:
-                self._exec_boot()
-            status = self._run_init()
-        except BaseException as exc:  # report, never fall back into the parent's code
-            _log(f"container set-up failed: {exc}")
-            status = 1
+            os.execv(argv[0], argv)
+        except BaseException as exc:
+            _log(f"cannot start the container's PID 1: {exc}")
         finally:
-            sys.stdout.flush()
             sys.stderr.flush()
-            os._exit(status)
-
-    def _exec_boot(self) -> None:
-        env = {"PATH": DEFAULT_PATH, "container": "pymachine", "TERM": "vt220"}
-        env.update(self.definition.environment)
-        for path in BOOT_INITS:
-            if os.access(path, os.X_OK):
-                os.execve(path, [path], env)
-        raise StartError(f"boot mode: none of {', '.join(BOOT_INITS)} exists in the image")
-
-    def _run_init(self) -> int:
-        from machined.runtime import users
-
-        user = users.resolve(self.definition.user)
-        terminal = self.foreground and os.isatty(0)
-        payload = init.Payload(
-            argv=self.command,
-            environment=_payload_environment(self.definition, user.home, terminal),
-            working_directory=self.definition.working_directory or "/",
-            uid=user.uid,
-            gid=user.gid,
-            groups=list(user.groups),
-            terminal=terminal,
-        )
-        linux.set_process_name("pymachine-init")
-        return init.run(payload, stop_timeout=self.definition.stop_timeout)
+            os._exit(1)
 
     # --- the host side ------------------------------------------------------
     def _namespace_flags(self) -> int:
@@ -380,12 +278,11 @@ class Supervisor:
             report_read, report_write = os.pipe()
             flags = self._namespace_flags()
             linux.prctl(linux.PR_SET_CHILD_SUBREAPER, 1)  # PID 1 comes back to us
-            gc.freeze()  # keep the collector off the pages PID 1 shares with us
             intermediate = os.fork()
             if intermediate == 0:
                 os.close(go_write)
                 os.close(report_read)
-                self._intermediate(go_read, report_write, flags)
+                self._exec_intermediate(go_read, report_write, flags)
             os.close(go_read)
             os.close(report_write)
             _protect_from_oom_killer()  # after the fork: the container keeps the default
@@ -396,14 +293,14 @@ class Supervisor:
                     raise StartError("the container exited while creating its user namespace")
                 userns.write_maps(intermediate, self.policy.uid_base, self.policy.uid_count)
                 os.write(go_write, b"m")
-            line = _read_line(report_read)
+            line = container.read_line(report_read)
             _pid, intermediate_status = os.waitpid(intermediate, 0)
             if not line.startswith(b"P") or intermediate_status != 0:
                 raise StartError("the container exited while creating its namespaces")
             self.child = int(line[1:])
             binds += self._setup_network()
             _crash_point("after-network")
-            message = {"binds": binds, "cgroup_dir": str(payload_cg)}
+            message = self._container_message(binds, payload_cg)
             os.write(go_write, json.dumps(message).encode() + b"\n")
             if os.read(report_read, 1) != b"r":
                 raise StartError("the container failed to set up its file systems (see above)")
@@ -425,9 +322,9 @@ class Supervisor:
                     host_ifname=getattr(self.network_state, "host_ifname", None),
                 ),
             )
-            from machined.runtime.notify import notify
-
-            notify(f"READY=1\nSTATUS=Container running.\nX_PYMACHINE_LEADER={self.child}")
+            if not self.foreground:
+                self._hand_over()
+                return 0
             linux.set_process_name("pymachine-rt")
             return self._wait(watched)
         except (StartError, OSError) as exc:
@@ -440,20 +337,64 @@ class Supervisor:
                     pass
             return 1
         finally:
-            self._teardown()
+            if not self.handed_over:
+                self._teardown()
+
+    def _hand_over(self) -> None:
+        """Service mode: the unit is Type=forking with PIDFile=, like a classic
+        daemon: we write PID 1's host PID and exit. PID 1 is re-parented to
+        systemd before systemd hears of our exit, so when it reads the PID file
+        PID 1 is its own child: it sees PID 1's exit status and waits for it on
+        stop (a MAINPID= notification from us would make PID 1 an "alien" main
+        process that systemd 252 neither waits for nor reaps). ExecStopPost=
+        (cleanup.py) tears down."""
+        pid_file = state.pid_file(self.paths, self.definition.name)
+        tmp = pid_file.with_name(f".{pid_file.name}.tmp")
+        tmp.write_text(f"{self.child}\n")
+        os.rename(tmp, pid_file)
+        self.handed_over = True
+
+    def _container_message(self, binds: list[dict], payload_cg) -> dict:
+        """Everything the container's set-up (container.py) and PID 1 need, as JSON."""
+        definition = self.definition
+        restrictions = security.restrictions(self.policy)
+        restrictions["seccomp_programs"] = [p.hex() for p in restrictions["seccomp_programs"]]
+        return {
+            "root": str(self.layers.root),
+            "hostname": definition.name,
+            "read_only": definition.read_only,
+            "boot": definition.boot,
+            "binds": binds,
+            "cgroup_dir": str(payload_cg),
+            "terminal": self.foreground and os.isatty(0),
+            "term": os.environ.get("TERM"),
+            "command": self.command,
+            "environment": dict(definition.environment),
+            "working_directory": definition.working_directory,
+            "user": definition.user,
+            "stop_timeout": definition.stop_timeout,
+            "restrictions": restrictions,
+        }
 
     def _wait(self, watched: set[int]) -> int:
+        """Foreground mode: forward signals to PID 1 until it exits. As a subreaper
+        we also reap the container's set-up child (re-parented to us when the
+        intermediate exited): a zombie in the container's PID namespace would
+        keep PID 1 waiting for it when it drains."""
         while True:
             info = signal.sigwaitinfo(watched)
             if info.si_signo != signal.SIGCHLD:
                 self._forward(info.si_signo)
                 continue
-            try:
-                pid, status = os.waitpid(self.child, os.WNOHANG)
-            except ChildProcessError:
-                return 1
-            if pid == self.child:
-                return self._exit_status(status)
+            while True:
+                try:
+                    pid, status = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    return 1
+                if pid == 0:
+                    break
+                if pid == self.child:
+                    return self._exit_status(status)
 
     def _exit_status(self, wait_status: int) -> int:
         """The container's status, passed on as the unit's. In a container,
@@ -479,15 +420,6 @@ def _crash_point(step: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _writer_gone(fd: int) -> bool:
-    """Whether every writer of the pipe FD has exited (the supervisor keeps one open)."""
-    import select
-
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    return any(events & select.POLLHUP for _fd, events in poller.poll(0))
-
-
 def _protect_from_oom_killer() -> None:
     """The runtime shares the unit's MemoryMax= with the container; when the
     container runs out, the kernel must kill the container's hog, not us (the
@@ -500,31 +432,8 @@ def _without_prefix(address: str | None) -> str | None:
     return address.split("/", 1)[0] if address else None
 
 
-def cleanup(name: str, paths: Paths) -> None:
-    """What :meth:`Supervisor._teardown` does, from the persisted state only: the
-    unit's ``ExecStopPost=``, so a runtime SIGKILLed at any step leaves no veth,
-    nft rule or state file behind even if the machine is never started again.
-    After a clean stop there is nothing left and nothing heavy is imported."""
-    from machined.names import validate_machine_name
-    from machined.network import state as network_state
-
-    validate_machine_name(name)
-    if network_state.read(paths, name) is not None:
-        try:
-            from machined import network
-
-            network.teardown(name, paths)
-        except Exception as exc:
-            _log(f"network clean-up of {name} failed: {exc}")
-    runtime_dir = paths.machine_runtime(name)
-    with contextlib.suppress(FileNotFoundError):
-        (runtime_dir / state.STATE_FILE).unlink()
-    shutil.rmtree(runtime_dir / "ephemeral", ignore_errors=True)
-
-
 def main(argv: list[str]) -> int:
-    """``python -m machined.runtime NAME [--foreground] [-- CMD…]``, or
-    ``python -m machined.runtime NAME --cleanup`` (the unit's ExecStopPost)."""
+    """``python -m machined.runtime NAME [--foreground] [--ephemeral] [-- CMD…]``."""
     from machined import definition as definitions
 
     command: list[str] | None = None
@@ -535,9 +444,6 @@ def main(argv: list[str]) -> int:
         _log("usage: python -m machined.runtime NAME [--foreground] [--ephemeral] [-- CMD…]")
         return 2
     paths = Paths.from_env()
-    if "--cleanup" in argv[1:]:
-        cleanup(argv[0], paths)
-        return 0
     definition = definitions.load(argv[0], paths)
     if "--ephemeral" in argv[1:]:
         definition.ephemeral = True

@@ -32,7 +32,9 @@ def test_started_machine_is_a_systemd_service_with_its_limits(
         "Delegate",
         "KillMode",
         "Type",
+        "MainPID",
     )
+    main_pid = props.pop("MainPID")
     assert props == {
         "ActiveState": "active",
         "MemoryMax": "67108864",
@@ -41,8 +43,14 @@ def test_started_machine_is_a_systemd_service_with_its_limits(
         "Slice": "machine.slice",
         "Delegate": "yes",
         "KillMode": "mixed",
-        "Type": "notify",
+        "Type": "forking",
     }
+    # The runtime handed the unit over: its main process is the container's PID 1,
+    # a child of systemd, and the leader machined knows.
+    comm, ppid = systemd_host.run(["ps", "-o", "comm=,ppid=", "-p", main_pid]).stdout.split()
+    assert (comm, ppid) == ("pymachine-init", "1")
+    leader = systemd_host.run(["machinectl", "show", "-p", "Leader", "--value", name]).stdout
+    assert leader.strip() == main_pid
     assert name in systemd_host.run(["machinectl", "list", "--no-legend"]).stdout
     status = systemd_host.run(["machinectl", "status", name]).stdout
     assert "pymachine" in status and unit in status
@@ -119,8 +127,9 @@ def test_machinectl_terminate_stops_the_unit(systemd_host, make_machine, machine
     name = make_machine(machine_name)
     systemd_host.run(["machinectl", "terminate", name])
     systemd_host.run(
-        f"for i in $(seq 100); do systemctl is-active -q pymachine-{name}.service || exit 0; sleep 0.1; done; exit 1"
-    )
+        f"for i in $(seq 100); do case $(systemctl is-active pymachine-{name}.service) in"
+        " inactive|failed) exit 0;; esac; sleep 0.1; done; exit 1"
+    )  # stopped, not just deactivating
     assert name not in systemd_host.run(["machinectl", "list", "--no-legend"]).stdout
 
 

@@ -326,7 +326,6 @@ def test_machine_settings_service() -> None:
         "Slice",
         "Delegate",
         "Type",
-        "NotifyAccess",
         "KillMode",
         "OOMPolicy",
         "DevicePolicy",
@@ -351,7 +350,7 @@ def test_machine_settings_service() -> None:
     assert by["Slice"].properties == (Property("Slice", "s", "machine.slice"),)
     assert by["Delegate"].text == "yes"
     assert by["Delegate"].properties == (Property("Delegate", "b", True),)
-    assert by["Type"].properties == (Property("Type", "s", "notify"),)
+    assert by["Type"].properties == (Property("Type", "s", "forking"),)
     assert by["KillMode"].text == "mixed"
     assert by["SuccessExitStatus"].properties == (
         Property("SuccessExitStatus", "(aiai)", ([143], [])),
@@ -450,3 +449,18 @@ def test_unit_text_quotes_arguments_with_spaces() -> None:
     by = _by_key(machine_settings("web", {}, 10, exec_start, environment))
     assert shlex.split(by["ExecStart"].text) == exec_start
     assert shlex.split(by["Environment"].text) == ["PYMACHINE_ROOT=/tmp/a b"]
+
+
+def test_boot_mode_stops_pid1_with_sigrtmin_3_and_restarts_on_its_reboot():
+    """In service mode systemd signals PID 1 itself: the image's systemd halts on
+    SIGRTMIN+3, and its reboot(2) ends PID 1 with SIGHUP, which must restart the unit."""
+    import signal
+
+    boot = _by_key(machine_settings("w", {}, 10, ["/bin/x"], {}, boot=True))
+    app = _by_key(machine_settings("w", {}, 10, ["/bin/x"], {}))
+    assert boot["KillSignal"].properties == (Property("KillSignal", "i", signal.SIGRTMIN + 3),)
+    assert "KillSignal" not in app
+    assert boot["RestartForceExitStatus"].text == "133 SIGHUP"
+    assert boot["RestartForceExitStatus"].properties == (
+        Property("RestartForceExitStatus", "(aiai)", ([133], [signal.SIGHUP])),
+    )

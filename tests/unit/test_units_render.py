@@ -77,8 +77,8 @@ def test_render_has_nspawn_unit_shape():
     ]
     assert service["Slice"] == "machine.slice"
     assert service["Delegate"] == "yes"
-    assert service["Type"] == "notify"
-    assert service["NotifyAccess"] == "main"
+    assert service["Type"] == "forking"
+    assert service["PIDFile"].endswith("/run/pymachine/web/leader.pid")
     assert service["KillMode"] == "mixed"
     assert service["SuccessExitStatus"] == "143"
     assert service["TimeoutStopSec"] == "15s"
