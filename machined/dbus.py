@@ -7,11 +7,29 @@ signatures instead. This is the only module that touches pystemd's wire API.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from pystemd.dbusexc import DBusBaseError
-from pystemd.dbuslib import DBus, apply_signature
+
+def _pystemd_package_without_init() -> None:
+    """Make ``pystemd`` importable as a package without running its
+    ``__init__``, which imports ``pystemd.base`` and through it lxml (~25 ms and
+    ~3 MB in every CLI call and clean-up) for the introspecting objects we do
+    not use. Submodules (dbuslib, dbusexc, even systemd1) still import."""
+    if "pystemd" in sys.modules:
+        return
+    import importlib.util
+
+    spec = importlib.util.find_spec("pystemd")
+    if spec is not None and spec.submodule_search_locations is not None:
+        sys.modules["pystemd"] = importlib.util.module_from_spec(spec)
+
+
+_pystemd_package_without_init()
+
+from pystemd.dbusexc import DBusBaseError  # noqa: E402
+from pystemd.dbuslib import DBus, apply_signature  # noqa: E402
 
 from machined.errors import PymachineError
 from machined.properties import Property
