@@ -11,6 +11,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from machined.errors import PymachineError
+from machined.properties import Property
+
 
 def _pystemd_package_without_init() -> None:
     """Make ``pystemd`` importable as a package without running its
@@ -30,9 +33,6 @@ _pystemd_package_without_init()
 
 from pystemd.dbusexc import DBusBaseError  # noqa: E402
 from pystemd.dbuslib import DBus, apply_signature  # noqa: E402
-
-from machined.errors import PymachineError
-from machined.properties import Property
 
 
 class BusError(PymachineError):

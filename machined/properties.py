@@ -216,12 +216,29 @@ def format_seconds(seconds: float) -> str:
     return f"{seconds:.6f}".rstrip("0").rstrip(".")
 
 
-def _unit_quote(*words: str) -> str:
-    """Quote words for ExecStart=/Environment= in a unit file: shell-style quotes
-    (systemd understands them) and ``%`` doubled (those settings expand specifiers)."""
-    import shlex
+_PLAIN_WORD = re.compile(r"[A-Za-z0-9_@%+=:,./-]+")
 
-    return " ".join(shlex.quote(w) for w in words).replace("%", "%%")
+
+def single_line(key: str, text: str) -> str:
+    if "\n" in text or "\r" in text:
+        raise InvalidInput(f"{key}= cannot contain a line break: {text!r}")
+    return text
+
+
+def quote_word(word: str, *, specifiers: bool = True) -> str:
+    """One word as systemd's unit-file parser reads it back unchanged: doubled
+    ``%`` (specifiers), and C-style double quotes unless it is plain."""
+    single_line("value", word)
+    if specifiers:
+        word = word.replace("%", "%%")
+    if word and _PLAIN_WORD.fullmatch(word):
+        return word
+    return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _unit_quote(*words: str) -> str:
+    """Words for ExecStart=/Environment= in a unit file, as the file carries them."""
+    return " ".join(quote_word(w) for w in words)
 
 
 def machine_settings(

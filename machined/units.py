@@ -28,7 +28,6 @@ drop-ins it caused once the unit file says the same, and reloads.
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +44,9 @@ from machined.properties import (
     UnitSetting,
     parse_assignment,
     parse_resource,
+    quote_word,
 )
+from machined.properties import single_line as _single_line
 from machined.unitfile import write_atomic
 
 if TYPE_CHECKING:
@@ -71,29 +72,11 @@ UNIT_SUFFIXES = (
 )
 #: Settings whose values systemd expands specifiers (``%n``…) in: a ``%`` must be doubled.
 _SPECIFIER_KEYS = frozenset({"Description", "ExecStart", "Environment", "RequiresMountsFor"})
-_PLAIN_WORD = re.compile(r"[A-Za-z0-9_@%+=:,./-]+")
 _ENABLED_STATES = ("enabled", "enabled-runtime", "linked", "linked-runtime", "alias")
 _TRANSIENT_DIR = "/run/systemd/transient/"
 
 
 # --- rendering (pure) ------------------------------------------------------------
-
-
-def _single_line(key: str, text: str) -> str:
-    if "\n" in text or "\r" in text:
-        raise InvalidInput(f"{key}= cannot contain a line break: {text!r}")
-    return text
-
-
-def quote_word(word: str, *, specifiers: bool = True) -> str:
-    """One word as systemd's unit-file parser reads it back unchanged: doubled
-    ``%`` (specifiers), and C-style double quotes unless it is plain."""
-    _single_line("value", word)
-    if specifiers:
-        word = word.replace("%", "%%")
-    if word and _PLAIN_WORD.fullmatch(word):
-        return word
-    return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _exec_start(prop: Property) -> str:

@@ -1,12 +1,21 @@
+"""``python -m machined.runtime NAME …``: the unit's ``ExecStart=`` (the
+supervisor) and, with ``--cleanup``, its ``ExecStopPost=`` — which must not pay
+for the supervisor's imports (see :mod:`machined.runtime.cleanup`)."""
+
 import sys
 
-if "--cleanup" in sys.argv[2:]:  # ExecStopPost=: skip the supervisor's imports
-    from machined.paths import Paths
-    from machined.runtime.cleanup import cleanup
 
-    cleanup(sys.argv[1], Paths.from_env())
-    sys.exit(0)
+def main(argv: list[str]) -> int:
+    if "--cleanup" in argv[1:]:
+        from machined.paths import Paths
+        from machined.runtime.cleanup import cleanup
 
-from machined.runtime.supervisor import main  # noqa: E402
+        cleanup(argv[0], Paths.from_env())
+        return 0
+    from machined.runtime.supervisor import main as supervise
 
-sys.exit(main(sys.argv[1:]))
+    return supervise(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

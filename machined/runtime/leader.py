@@ -42,16 +42,15 @@ def command(
     go_read: int, report_write: int, flags: int, *, userns: bool, foreground: bool
 ) -> list[str]:
     """The intermediate's argv (the pipe FDs must be inheritable)."""
-    import machined
+    from machined import package_parent
 
-    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(machined.__file__)))
     return [
         sys.executable,
         "-I",
         "-S",
         "-c",
         _BOOTSTRAP,
-        package_parent,
+        package_parent(),
         str(go_read),
         str(report_write),
         str(flags),

@@ -13,7 +13,7 @@ from machined import definition as definitions
 from machined import units
 from machined.definition import MachineDefinition
 from machined.errors import InvalidInput, NotFound, NotRunning, PymachineError
-from machined.machines import Machines
+from machined.machines import Machines, runtime_command
 from machined.paths import Paths
 from machined.properties import to_properties
 from machined.systemd import UnitStatus
@@ -82,7 +82,9 @@ def test_render_has_nspawn_unit_shape():
     assert service["KillMode"] == "mixed"
     assert service["SuccessExitStatus"] == "143"
     assert service["TimeoutStopSec"] == "15s"
-    assert service["ExecStart"].split() == [sys.executable, "-m", "machined.runtime", "web"]
+    # python -I -S, with the module path spelled out (see machines.runtime_command)
+    assert shlex.split(service["ExecStart"]) == runtime_command("web")
+    assert shlex.split(service["ExecStart"])[:3] == [sys.executable, "-I", "-S"]
     for key, value in LIMITS.items():
         assert service[key] == value  # no doubled % in resource values (no specifiers there)
     assert parsed["Install"] == [("WantedBy", "machines.target")]
