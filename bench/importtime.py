@@ -20,8 +20,27 @@ VERBS = {
     "status M": ["-m", "machined", "status", "bimp"],
     "start M (running: fails after its checks)": ["-m", "machined", "start", "bimp"],
     "stop M (not running)": ["-m", "machined", "stop", "bimp"],
-    "runtime (unit's main process)": ["-c", "import machined.runtime.supervisor"],
-    "runtime --cleanup (ExecStopPost)": ["-m", "machined.runtime", "bimp", "--cleanup"],
+    # the unit's processes run as python -I -S with the module path given (no site)
+    "runtime (unit's ExecStart, until the hand-over)": [
+        "-I",
+        "-S",
+        "-c",
+        "import sys; sys.path.insert(0, '.'); import machined.runtime.supervisor",
+    ],
+    "PID 1 (stays per machine)": [
+        "-I",
+        "-S",
+        "-c",
+        "import sys; sys.path.insert(0, '.'); import machined.runtime.leader",
+    ],
+    "runtime --cleanup (ExecStopPost)": [
+        "-I",
+        "-S",
+        "-c",
+        "import sys; sys.path[:0] = ['.', *sys.argv[1:2]]; "
+        "from machined.runtime.__main__ import main; main(['bimp', '--cleanup'])",
+        __import__("site").getsitepackages()[0],
+    ],
 }
 
 # what a verb needs is its own module, argparse, the bus client; these are not

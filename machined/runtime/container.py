@@ -18,6 +18,7 @@ import os
 
 from machined.runtime import users
 from machined.runtime.init import DEFAULT_PATH
+from machined.runtime.leader import read_line
 from machined.runtime.mounts import Bind, RootfsSpec, setup_rootfs
 
 BOOT_INITS = ("/sbin/init", "/lib/systemd/systemd", "/usr/lib/systemd/systemd")
@@ -25,16 +26,6 @@ BOOT_INITS = ("/sbin/init", "/lib/systemd/systemd", "/usr/lib/systemd/systemd")
 
 class SetupError(Exception):
     pass
-
-
-def read_line(fd: int) -> bytes:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 def payload_environment(message: dict, home: str) -> dict[str, str]:

@@ -59,6 +59,17 @@ def command(
     ]
 
 
+def read_line(fd: int) -> bytes:
+    """One newline-terminated message from a pipe (b"" if the writer is gone)."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 def _become_root() -> None:
     """Root inside the (mapped) user namespace."""
     os.setgroups([])

@@ -35,7 +35,7 @@ import time
 from machined.definition import MachineDefinition
 from machined.network.config import NetworkMode
 from machined.paths import Paths
-from machined.runtime import cgroup, container, init, leader, linux, security, state, userns
+from machined.runtime import cgroup, init, leader, linux, security, state, userns
 
 HALT = signal.SIGRTMIN + 3  # what systemd as PID 1 takes as "halt"
 REBOOT_EXIT_STATUS = 133  # systemd-nspawn's "the container asked for a reboot"
@@ -293,7 +293,7 @@ class Supervisor:
                     raise StartError("the container exited while creating its user namespace")
                 userns.write_maps(intermediate, self.policy.uid_base, self.policy.uid_count)
                 os.write(go_write, b"m")
-            line = container.read_line(report_read)
+            line = leader.read_line(report_read)
             _pid, intermediate_status = os.waitpid(intermediate, 0)
             if not line.startswith(b"P") or intermediate_status != 0:
                 raise StartError("the container exited while creating its namespaces")

@@ -13,7 +13,7 @@ import pytest
 
 import machined.network as network
 from machined.errors import Conflict, InvalidInput
-from machined.network import addresses, nft, state
+from machined.network import addresses, lifecycle, nft, state
 from machined.network.config import NetworkConfig, NetworkMode, PortForward
 from machined.paths import Paths
 
@@ -98,10 +98,11 @@ def test_network_config_valid() -> None:
 def test_config_module_is_light() -> None:
     code = (
         "import sys, machined.network.config, machined.network; "
-        "print('pyroute2' in sys.modules, 'jinja2' in sys.modules)"
+        "print('pyroute2' in sys.modules, 'jinja2' in sys.modules, "
+        "'machined.network.lifecycle' in sys.modules)"
     )
     out = subprocess.check_output([sys.executable, "-c", code], text=True)
-    assert out.split() == ["False", "False"]
+    assert out.split() == ["False", "False", "False"]
 
 
 # --- names ----------------------------------------------------------------------
@@ -284,8 +285,8 @@ def test_render_etc_files(paths: Paths, tmp_path: Path, monkeypatch: pytest.Monk
     resolv.write_text("nameserver 127.0.0.53\noptions edns0 trust-ad\nsearch example.org\n")
     upstream = tmp_path / "upstream.conf"
     upstream.write_text("nameserver 192.0.2.53\nnameserver 2001:db8::53\n")
-    monkeypatch.setattr(network, "HOST_RESOLV_CONF", resolv)
-    monkeypatch.setattr(network, "RESOLVED_UPSTREAM", upstream)
+    monkeypatch.setattr(lifecycle, "HOST_RESOLV_CONF", resolv)
+    monkeypatch.setattr(lifecycle, "RESOLVED_UPSTREAM", upstream)
     net = _net(paths)
     with addresses.locked(paths):
         lease, _ = addresses.allocate(paths, "web", net)

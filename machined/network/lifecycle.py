@@ -1,0 +1,390 @@
+"""A machine's network from start to removal: :func:`setup`, :func:`teardown`,
+:func:`release`, :func:`gc`, the ``/etc`` files, ``[::1]`` proxies. See the
+package's docstring (:mod:`machined.network`) for the design."""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from machined.names import validate_machine_name
+from machined.network import addresses, state
+from machined.network.config import NetworkConfig, NetworkMode, PortForward
+from machined.paths import Paths
+
+__all__ = [
+    "NetworkConfig",
+    "NetworkMode",
+    "NetworkState",
+    "PortForward",
+    "LoopbackProxy",
+    "address_of",
+    "gc",
+    "loopback_proxies",
+    "release",
+    "render_etc_files",
+    "setup",
+    "teardown",
+]
+
+
+@dataclass
+class NetworkState:
+    host_ifname: str
+    host_ifindex: int
+    address: str  # with prefix: "10.219.0.2/24"
+    gateway: str  # "10.219.0.1"
+    address6: str | None = None  # "fdXX:…::2/64", None without IPv6
+    gateway6: str | None = None
+    bridge: str = ""
+    ports: tuple[str, ...] = ()  # "tcp:8080:80", …
+
+    @classmethod
+    def from_record(cls, data: dict[str, Any]) -> NetworkState | None:
+        try:
+            return cls(
+                host_ifname=data["host_ifname"],
+                host_ifindex=int(data["host_ifindex"]),
+                address=data["address"],
+                gateway=data["gateway"],
+                address6=data.get("address6"),
+                gateway6=data.get("gateway6"),
+                bridge=data.get("bridge", ""),
+                ports=tuple(data.get("ports", ())),
+            )
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
+# --- setup / teardown ------------------------------------------------------------
+
+
+def setup(machine: str, config: NetworkConfig, netns_pid: int, paths: Paths) -> NetworkState | None:
+    """Give the machine whose network namespace ``netns_pid`` is in its network.
+
+    Returns None for ``Mode=none`` and ``Mode=host``. On failure, whatever was
+    made is removed again before the error is raised.
+    """
+    validate_machine_name(machine)
+    config.validate()
+    if config.mode == NetworkMode.HOST:
+        return None
+    if config.mode == NetworkMode.NONE:
+        from machined.network.loopback import loopback_up
+
+        loopback_up(netns_pid)  # one ioctl: no pyroute2 in a runtime that needs nothing else
+        return None
+
+    from machined.network import links, nft, sysctl
+
+    if state.read(paths, machine) is not None:
+        teardown(machine, paths)  # a previous run was killed before it could clean up
+    ifname = state.host_ifname(machine)
+    try:
+        with addresses.locked(paths), links.host() as ipr:
+            net = addresses.bridge_network(
+                paths, config.bridge, avoid=lambda: links.host_networks(ipr, config.bridge)
+            )
+            lease, changed = addresses.allocate(paths, machine, net, config.fixed_address())
+            record: dict[str, Any] = {
+                "machine": machine,
+                "bridge": net.name,
+                "host_ifname": ifname,
+                "host_ifindex": 0,
+                "netns_pid": netns_pid,
+                "ports": [str(p) for p in config.ports],
+            }
+            state.write(paths, machine, record)  # before anything exists: teardown finds it
+            bridge_index, has6 = links.ensure_bridge(ipr, net, ipv6=sysctl.ipv6_available())
+            sysctl.enable_bridge(net.name, ipv6=has6)
+            address6 = lease.address6 if has6 else None
+            nft.install_machine(
+                machine,
+                config.ports,
+                lease.ip,
+                address6.split("/", 1)[0] if address6 else None,
+                nft.bridge_elements(net.name, net.subnet, net.subnet6 if has6 else None),
+            )
+            ifindex = links.create_veth(ipr, machine, ifname, bridge_index, netns_pid)
+        links.configure_inside(netns_pid, lease, net, ipv6=has6)
+        result = NetworkState(
+            host_ifname=ifname,
+            host_ifindex=ifindex,
+            address=lease.address,
+            gateway=str(net.gateway),
+            address6=address6,
+            gateway6=str(net.gateway6) if address6 else None,
+            bridge=net.name,
+            ports=tuple(str(p) for p in config.ports),
+        )
+        record.update(asdict(result))
+        record["ports"] = list(result.ports)
+        state.write(paths, machine, record)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            teardown(machine, paths)
+        raise
+    if changed:
+        _refresh_hosts(paths, net.name, skip=machine)
+    return result
+
+
+def teardown(machine: str, paths: Paths) -> None:
+    """Remove the machine's veth and nft rules; keep its lease. Idempotent.
+
+    Needs nothing but the runtime record (or, without one, the machine's name):
+    works after the runtime was killed with SIGKILL.
+    """
+    from machined.network import links, nft
+
+    record = state.read(paths, machine) or {}
+    ifname = record.get("host_ifname") or state.host_ifname(machine)
+    with links.host() as ipr:
+        links.delete_link(ipr, ifname, machine)
+    nft.remove_machine(machine)
+    state.remove(paths, machine)
+
+
+def release(machine: str, paths: Paths) -> None:
+    """Forget the machine's address lease (the machine was removed)."""
+    lease = addresses.release(paths, machine)
+    if lease is not None:
+        _refresh_hosts(paths, lease.bridge, skip=machine)
+
+
+def address_of(machine: str, paths: Paths) -> str | None:
+    """The machine's IPv4 address (no prefix), from its lease; None if it has none."""
+    lease = addresses.lease_of(paths, machine)
+    return lease.ip if lease is not None else None
+
+
+def state_of(machine: str, paths: Paths) -> NetworkState | None:
+    """The running machine's network, from its runtime record (no pyroute2)."""
+    record = state.read(paths, machine)
+    return NetworkState.from_record(record) if record else None
+
+
+def gc(paths: Paths, running: set[str]) -> list[str]:
+    """Clean what machines that are not running left (links, nft rules, records).
+
+    Returns the names of the machines something was cleaned for.
+    """
+    from machined.network import links, nft
+
+    cleaned: set[str] = set()
+    for machine in state.machines(paths):
+        if machine not in running:
+            teardown(machine, paths)
+            cleaned.add(machine)
+    with links.host() as ipr:
+        for ifname, machine in links.pymachine_links(ipr).items():
+            if machine not in running and links.delete_link(ipr, ifname, machine):
+                cleaned.add(machine)
+    cleaned.update(nft.remove_machines_except(running))
+    return sorted(cleaned)
+
+
+def remove_bridge(bridge: str, paths: Paths) -> bool:
+    """Delete an unused bridge and take it out of the nft sets; False if machines still use it.
+
+    Its subnet stays recorded in ``bridges.json`` (leases keep pointing into it).
+    """
+    from machined.network import links, nft
+
+    with addresses.locked(paths), links.host() as ipr:
+        index = links.index_of(ipr, bridge)
+        if index is not None and links.bridge_ports(ipr, index):
+            return False
+        net = addresses.load_bridge(paths, bridge)
+        if net is not None:
+            nft.remove_bridge_elements(bridge, net.subnet, net.subnet6)
+        if index is not None:
+            links.delete_bridge(ipr, bridge)
+    return True
+
+
+@dataclass(frozen=True)
+class LoopbackProxy:
+    protocol: str  # "tcp"
+    listen: str  # "[::1]:8080"
+    target: str  # "10.219.0.2:80"
+
+
+def loopback_proxies(net_state: NetworkState | None) -> list[LoopbackProxy]:
+    """The ``Port=`` forwards nftables cannot do: TCP on the host's ``[::1]``.
+
+    IPv6 has no ``route_localnet``: a reply whose destination conntrack restores
+    to ``::1`` arrives on the bridge and the kernel drops it, so DNAT cannot serve
+    ``[::1]`` (127.0.0.1 and every other local address are served by nft). A
+    userspace proxy can; on a systemd host the runtime makes, per entry, a socket
+    unit with ``ListenStream=<listen>``, ``BindIPv6Only=ipv6-only`` and
+    ``FreeBind=yes`` and a service running ``systemd-socket-proxyd <target>``
+    (TCP only: systemd-socket-proxyd does not relay UDP).
+    """
+    if net_state is None:
+        return []
+    ip = net_state.address.split("/", 1)[0]
+    proxies = []
+    for text in net_state.ports:
+        port = PortForward.parse(text)
+        if port.protocol == "tcp":
+            proxies.append(
+                LoopbackProxy("tcp", f"[::1]:{port.host_port}", f"{ip}:{port.container_port}")
+            )
+    return proxies
+
+
+# --- /etc/hosts, /etc/resolv.conf ------------------------------------------------
+
+HOST_RESOLV_CONF = Path("/etc/resolv.conf")
+# systemd-resolved's list of the real upstream servers, when /etc/resolv.conf is its stub
+RESOLVED_UPSTREAM = Path("/run/systemd/resolve/resolv.conf")
+
+
+@dataclass
+class _Resolv:
+    nameservers: list[str]
+    search: list[str]
+    options: list[str]
+    source: str
+
+
+def _parse_resolv(path: Path) -> _Resolv | None:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    servers, search, options = [], [], []
+    for line in text.splitlines():
+        words = line.split("#", 1)[0].split(";", 1)[0].split()
+        if len(words) < 2:
+            continue
+        if words[0] == "nameserver":
+            servers.append(words[1])
+        elif words[0] in ("search", "domain"):
+            search = words[1:]
+        elif words[0] == "options":
+            options.extend(words[1:])
+    return _Resolv(servers, search, options, str(path))
+
+
+def _is_loopback(server: str) -> bool:
+    with contextlib.suppress(ValueError):
+        return ipaddress.ip_address(server.split("%", 1)[0]).is_loopback
+    return False
+
+
+def host_resolvers(bridged: bool) -> _Resolv:
+    """The host's resolver configuration, as a machine can use it.
+
+    A bridged machine cannot reach the host's loopback, so loopback servers
+    (systemd-resolved's 127.0.0.53 stub, a local dnsmasq) are replaced by
+    systemd-resolved's upstream list when there is one, else dropped.
+    """
+    resolv = _parse_resolv(HOST_RESOLV_CONF) or _Resolv([], [], [], "none")
+    if bridged and any(_is_loopback(s) for s in resolv.nameservers):
+        upstream = _parse_resolv(RESOLVED_UPSTREAM)
+        if upstream is not None and any(not _is_loopback(s) for s in upstream.nameservers):
+            resolv = upstream
+        resolv.nameservers = [s for s in resolv.nameservers if not _is_loopback(s)]
+        resolv.options = [o for o in resolv.options if o != "trust-ad"]
+    return resolv
+
+
+def _template(name: str) -> Any:
+    import jinja2
+
+    directory = Path(__file__).resolve().parent.parent / "templates" / "network"
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(directory)),
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+    )
+    return env.get_template(name)
+
+
+def _hosts_entries(paths: Paths, machine: str, net_state: NetworkState | None) -> list[dict]:
+    if net_state is None or not net_state.bridge:
+        return []
+    entries = [{"address": net_state.gateway, "names": ["_gateway"]}]
+    if net_state.gateway6:
+        entries.append({"address": net_state.gateway6, "names": ["_gateway"]})
+    for lease in addresses.leases_on(paths, net_state.bridge):
+        if lease.machine == machine:
+            continue
+        entries.append({"address": lease.ip, "names": [lease.machine]})
+        if lease.address6 and net_state.address6:
+            entries.append({"address": lease.address6.split("/", 1)[0], "names": [lease.machine]})
+    return entries
+
+
+def _render_hosts(paths: Paths, machine: str, net_state: NetworkState | None) -> str:
+    own = []
+    if net_state is not None:
+        own.append(net_state.address.split("/", 1)[0])
+        if net_state.address6:
+            own.append(net_state.address6.split("/", 1)[0])
+    return _template("hosts.j2").render(
+        machine=machine,
+        own_addresses=own,
+        entries=_hosts_entries(paths, machine, net_state),
+    )
+
+
+def _write_in_place(path: Path, text: str) -> None:
+    """Rewrite keeping the inode: a bind mount of the file sees the new content."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.truncate(0)
+        f.write(text)
+
+
+def render_etc_files(
+    machine: str, net_state: NetworkState | None, paths: Paths, dest_dir: Path
+) -> None:
+    """Write ``dest_dir/hosts`` and ``dest_dir/resolv.conf`` for the machine.
+
+    ``hosts`` names the machine itself and every machine with a lease on the same
+    bridge; when a machine joins or leaves the bridge later, the ``hosts`` files
+    of the running machines there are rewritten in place, so bind mounts of them
+    stay current. ``net_state`` None (``Mode=none``/``host``): the host's resolvers
+    as they are.
+    """
+    dest_dir = Path(dest_dir)
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    _write_in_place(dest_dir / "hosts", _render_hosts(paths, machine, net_state))
+    resolv = host_resolvers(bridged=net_state is not None)
+    _write_in_place(
+        dest_dir / "resolv.conf",
+        _template("resolv.conf.j2").render(
+            machine=machine,
+            nameservers=resolv.nameservers,
+            search=resolv.search,
+            options=resolv.options,
+            source=resolv.source,
+        ),
+    )
+    if net_state is not None and state.read(paths, machine):
+        state.update(paths, machine, etc_dir=str(dest_dir))
+
+
+def _refresh_hosts(paths: Paths, bridge: str, skip: str) -> None:
+    """Rewrite the hosts files of the running machines on ``bridge`` (a lease came or went)."""
+    for machine in state.machines(paths):
+        if machine == skip:
+            continue
+        record = state.read(paths, machine) or {}
+        etc_dir = record.get("etc_dir")
+        net_state = NetworkState.from_record(record)
+        if not etc_dir or net_state is None or net_state.bridge != bridge:
+            continue
+        with contextlib.suppress(OSError):
+            if (Path(etc_dir) / "hosts").exists():
+                _write_in_place(Path(etc_dir) / "hosts", _render_hosts(paths, machine, net_state))
