@@ -262,7 +262,7 @@ class Machines:
             scope=scope,
             boot=definition.boot,
             exec_stop_post=runtime_command(definition.name, "--cleanup"),
-            pid_file=str(runtime_state.pid_file(self.paths, definition.name)),
+            pid_file=str(self.paths.pid_file(definition.name)),
         )
 
     def start(self, name: str, *, timeout: float = 120) -> None:

@@ -8,16 +8,38 @@ meant to. Inside a tier-1 test host the defaults are used as they are.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 ROOT_ENV = "PYMACHINE_ROOT"
 UNIT_PREFIX = "pymachine-"
+STATE_FILE = "state.json"  # a running machine's state, in its runtime directory
+PID_FILE = "leader.pid"  # the service's PIDFile=: PID 1's host PID, its main process
 
 
-@dataclass(frozen=True)
 class Paths:
-    root: Path = Path("/")
+    """Immutable; a plain class, not a dataclass: every process of pymachine,
+    the clean-up after each stop included, imports this module."""
+
+    __slots__ = ("_root",)
+
+    def __init__(self, root: Path | str = Path("/")) -> None:
+        object.__setattr__(self, "_root", Path(root))
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("Paths is immutable")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Paths) and other._root == self._root
+
+    def __hash__(self) -> int:
+        return hash(self._root)
+
+    def __repr__(self) -> str:
+        return f"Paths(root={self._root!r})"
+
+    @property
+    def root(self) -> Path:
+        return self._root
 
     @classmethod
     def from_env(cls) -> Paths:
@@ -62,6 +84,9 @@ class Paths:
 
     def machine_runtime(self, name: str) -> Path:
         return self.runtime / name
+
+    def pid_file(self, name: str) -> Path:
+        return self.machine_runtime(name) / PID_FILE
 
 
 def unit_name(machine: str) -> str:

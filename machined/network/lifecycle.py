@@ -139,12 +139,17 @@ def teardown(machine: str, paths: Paths) -> None:
     Needs nothing but the runtime record (or, without one, the machine's name):
     works after the runtime was killed with SIGKILL.
     """
-    from machined.network import links, nft
+    from machined.network import nft
 
     record = state.read(paths, machine) or {}
     ifname = record.get("host_ifname") or state.host_ifname(machine)
-    with links.host() as ipr:
-        links.delete_link(ipr, ifname, machine)
+    # After a stop the veth is usually gone already (it dies with the machine's
+    # netns): look before loading pyroute2 (~0.25 s, at every stop otherwise).
+    if os.path.exists(f"/sys/class/net/{ifname}"):
+        from machined.network import links
+
+        with links.host() as ipr:
+            links.delete_link(ipr, ifname, machine)
     nft.remove_machine(machine)
     state.remove(paths, machine)
 

@@ -13,12 +13,10 @@ half-way still leaves a record to clean up from.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
-from machined.network.addresses import write_json_atomic
 from machined.paths import Paths
 
 IFNAME_MAX = 15
@@ -33,6 +31,8 @@ def host_ifname(machine: str) -> str:
     name = VETH_PREFIX + machine
     if len(name) <= IFNAME_MAX:
         return name
+    import hashlib  # (lazily: the clean-up at every stop reads records, rarely hashes)
+
     return VETH_HASH_PREFIX + hashlib.sha256(machine.encode()).hexdigest()[: IFNAME_MAX - 3]
 
 
@@ -42,6 +42,8 @@ def mac_address(seed: str) -> str:
     Stable addresses keep neighbour caches valid across restarts; a bridge with a
     fixed MAC does not change its address whenever a port comes or goes.
     """
+    import hashlib
+
     digest = bytearray(hashlib.sha256(b"pymachine:" + seed.encode()).digest()[:6])
     digest[0] = (digest[0] & 0xFE) | 0x02  # unicast, locally administered
     return ":".join(f"{b:02x}" for b in digest)
@@ -67,6 +69,8 @@ def read(paths: Paths, machine: str) -> dict[str, Any] | None:
 
 
 def write(paths: Paths, machine: str, data: dict[str, Any]) -> None:
+    from machined.network.addresses import write_json_atomic  # (ipaddress: only when writing)
+
     write_json_atomic(state_file(paths, machine), data, durable=False)
 
 

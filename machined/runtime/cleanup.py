@@ -19,8 +19,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from machined.paths import Paths
-from machined.runtime.state import PID_FILE, STATE_FILE
+from machined.paths import PID_FILE, STATE_FILE, Paths
 
 MACHINED_STATE = Path("/run/systemd/machines")  # machined's own record, one file a machine
 

@@ -14,10 +14,11 @@ library, even under a 0700 /root):
 1. creates the user namespace first (the runtime writes its ID maps), then the
    others (PID, mount, UTS, IPC, net, cgroup), all owned by it;
 2. forks PID 1, which becomes root inside and waits for its instructions;
-3. loads the set-up modules and forks the set-up child
+3. reports PID 1's host PID (the runtime sets up the network meanwhile);
+4. loads the set-up modules and forks the set-up child
    (:mod:`machined.runtime.container`, PID 2): it mounts /proc, /sys, /dev…,
-   pivots — moving PID 1's root too — and sends PID 1 what to run;
-4. reports PID 1's host PID and exits (PID 1 is re-parented to the runtime).
+   pivots — moving PID 1's root too — and sends PID 1 what to run; exits
+   (PID 1 is re-parented to the runtime, a subreaper).
 
 PID 1 then confines itself (capabilities, no_new_privs, seccomp compiled by
 the runtime), so every payload it spawns — a rebooted one too — inherits it,
@@ -104,13 +105,13 @@ def main(argv: list[str]) -> None:
             os.close(spec_write)
             _pid1(spec_read, go_read, report_write, userns=userns, foreground=foreground)
         os.close(spec_read)
+        os.write(report_write, f"P{pid1}\n".encode())  # the runtime sets up the network
         # Loaded here, after PID 1's fork (not in it) and before we are root
         # inside (after that, the host's library may be out of reach).
         from machined.runtime import container
 
         if os.fork() == 0:
             _set_up(container, go_read, report_write, spec_write, userns=userns)
-        os.write(report_write, f"P{pid1}\n".encode())
         status = 0
     except BaseException as exc:  # report, never fall back into the caller's code
         print(

@@ -11,14 +11,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from machined.paths import Paths
-
-STATE_FILE = "state.json"
-PID_FILE = "leader.pid"  # the service's PIDFile=: PID 1's host PID, its main process
-
-
-def pid_file(paths: Paths, name: str) -> Path:
-    return paths.machine_runtime(name) / PID_FILE
+from machined.paths import STATE_FILE, Paths
 
 
 @dataclass(frozen=True)

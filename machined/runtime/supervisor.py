@@ -288,19 +288,25 @@ class Supervisor:
             _protect_from_oom_killer()  # after the fork: the container keeps the default
             cgroup.move(intermediate, payload_cg)
             os.write(go_write, b"1")
+            # While the intermediate starts its interpreter, do what does not need
+            # it: compile the seccomp programs, load the D-Bus client for machined.
+            restrictions = security.restrictions(self.policy)
+            _preload_registration()
             if self.policy.uid_base is not None:
                 if os.read(report_read, 1) != b"U":
                     raise StartError("the container exited while creating its user namespace")
                 userns.write_maps(intermediate, self.policy.uid_base, self.policy.uid_count)
                 os.write(go_write, b"m")
             line = leader.read_line(report_read)
-            _pid, intermediate_status = os.waitpid(intermediate, 0)
-            if not line.startswith(b"P") or intermediate_status != 0:
+            if not line.startswith(b"P"):
                 raise StartError("the container exited while creating its namespaces")
             self.child = int(line[1:])
-            binds += self._setup_network()
+            binds += self._setup_network()  # meanwhile the intermediate loads the set-up
             _crash_point("after-network")
-            message = self._container_message(binds, payload_cg)
+            _pid, intermediate_status = os.waitpid(intermediate, 0)
+            if intermediate_status != 0:
+                raise StartError("the container exited while creating its namespaces")
+            message = self._container_message(binds, payload_cg, restrictions)
             os.write(go_write, json.dumps(message).encode() + b"\n")
             if os.read(report_read, 1) != b"r":
                 raise StartError("the container failed to set up its file systems (see above)")
@@ -348,16 +354,16 @@ class Supervisor:
         stop (a MAINPID= notification from us would make PID 1 an "alien" main
         process that systemd 252 neither waits for nor reaps). ExecStopPost=
         (cleanup.py) tears down."""
-        pid_file = state.pid_file(self.paths, self.definition.name)
+        pid_file = self.paths.pid_file(self.definition.name)
         tmp = pid_file.with_name(f".{pid_file.name}.tmp")
         tmp.write_text(f"{self.child}\n")
         os.rename(tmp, pid_file)
         self.handed_over = True
 
-    def _container_message(self, binds: list[dict], payload_cg) -> dict:
+    def _container_message(self, binds: list[dict], payload_cg, restrictions: dict) -> dict:
         """Everything the container's set-up (container.py) and PID 1 need, as JSON."""
         definition = self.definition
-        restrictions = security.restrictions(self.policy)
+        restrictions = dict(restrictions)
         restrictions["seccomp_programs"] = [p.hex() for p in restrictions["seccomp_programs"]]
         return {
             "root": str(self.layers.root),
@@ -418,6 +424,12 @@ def _crash_point(step: str) -> None:
     check that nothing is left behind (after-overlay, after-network, after-registration)."""
     if os.environ.get(CRASH_ENV) == step:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _preload_registration() -> None:
+    """Import the machined client now, while the container's processes start."""
+    from machined import registry  # noqa: F401
+    from machined.dbus import Bus  # noqa: F401
 
 
 def _protect_from_oom_killer() -> None:
