@@ -12,9 +12,13 @@ def main(argv: list[str]) -> int:
 
         cleanup(argv[0], Paths.from_env())
         return 0
+    from machined.runtime import leader
+
+    # First, so that the container's first interpreter starts while ours imports.
+    intermediate = leader.spawn(foreground="--foreground" in argv[1:])
     from machined.runtime.supervisor import main as supervise
 
-    return supervise(argv)
+    return supervise(argv, intermediate)
 
 
 if __name__ == "__main__":

@@ -86,6 +86,7 @@ class Supervisor:
         *,
         command: list[str] | None = None,
         foreground: bool = False,
+        intermediate: leader.Intermediate | None = None,
     ) -> None:
         self.definition = definition
         self.paths = paths
@@ -95,29 +96,10 @@ class Supervisor:
         self.child = 0
         self.network_state = None
         self.registered = False
+        self.intermediate = intermediate  # started early by __main__, or by run()
         self.handed_over = False  # service mode: PID 1 is the unit's main process now
 
     # --- the container side (forked processes) ------------------------------
-    def _exec_intermediate(self, go_read: int, report_write: int, flags: int) -> None:
-        """Become the intermediate: a fresh small interpreter (machined.runtime.leader)
-        that creates the namespaces and forks the container's PID 1."""
-        try:
-            os.set_inheritable(go_read, True)
-            os.set_inheritable(report_write, True)
-            argv = leader.command(
-                go_read,
-                report_write,
-                flags,
-                userns=self.policy.uid_base is not None,
-                foreground=self.foreground,
-            )
-            os.execv(argv[0], argv)
-        except BaseException as exc:
-            _log(f"cannot start the container's PID 1: {exc}")
-        finally:
-            sys.stderr.flush()
-            os._exit(1)
-
     # --- the host side ------------------------------------------------------
     def _namespace_flags(self) -> int:
         flags = linux.CLONE_NEWNS | linux.CLONE_NEWUTS | linux.CLONE_NEWIPC | linux.CLONE_NEWCGROUP
@@ -274,20 +256,14 @@ class Supervisor:
             _supervisor_cg, payload_cg = cgroup.split_for_payload()
             if self.definition.boot:
                 userns.chown_cgroup(payload_cg, self.policy.uid_base)
-            go_read, go_write = os.pipe()
-            report_read, report_write = os.pipe()
             flags = self._namespace_flags()
             linux.prctl(linux.PR_SET_CHILD_SUBREAPER, 1)  # PID 1 comes back to us
-            intermediate = os.fork()
-            if intermediate == 0:
-                os.close(go_write)
-                os.close(report_read)
-                self._exec_intermediate(go_read, report_write, flags)
-            os.close(go_read)
-            os.close(report_write)
+            intermediate = self.intermediate or leader.spawn(foreground=self.foreground)
+            self.intermediate = intermediate
+            go_write, report_read = intermediate.go_write, intermediate.report_read
             _protect_from_oom_killer()  # after the fork: the container keeps the default
-            cgroup.move(intermediate, payload_cg)
-            os.write(go_write, b"1")
+            cgroup.move(intermediate.pid, payload_cg)
+            intermediate.go(flags, userns=self.policy.uid_base is not None)
             # While the intermediate starts its interpreter, do what does not need
             # it: compile the seccomp programs, load the D-Bus client for machined.
             restrictions = security.restrictions(self.policy)
@@ -295,7 +271,7 @@ class Supervisor:
             if self.policy.uid_base is not None:
                 if os.read(report_read, 1) != b"U":
                     raise StartError("the container exited while creating its user namespace")
-                userns.write_maps(intermediate, self.policy.uid_base, self.policy.uid_count)
+                userns.write_maps(intermediate.pid, self.policy.uid_base, self.policy.uid_count)
                 os.write(go_write, b"m")
             line = leader.read_line(report_read)
             if not line.startswith(b"P"):
@@ -303,7 +279,7 @@ class Supervisor:
             self.child = int(line[1:])
             binds += self._setup_network()  # meanwhile the intermediate loads the set-up
             _crash_point("after-network")
-            _pid, intermediate_status = os.waitpid(intermediate, 0)
+            _pid, intermediate_status = os.waitpid(intermediate.pid, 0)
             if intermediate_status != 0:
                 raise StartError("the container exited while creating its namespaces")
             message = self._container_message(binds, payload_cg, restrictions)
@@ -444,7 +420,7 @@ def _without_prefix(address: str | None) -> str | None:
     return address.split("/", 1)[0] if address else None
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], intermediate: leader.Intermediate | None = None) -> int:
     """``python -m machined.runtime NAME [--foreground] [--ephemeral] [-- CMD…]``."""
     from machined import definition as definitions
 
@@ -460,7 +436,11 @@ def main(argv: list[str]) -> int:
     if "--ephemeral" in argv[1:]:
         definition.ephemeral = True
     return Supervisor(
-        definition, paths, command=command, foreground="--foreground" in argv[1:]
+        definition,
+        paths,
+        command=command,
+        foreground="--foreground" in argv[1:],
+        intermediate=intermediate,
     ).run()
 
 
