@@ -1,24 +1,23 @@
 """The container's one-time set-up, in a short-lived child of its PID 1.
 
-It reads the supervisor's message (a JSON line: where the root is, binds,
-the payload, the confinement), mounts /proc, /sys, /dev… and pivots into the
+It reads the supervisor's message (:func:`leader.send`: where the root is,
+binds, the payload, the confinement), mounts /proc, /sys, /dev… and pivots into the
 machine's root — which moves PID 1's root too, since they share the mount
 namespace — then resolves ``User=`` against the container's own
 /etc/passwd and sends PID 1 what to run (``marshal``: PID 1 imports no json).
 
-It runs in a child so that the modules it needs (json, dataclasses, the mount
+It runs in a child so that the modules it needs (the mount
 table logic) never load into PID 1, which lives as long as the machine.
 """
 
 from __future__ import annotations
 
-import json
 import marshal
 import os
 
 from machined.runtime import users
 from machined.runtime.init import DEFAULT_PATH
-from machined.runtime.leader import read_line
+from machined.runtime.leader import receive
 from machined.runtime.mounts import Bind, RootfsSpec, setup_rootfs
 
 BOOT_INITS = ("/sbin/init", "/lib/systemd/systemd", "/usr/lib/systemd/systemd")
@@ -50,10 +49,9 @@ def _boot_init() -> str:
 
 def set_up(go_read: int, spec_write: int) -> None:
     """Mount and pivot; write PID 1's instructions to SPEC_WRITE."""
-    line = read_line(go_read)
-    if not line:
+    message = receive(go_read)
+    if message is None:
         raise SetupError("the supervisor is gone")
-    message = json.loads(line)
     setup_rootfs(
         RootfsSpec(
             root=message["root"],
@@ -65,9 +63,10 @@ def set_up(go_read: int, spec_write: int) -> None:
             cgroup_dir=message["cgroup_dir"],
         )
     )
-    restrictions = dict(message["restrictions"])
-    restrictions["seccomp_programs"] = [bytes.fromhex(p) for p in restrictions["seccomp_programs"]]
-    instructions = {"restrictions": restrictions, "stop_timeout": message["stop_timeout"]}
+    instructions = {
+        "restrictions": message["restrictions"],
+        "stop_timeout": message["stop_timeout"],
+    }
     if message["boot"]:
         env = {"PATH": DEFAULT_PATH, "container": "pymachine", "TERM": "vt220"}
         env.update(message["environment"])

@@ -91,6 +91,34 @@ def read_line(fd: int) -> bytes:
     return data
 
 
+def send(fd: int, message: object) -> None:
+    """One ``marshal``-ed message, length first (no json: PID 1's side loads none)."""
+    data = marshal.dumps(message)
+    data = len(data).to_bytes(8, "little") + data
+    while data:
+        data = data[os.write(fd, data) :]
+
+
+def _read_exactly(fd: int, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = os.read(fd, size - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def receive(fd: int) -> object:
+    """The message :func:`send` wrote; None if the writer went away first."""
+    header = _read_exactly(fd, 8)
+    if len(header) < 8:
+        return None
+    size = int.from_bytes(header, "little")
+    data = _read_exactly(fd, size)
+    return marshal.loads(data) if len(data) == size else None
+
+
 def _become_root() -> None:
     """Root inside the (mapped) user namespace."""
     os.setgroups([])

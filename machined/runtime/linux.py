@@ -5,7 +5,6 @@ only: the container's PID 1 loads it, and stays small.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import os
@@ -110,8 +109,16 @@ def prctl(option: int, arg: int | bytes = 0) -> None:
 
 def set_process_name(name: str) -> None:
     """Name shown by ps/top (comm, 15 bytes)."""
-    with contextlib.suppress(OSError):
+    try:  # noqa: SIM105 — no contextlib: PID 1 loads this module
         prctl(PR_SET_NAME, name.encode()[:15])
+    except OSError:
+        pass
+
+
+def sethostname(name: str) -> None:
+    """sethostname(2) (``socket.sethostname`` would load socket and enum)."""
+    encoded = name.encode()
+    _check(_libc.sethostname(encoded, len(encoded)), "sethostname")
 
 
 # --- the new mount API (Linux >= 5.2; one syscall number on every architecture) ---

@@ -8,7 +8,7 @@ Order matters (docs/architecture.md, "the path of start"):
    namespace first (we write its maps), then the others, and forks the
    container's PID 1, which execs a fresh small interpreter
    (:mod:`machined.runtime.leader`) and is re-parented to us (subreaper);
-3. we set up the network for PID 1's netns and send it a JSON message;
+3. we set up the network for PID 1's netns and send the set-up a message (marshal);
 4. PID 1's set-up child mounts /proc, /sys, /dev… and pivots; PID 1 confines
    itself and reports ``r``; we register with machined, write the state file;
 5. service mode (``Type=forking``): we write PID 1's PID to the unit's
@@ -25,7 +25,6 @@ ExecStopPost=, by us in foreground mode, or by the next start.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -283,7 +282,7 @@ class Supervisor:
             if intermediate_status != 0:
                 raise StartError("the container exited while creating its namespaces")
             message = self._container_message(binds, payload_cg, restrictions)
-            os.write(go_write, json.dumps(message).encode() + b"\n")
+            leader.send(go_write, message)
             if os.read(report_read, 1) != b"r":
                 raise StartError("the container failed to set up its file systems (see above)")
             self._register()
@@ -337,16 +336,15 @@ class Supervisor:
         self.handed_over = True
 
     def _container_message(self, binds: list[dict], payload_cg, restrictions: dict) -> dict:
-        """Everything the container's set-up (container.py) and PID 1 need, as JSON."""
+        """Everything the container's set-up (container.py) and PID 1 need
+        (plain data: it crosses a pipe, marshal-ed)."""
         definition = self.definition
-        restrictions = dict(restrictions)
-        restrictions["seccomp_programs"] = [p.hex() for p in restrictions["seccomp_programs"]]
         return {
             "root": str(self.layers.root),
             "hostname": definition.name,
             "read_only": definition.read_only,
             "boot": definition.boot,
-            "binds": binds,
+            "binds": [dict(b) for b in binds],
             "cgroup_dir": str(payload_cg),
             "terminal": self.foreground and os.isatty(0),
             "term": os.environ.get("TERM"),

@@ -6,17 +6,13 @@ still be loaded, and the container's files are the only truth.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import namedtuple
 
 
-@dataclass(frozen=True)
-class User:
-    uid: int
-    gid: int
-    home: str
-    shell: str
-    name: str
-    groups: tuple[int, ...] = ()
+class User(namedtuple("User", "uid gid home shell name groups", defaults=((),))):
+    """A resolved ``User=`` (a namedtuple: the container's set-up imports no dataclasses)."""
+
+    __slots__ = ()
 
 
 def _entries(path: str) -> list[list[str]]:
