@@ -376,12 +376,17 @@ def cmd_exec(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Foreground: this process moves into a transient scope and becomes the runtime."""
+    """Foreground: this process moves into a transient scope and becomes the runtime
+    (in-process: an exec would start an interpreter and load it all again)."""
     from machined.errors import Conflict
-    from machined.machines import Machines, runtime_command, scope_name
+    from machined.machines import Machines, scope_name
     from machined.properties import Property, to_properties
+    from machined.runtime import leader
 
     command = _command(args)
+    # First, so that its interpreter starts while we talk to systemd; it waits for
+    # the runtime's go (and exits on its own if we fail before that).
+    intermediate = leader.spawn(foreground=True)
     with Machines() as machines:
         definition = machines.check_startable(args.name)
         if args.ephemeral:
@@ -389,19 +394,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         if machines.systemd.status(scope_name(args.name)) is not None:
             machines.systemd.reset_failed(scope_name(args.name))
         props = to_properties(machines.settings(definition, scope=True))
-        props.append(Property("PIDs", "au", [os.getpid()]))
+        props.append(Property("PIDs", "au", [os.getpid(), intermediate.pid]))
         try:
             machines.systemd.start_transient(scope_name(args.name), props)
         except Exception as exc:
             raise Conflict(f"cannot create scope for machine '{args.name}': {exc}") from None
-    argv = runtime_command(args.name, "--foreground")
+    argv = [args.name, "--foreground"]
     if args.ephemeral:
         argv.append("--ephemeral")
     if command:
         argv += ["--", *command]
     sys.stdout.flush()
-    os.execv(argv[0], argv)
-    return 1  # unreachable
+    from machined.runtime.supervisor import main as supervise
+
+    return supervise(argv, intermediate)
 
 
 def cmd_logs(args: argparse.Namespace) -> int:

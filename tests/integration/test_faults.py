@@ -238,7 +238,7 @@ def test_killed_foreground_run_leaves_no_container_and_start_or_gc_cleans(host):
             "registered": "0",
         }, found
         assert found[name]["nft"] == "2", found  # left for the next start or gc
-        runtime = f" {name} --foreground"  # the runtime's command line: … PATH NAME --foreground
+        runtime = f"machined run {name}"  # `run` is the runtime (in-process)
         assert host.run(["pgrep", "-f", "--", runtime], check=False).returncode == 1
 
     host.pymachine("start", names[0])  # cleans its own leftovers first
