@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from machined.errors import Conflict, InvalidInput, NotFound, PymachineError
-from machined.runtime import linux, userns
+from machined.runtime import linux, restrict, userns
 from machined.runtime.state import RuntimeState
 
 # --- the new mount API -----------------------------------------------------------
@@ -108,14 +108,12 @@ def _create_as(uid: int, gid: int) -> None:
     permitted set, so host files of any owner stay readable."""
     if (uid, gid) == (0, 0):
         return
-    from machined.runtime import security
-
     _libc.setfsgid(ctypes.c_uint(gid))
     _libc.setfsuid(ctypes.c_uint(uid))
     if _libc.setfsuid(ctypes.c_uint(uid)) != uid or _libc.setfsgid(ctypes.c_uint(gid)) != gid:
         raise OSError(errno.EPERM, f"cannot act as {uid}:{gid}")
-    _effective, permitted, inheritable = security.get_capabilities()
-    security.set_capabilities(permitted, inheritable)
+    _effective, permitted, inheritable = restrict.get_capabilities()
+    restrict.set_capabilities(permitted, inheritable)
 
 
 def _in_machine(state: RuntimeState, job, owner: tuple[int, int] = (0, 0)) -> list[str]:

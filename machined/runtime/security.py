@@ -50,11 +50,6 @@ from pathlib import Path
 
 from machined.errors import InvalidInput
 from machined.runtime import restrict, userns
-from machined.runtime.restrict import (  # noqa: F401  (the process-level calls, re-exported)
-    drop_bounding_set,
-    get_capabilities,
-    set_capabilities,
-)
 
 # --- capabilities -------------------------------------------------------------
 
