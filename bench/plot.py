@@ -55,7 +55,7 @@ def main() -> int:
         [r["mem_ours"]["pss_kb_per_machine"] / 1024 for r in data],
         "o-",
         color="C0",
-        label="pymachine (runtime + init)",
+        label="pymachine (its PID 1: the runtime exits once the machine is up)",
     )
     ax2.plot(
         ns,
