@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import skip_or_fail
+from tests.harness import require_tier1, skip_or_fail
+from tests.harness.systemd_host import SystemdHost, default_binds
 
 SLEEPER = ("/bin/sh", "-c", "while :; do sleep 1; done")
 MARKER = f"/pymtest-host-marker-{uuid.uuid4().hex[:8]}"
@@ -59,6 +60,30 @@ def _escape_helper() -> bytes:
         if cp.returncode:
             skip_or_fail(f"cannot build a static helper (libc6-dev?): {cp.stderr.strip()}")
         return out.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def systemd_host(tmp_path_factory):
+    """This module's own host (it shadows the session's), with a network namespace
+    of its own: ``confined`` is a machine with every default, a bridged one, and its
+    bridge, veth, nft table and ip_forward must not land on the CI machine itself."""
+    require_tier1()
+    base = tmp_path_factory.mktemp("confinement-host")
+    host = SystemdHost(
+        Path(base) / "host", name="pymconf", binds=default_binds(base), private_network=True
+    )
+    host.start()
+    try:
+        host.run(["ip", "link", "set", "lo", "up"])
+        yield host
+    finally:
+        host.stop()
+
+
+@pytest.fixture(scope="module")
+def tiny_image(systemd_host) -> str:
+    systemd_host.pymachine("bootstrap", "--distro", "busybox", "tiny")
+    return "tiny"
 
 
 @pytest.fixture(scope="module")
