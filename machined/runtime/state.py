@@ -18,7 +18,7 @@ from machined.paths import STATE_FILE, Paths
 class RuntimeState:
     name: str
     leader: int  # host-side PID of the container's PID 1
-    supervisor: int  # the runtime (the unit's main process)
+    supervisor: int  # the runtime; in service mode it exits once PID 1 is the main process
     payload_cgroup: str  # absolute path of the container's cgroup directory
     root: str  # the merged root, inside the runtime's mount namespace
     boot: bool
