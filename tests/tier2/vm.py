@@ -68,9 +68,9 @@ PACKAGES = (
     "python3",
     "python3-pip",
 )
-#: Python packages installed into the guest beside the project. pyseccomp: the
-#: runtime imports it (machined/runtime/security.py) but pyproject.toml does not
-#: declare it yet; inside/test_smoke.py::test_runtime_dependencies_declared says so.
+#: Python packages installed into the guest beside the project (pyseccomp is a
+#: declared dependency too; inside/test_smoke.py::test_runtime_dependencies_declared
+#: checks that every runtime import is declared).
 GUEST_PYTHON_EXTRAS = ("pytest", "pytest-timeout", "pyseccomp")
 #: How many boots (stages) the in-VM tests span; see ``inside/conftest.py``.
 STAGES = 3

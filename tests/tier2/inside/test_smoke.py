@@ -37,7 +37,7 @@ def test_python_deps_importable():
 
 def test_runtime_dependencies_declared():
     """What the runtime imports must be declared: ``pip install .`` alone must give
-    a working pymachine (the harness installs pyseccomp by hand meanwhile)."""
+    a working pymachine."""
     from importlib.metadata import requires
 
     declared = {
