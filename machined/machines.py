@@ -21,6 +21,7 @@ from machined.errors import Conflict, InvalidInput, NotFound, NotRunning, Pymach
 from machined.names import validate_machine_name
 from machined.paths import ROOT_ENV, Paths, unit_name
 from machined.properties import machine_settings, to_properties
+from machined.runtime import cleanup
 from machined.runtime import state as runtime_state
 
 if TYPE_CHECKING:
@@ -274,7 +275,9 @@ class Machines:
             runtime_environment(self.paths),
             scope=scope,
             boot=definition.boot,
-            exec_stop_post=runtime_command(definition.name, "--cleanup"),
+            exec_stop_post=cleanup.command(
+                definition.name, self.paths, runtime_command(definition.name, "--cleanup")
+            ),
             pid_file=str(self.paths.pid_file(definition.name)),
         )
 

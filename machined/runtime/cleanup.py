@@ -15,6 +15,7 @@ machine left something): it runs at every stop.
 from __future__ import annotations
 
 import contextlib
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -22,6 +23,29 @@ from pathlib import Path
 from machined.paths import PID_FILE, STATE_FILE, Paths
 
 MACHINED_STATE = Path("/run/systemd/machines")  # machined's own record, one file a machine
+EPHEMERAL = "ephemeral"  # an ephemeral machine's writable layer, in its runtime directory
+_UNREGISTER = (
+    "busctl call --quiet org.freedesktop.machine1 /org/freedesktop/machine1 "
+    "org.freedesktop.machine1.Manager UnregisterMachine s"
+)
+
+
+def command(name: str, paths: Paths, python_cleanup: list[str]) -> list[str]:
+    """The unit's ``ExecStopPost=``: :func:`cleanup` in Python only when there
+    is a network record or an ephemeral layer to tear down; otherwise (the
+    common case) remove the state and PID files and unregister from machined
+    with ``busctl``, a few milliseconds instead of a Python start (~50 ms)."""
+    from machined.network import state as network_state
+
+    runtime_dir = paths.machine_runtime(name)
+    heavy = (network_state.state_file(paths, name), runtime_dir / EPHEMERAL)
+    test = " || ".join(f"[ -e {shlex.quote(str(p))} ]" for p in heavy)
+    files = " ".join(shlex.quote(str(runtime_dir / f)) for f in (STATE_FILE, PID_FILE))
+    script = (
+        f"if {test}; then exec {shlex.join(python_cleanup)}; fi; "
+        f"rm -f {files}; exec {_UNREGISTER} {shlex.quote(name)} 2>/dev/null"
+    )
+    return ["/bin/sh", "-c", script]
 
 
 def cleanup(name: str, paths: Paths) -> None:
@@ -49,4 +73,4 @@ def cleanup(name: str, paths: Paths) -> None:
     for leftover in (STATE_FILE, PID_FILE):
         with contextlib.suppress(FileNotFoundError):
             (runtime_dir / leftover).unlink()
-    shutil.rmtree(runtime_dir / "ephemeral", ignore_errors=True)
+    shutil.rmtree(runtime_dir / EPHEMERAL, ignore_errors=True)

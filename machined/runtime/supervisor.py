@@ -34,7 +34,7 @@ import time
 from machined.definition import MachineDefinition
 from machined.network.config import NetworkMode
 from machined.paths import Paths
-from machined.runtime import cgroup, init, leader, linux, security, state, userns
+from machined.runtime import cgroup, cleanup, init, leader, linux, security, state, userns
 
 HALT = signal.SIGRTMIN + 3  # what systemd as PID 1 takes as "halt"
 REBOOT_EXIT_STATUS = 133  # systemd-nspawn's "the container asked for a reboot"
@@ -56,7 +56,7 @@ class Layers:
         self.runtime_dir = paths.machine_runtime(definition.name)
         self.root = self.runtime_dir / "root"
         base = (
-            self.runtime_dir / "ephemeral"
+            self.runtime_dir / cleanup.EPHEMERAL
             if definition.ephemeral
             else paths.machine_state(definition.name)
         )
@@ -74,7 +74,7 @@ class Layers:
 
     def cleanup(self) -> None:
         if self.ephemeral:
-            shutil.rmtree(self.runtime_dir / "ephemeral", ignore_errors=True)
+            shutil.rmtree(self.runtime_dir / cleanup.EPHEMERAL, ignore_errors=True)
 
 
 class Supervisor:
