@@ -193,7 +193,8 @@ def _encode(value: Any) -> Any:
 
 
 def _message(exc: DBusBaseError) -> str:
-    return getattr(exc, "err_message", "") or str(exc)
+    message = getattr(exc, "err_message", "") or str(exc)
+    return message.decode(errors="replace") if isinstance(message, bytes) else message
 
 
 def _error_name(exc: DBusBaseError) -> str:

@@ -327,12 +327,12 @@ class Machines:
         if status is None or not status.running:
             raise NotRunning(f"machine '{name}' is not running")
         from machined.dbus import BusError
-        from machined.systemd import NO_SUCH_UNIT
+        from machined.systemd import is_no_such_unit
 
         try:
             self.systemd.stop_unit(status.name, timeout=timeout)
         except BusError as exc:
-            if exc.name == NO_SUCH_UNIT:  # it stopped (and was unloaded) meanwhile
+            if is_no_such_unit(exc):  # it stopped (and was unloaded) meanwhile
                 raise NotRunning(f"machine '{name}' is not running") from None
             raise
 

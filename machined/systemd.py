@@ -22,6 +22,12 @@ UNIT = "org.freedesktop.systemd1.Unit"
 NO_SUCH_UNIT = "org.freedesktop.systemd1.NoSuchUnit"
 
 
+def is_no_such_unit(exc: BusError) -> bool:
+    """Whether systemd answered "Unit X not loaded." pystemd reports that error
+    as a generic ENOENT error without its D-Bus name, so the text decides too."""
+    return exc.name == NO_SUCH_UNIT or "not loaded" in str(exc)
+
+
 class JobFailed(PymachineError):
     def __init__(self, unit: str, result: str) -> None:
         super().__init__(f"job for {unit} finished with result '{result}'")
@@ -139,7 +145,7 @@ class Systemd:
         try:
             self._manager("ResetFailedUnit", "s", [unit])
         except BusError as exc:
-            if NO_SUCH_UNIT not in (exc.name, str(exc)) and "not loaded" not in str(exc):
+            if not is_no_such_unit(exc):
                 raise
 
     def set_properties(self, unit: str, properties: Sequence[Property], *, runtime: bool) -> None:
