@@ -50,7 +50,8 @@ _libc.unshare.argtypes = (ctypes.c_int,)
 _libc.setns.argtypes = (ctypes.c_int, ctypes.c_int)
 
 
-def _check(result: int, what: str) -> None:
+def check(result: int, what: str) -> None:
+    """Raise OSError (with errno) if a libc call returned < 0."""
     if result < 0:
         err = ctypes.get_errno()
         raise OSError(err, f"{what}: {os.strerror(err)}")
@@ -61,11 +62,11 @@ def _b(value: str | None) -> bytes | None:
 
 
 def unshare(flags: int) -> None:
-    _check(_libc.unshare(flags), "unshare")
+    check(_libc.unshare(flags), "unshare")
 
 
 def setns(fd: int, nstype: int = 0) -> None:
-    _check(_libc.setns(fd, nstype), "setns")
+    check(_libc.setns(fd, nstype), "setns")
 
 
 def mount(
@@ -75,14 +76,14 @@ def mount(
     flags: int = 0,
     data: str | None = None,
 ) -> None:
-    _check(
+    check(
         _libc.mount(_b(source), _b(target), _b(fstype), flags, _b(data)),
         f"mount {source or fstype} on {target}",
     )
 
 
 def umount(target: str, flags: int = 0) -> None:
-    _check(_libc.umount2(_b(target), flags), f"umount {target}")
+    check(_libc.umount2(_b(target), flags), f"umount {target}")
 
 
 def try_umount(target: str, flags: int = MNT_DETACH) -> bool:
@@ -100,11 +101,11 @@ def pivot_root(new_root: str, put_old: str) -> None:
     number = _SYS_PIVOT_ROOT.get(machine)
     if number is None:
         raise OSError(errno.ENOSYS, f"pivot_root: unknown syscall number on {machine}")
-    _check(_libc.syscall(number, _b(new_root), _b(put_old)), "pivot_root")
+    check(_libc.syscall(number, _b(new_root), _b(put_old)), "pivot_root")
 
 
 def prctl(option: int, arg: int | bytes = 0) -> None:
-    _check(_libc.prctl(option, arg, 0, 0, 0), "prctl")
+    check(_libc.prctl(option, arg, 0, 0, 0), "prctl")
 
 
 def set_process_name(name: str) -> None:
@@ -118,7 +119,7 @@ def set_process_name(name: str) -> None:
 def sethostname(name: str) -> None:
     """sethostname(2) (``socket.sethostname`` would load socket and enum)."""
     encoded = name.encode()
-    _check(_libc.sethostname(encoded, len(encoded)), "sethostname")
+    check(_libc.sethostname(encoded, len(encoded)), "sethostname")
 
 
 # --- the new mount API (Linux >= 5.2; one syscall number on every architecture) ---
@@ -152,14 +153,14 @@ def open_tree_clone(path: str | os.PathLike) -> int:
         os.fsencode(path),
         ctypes.c_uint(OPEN_TREE_CLONE | os.O_CLOEXEC | AT_RECURSIVE),
     )
-    _check(fd, f"open_tree {os.fspath(path)}")
+    check(fd, f"open_tree {os.fspath(path)}")
     return fd
 
 
 def mount_setattr(tree: int, attr_set: int, userns_fd: int = 0) -> None:
     """Set attributes (read-only, an ID mapping…) on a detached tree, recursively."""
     attr = _MountAttr(attr_set, 0, 0, userns_fd)
-    _check(
+    check(
         _libc.syscall(
             ctypes.c_long(_SYS_MOUNT_SETATTR),
             ctypes.c_int(tree),
@@ -174,7 +175,7 @@ def mount_setattr(tree: int, attr_set: int, userns_fd: int = 0) -> None:
 
 def move_mount(tree: int, target: str | os.PathLike) -> None:
     """Attach a detached tree at TARGET."""
-    _check(
+    check(
         _libc.syscall(
             ctypes.c_long(_SYS_MOVE_MOUNT),
             ctypes.c_int(tree),

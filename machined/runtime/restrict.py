@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import os
+
+from machined.runtime.linux import check
 
 PR_SET_SECCOMP = 22
 PR_CAPBSET_READ = 23
@@ -24,6 +25,8 @@ SECCOMP_MODE_FILTER = 2
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 _SOCK_FILTER_SIZE = 8  # struct sock_filter: u16 code, u8 jt, u8 jf, u32 k
 
+# Our own handle on libc: prctl needs unsigned long arguments here (a seccomp
+# program's address), where linux.prctl passes a name as bytes.
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.prctl.argtypes = (
     ctypes.c_int,
@@ -55,15 +58,9 @@ _libc.capset.argtypes = (ctypes.POINTER(_CapHeader), ctypes.POINTER(_CapData))
 _libc.capget.argtypes = (ctypes.POINTER(_CapHeader), ctypes.POINTER(_CapData))
 
 
-def _fail(what: str) -> OSError:
-    err = ctypes.get_errno()
-    return OSError(err, f"{what}: {os.strerror(err)}")
-
-
 def prctl(option: int, arg2: int = 0, arg3: int = 0) -> int:
     result = _libc.prctl(option, arg2, arg3, 0, 0)
-    if result < 0:
-        raise _fail(f"prctl({option})")
+    check(result, f"prctl({option})")
     return result
 
 
@@ -87,16 +84,14 @@ def set_capabilities(mask: int, inheritable: int = 0) -> None:
         data[i].effective = part
         data[i].permitted = part
         data[i].inheritable = (inheritable >> (32 * i)) & 0xFFFFFFFF
-    if _libc.capset(ctypes.byref(header), data) < 0:
-        raise _fail("capset")
+    check(_libc.capset(ctypes.byref(header), data), "capset")
 
 
 def get_capabilities() -> tuple[int, int, int]:
     """(effective, permitted, inheritable) of this process."""
     header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
     data = (_CapData * 2)()
-    if _libc.capget(ctypes.byref(header), data) < 0:
-        raise _fail("capget")
+    check(_libc.capget(ctypes.byref(header), data), "capget")
     eff = data[0].effective | (data[1].effective << 32)
     perm = data[0].permitted | (data[1].permitted << 32)
     inh = data[0].inheritable | (data[1].inheritable << 32)
@@ -107,8 +102,8 @@ def load_bpf(program: bytes) -> None:
     """Install one classic-BPF seccomp program (as libseccomp exported it)."""
     buffer = ctypes.create_string_buffer(program, len(program))
     fprog = _SockFprog(len(program) // _SOCK_FILTER_SIZE, ctypes.addressof(buffer))
-    if _libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(fprog), 0, 0) < 0:
-        raise _fail("cannot load the seccomp filter")
+    result = _libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(fprog), 0, 0)
+    check(result, "cannot load the seccomp filter")
 
 
 def apply(
