@@ -100,8 +100,6 @@ def main(argv: list[str] | None = None) -> int:
         except HostBootError as e:
             print(f"tests.harness: {e}", file=sys.stderr)
             return 2
-        if args.private_network:
-            host.run(["ip", "link", "set", "lo", "up"])
         if not args.quiet:
             print(
                 f"tests.harness: host {args.name} booted in {host.boot_seconds:.2f} s "

@@ -42,7 +42,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 __all__ = [
@@ -54,6 +54,7 @@ __all__ = [
     "cleanup_stale_cgroups",
     "default_binds",
     "new_workdir",
+    "private_network_host",
     "remove_workdir",
     "PERSISTENT_CACHE",
 ]
@@ -707,6 +708,20 @@ def default_binds(base: Path | str) -> dict[str, Path]:
     for src in binds.values():
         src.mkdir(parents=True, exist_ok=True)
     return binds
+
+
+@contextlib.contextmanager
+def private_network_host(base: Path | str, name: str) -> Iterator[SystemdHost]:
+    """A booted host under BASE with the default binds and a network namespace of
+    its own (systemd brings its ``lo`` up), stopped on exit: bridged machines,
+    veths, nft rules and ip_forward stay in it, off the machine running the tests."""
+    base = Path(base)
+    host = SystemdHost(base / "host", name=name, binds=default_binds(base), private_network=True)
+    host.start()
+    try:
+        yield host
+    finally:
+        host.stop()
 
 
 def new_workdir(base: Path | str | None = None, prefix: str = "pymtest-") -> Path:

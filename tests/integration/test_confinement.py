@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import require_tier1, skip_or_fail
-from tests.harness.systemd_host import SystemdHost, default_binds
+from tests.harness.systemd_host import private_network_host
 
 SLEEPER = ("/bin/sh", "-c", "while :; do sleep 1; done")
 MARKER = f"/pymtest-host-marker-{uuid.uuid4().hex[:8]}"
@@ -68,16 +68,8 @@ def systemd_host(tmp_path_factory):
     of its own: ``confined`` is a machine with every default, a bridged one, and its
     bridge, veth, nft table and ip_forward must not land on the CI machine itself."""
     require_tier1()
-    base = tmp_path_factory.mktemp("confinement-host")
-    host = SystemdHost(
-        Path(base) / "host", name="pymconf", binds=default_binds(base), private_network=True
-    )
-    host.start()
-    try:
-        host.run(["ip", "link", "set", "lo", "up"])
+    with private_network_host(tmp_path_factory.mktemp("confinement-host"), "pymconf") as host:
         yield host
-    finally:
-        host.stop()
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,10 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.harness.systemd_host import SystemdHost, default_binds
+from tests.harness.systemd_host import SystemdHost, private_network_host
 
 PM = [sys.executable, "-m", "machined"]
 SLEEP = ("/bin/sh", "-c", "while :; do sleep 1; done")
@@ -44,17 +43,9 @@ def host(tmp_path_factory) -> SystemdHost:
     from tests.harness import require_tier1
 
     require_tier1()
-    base = tmp_path_factory.mktemp("faults-host")
-    host = SystemdHost(
-        Path(base) / "host", name="pymfault", binds=default_binds(base), private_network=True
-    )
-    host.start()
-    try:
-        host.run(["ip", "link", "set", "lo", "up"])
+    with private_network_host(tmp_path_factory.mktemp("faults-host"), "pymfault") as host:
         host.pymachine("bootstrap", "--distro", "busybox", "tiny")
         yield host
-    finally:
-        host.stop()
 
 
 # --- helpers -------------------------------------------------------------------------

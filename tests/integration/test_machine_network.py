@@ -7,11 +7,10 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.harness.systemd_host import SystemdHost, default_binds
+from tests.harness.systemd_host import SystemdHost, private_network_host
 
 PM = [sys.executable, "-m", "machined"]
 WEB = "echo hi-from-$(hostname) > /index.html; exec httpd -f -p 80 -h /"
@@ -23,22 +22,16 @@ def net_host(tmp_path_factory) -> SystemdHost:
     from tests.harness import require_tier1
 
     require_tier1()
-    base = tmp_path_factory.mktemp("net-host")
-    host = SystemdHost(
-        Path(base) / "host", name="pymnet", binds=default_binds(base), private_network=True
-    )
-    host.start()
-    host.run(["ip", "link", "set", "lo", "up"])
-    host.pymachine("bootstrap", "--distro", "busybox", "tiny")
-    # The "outside world": a namespace on a veth of its own, documentation addresses.
-    host.run(
-        "ip netns add outside && ip link add uplink type veth peer name eth0 netns outside && "
-        "ip addr add 192.0.2.1/24 dev uplink && ip link set uplink up && "
-        "ip -n outside addr add 192.0.2.2/24 dev eth0 && ip -n outside link set eth0 up && "
-        "ip -n outside link set lo up && ip -n outside route add default via 192.0.2.1"
-    )
-    yield host
-    host.stop()
+    with private_network_host(tmp_path_factory.mktemp("net-host"), "pymnet") as host:
+        host.pymachine("bootstrap", "--distro", "busybox", "tiny")
+        # The "outside world": a namespace on a veth of its own, documentation addresses.
+        host.run(
+            "ip netns add outside && ip link add uplink type veth peer name eth0 netns outside && "
+            "ip addr add 192.0.2.1/24 dev uplink && ip link set uplink up && "
+            "ip -n outside addr add 192.0.2.2/24 dev eth0 && ip -n outside link set eth0 up && "
+            "ip -n outside link set lo up && ip -n outside route add default via 192.0.2.1"
+        )
+        yield host
 
 
 def create(host, name: str, script: str, *flags: str) -> None:
