@@ -10,6 +10,22 @@ def show(host, unit: str, *props: str) -> dict[str, str]:
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
 
+def wait_booted(host, name: str) -> str:
+    """The machine's `systemctl is-system-running --wait` (running, degraded…)."""
+    return host.pymachine(
+        "exec",
+        name,
+        "--",
+        "timeout",
+        "90",
+        "systemctl",
+        "is-system-running",
+        "--wait",
+        check=False,
+        timeout=120,
+    ).stdout.strip()
+
+
 def test_boot_mode_runs_systemd_and_halts_cleanly(systemd_host, debian_image, machine_name):
     name = machine_name
     unit = f"pymachine-{name}.service"
@@ -26,18 +42,7 @@ def test_boot_mode_runs_systemd_and_halts_cleanly(systemd_host, debian_image, ma
     )
     try:
         systemd_host.pymachine("start", name)
-        state = systemd_host.pymachine(
-            "exec",
-            name,
-            "--",
-            "timeout",
-            "90",
-            "systemctl",
-            "is-system-running",
-            "--wait",
-            check=False,
-            timeout=120,
-        ).stdout.strip()
+        state = wait_booted(systemd_host, name)
         assert state in ("running", "degraded"), systemd_host.pymachine(
             "exec", name, "--", "systemctl", "--failed", "--no-pager", check=False
         ).stdout
@@ -125,18 +130,7 @@ def test_pymachine_runs_a_nested_machine_inside_a_boot_mode_machine(
     inner_pm = ["exec", outer, "--", sys.executable, "-m", "machined"]
     try:
         systemd_host.pymachine("start", outer)
-        systemd_host.pymachine(
-            "exec",
-            outer,
-            "--",
-            "timeout",
-            "90",
-            "systemctl",
-            "is-system-running",
-            "--wait",
-            check=False,
-            timeout=120,
-        )
+        wait_booted(systemd_host, outer)
         systemd_host.pymachine(*inner_pm, "bootstrap", "--distro", "busybox", "tiny", timeout=120)
         systemd_host.pymachine(
             *inner_pm,
