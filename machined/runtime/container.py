@@ -1,23 +1,18 @@
-"""The container's one-time set-up, in a short-lived child of its PID 1.
+"""The container's one-time set-up, run by its PID 1 before it execs the init.
 
-It reads the supervisor's message (:func:`leader.send`: where the root is,
-binds, the payload, the confinement), mounts /proc, /sys, /dev… and pivots into the
-machine's root — which moves PID 1's root too, since they share the mount
-namespace — then resolves ``User=`` against the container's own
-/etc/passwd and sends PID 1 what to run (``marshal``: PID 1 imports no json).
-
-It runs in a child so that the modules it needs (the mount
-table logic) never load into PID 1, which lives as long as the machine.
+From the supervisor's message (:func:`leader.send`: where the root is, binds,
+the payload, the confinement) it mounts /proc, /sys, /dev… and pivots into the
+machine's root, then resolves ``User=`` against the container's own
+/etc/passwd and says what PID 1 is to exec: ``pymachine-init`` with the
+payload, or the image's own init in boot mode.
 """
 
 from __future__ import annotations
 
-import marshal
 import os
 
-from machined.runtime import users
+from machined.runtime import init, users
 from machined.runtime.init import DEFAULT_PATH
-from machined.runtime.leader import receive
 from machined.runtime.mounts import Bind, RootfsSpec, setup_rootfs
 
 BOOT_INITS = ("/sbin/init", "/lib/systemd/systemd", "/usr/lib/systemd/systemd")
@@ -47,11 +42,9 @@ def _boot_init() -> str:
     raise SetupError(f"boot mode: none of {', '.join(BOOT_INITS)} exists in the image")
 
 
-def set_up(go_read: int, spec_write: int) -> None:
-    """Mount and pivot; write PID 1's instructions to SPEC_WRITE."""
-    message = receive(go_read)
-    if message is None:
-        raise SetupError("the supervisor is gone")
+def set_up(message: dict) -> dict:
+    """Mount and pivot (we are PID 1, root inside); return what PID 1 execs:
+    ``{"path": the image's init, or None for pymachine-init, "argv", "environment"}``."""
     setup_rootfs(
         RootfsSpec(
             root=message["root"],
@@ -63,26 +56,19 @@ def set_up(go_read: int, spec_write: int) -> None:
             cgroup_dir=message["cgroup_dir"],
         )
     )
-    instructions = {
-        "restrictions": message["restrictions"],
-        "stop_timeout": message["stop_timeout"],
-    }
     if message["boot"]:
         env = {"PATH": DEFAULT_PATH, "container": "pymachine", "TERM": "vt220"}
         env.update(message["environment"])
-        instructions["boot_init"] = _boot_init()
-        instructions["environment"] = env
-    else:
-        user = users.resolve(message["user"])
-        instructions["payload"] = {
-            "argv": message["command"],
-            "environment": payload_environment(message, user.home),
-            "working_directory": message["working_directory"] or "/",
-            "uid": user.uid,
-            "gid": user.gid,
-            "groups": list(user.groups),
-            "terminal": message["terminal"],
-        }
-    data = marshal.dumps(instructions)
-    while data:
-        data = data[os.write(spec_write, data) :]
+        path = _boot_init()
+        return {"path": path, "argv": [path], "environment": env}
+    user = users.resolve(message["user"])
+    argv = init.command_line(
+        message["command"],
+        working_directory=message["working_directory"],
+        uid=user.uid,
+        gid=user.gid,
+        groups=list(user.groups),
+        terminal=message["terminal"],
+        stop_timeout=message["stop_timeout"],
+    )
+    return {"path": None, "argv": argv, "environment": payload_environment(message, user.home)}

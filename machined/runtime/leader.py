@@ -1,42 +1,39 @@
-"""The container's first processes: a small interpreter of their own.
+"""The container's first processes: the intermediate, then PID 1.
 
-The runtime forks a child that execs ``python -I -S`` with this module
-(:func:`spawn`, then :func:`main`): the *intermediate*. It loads only :mod:`init`,
-:mod:`restrict` and :mod:`linux` (ctypes), so the container's PID 1, a fork of
-it, stays at the floor of a Python process (~4 MB) instead of carrying the
-runtime's heap (definitions, pyseccomp, json…: ~13 MB). That matters because
-PID 1 lives as long as the machine, and in service mode the runtime hands the
-unit over to it (``MAINPID=``) and exits.
+The runtime forks the *intermediate* first thing (:func:`spawn`), so that it
+loads the set-up modules while the runtime prepares the machine. It is a
+fork, not a new interpreter: nothing of it stays once the machine runs, since
+PID 1 ends by exec'ing ``pymachine-init`` (C, :mod:`machined.runtime.init`).
 
 The intermediate (still the host's root, so it can read the host's Python
-library, even under a 0700 /root):
+library and pymachine-init, even under a 0700 /root):
 
-1. creates the user namespace first (the runtime writes its ID maps), then the
+1. opens pymachine-init, waits for :meth:`Intermediate.go`, joins the
+   runtime's mount namespace (the machine's overlay is in it);
+2. creates the user namespace first (the runtime writes its ID maps), then the
    others (PID, mount, UTS, IPC, net, cgroup), all owned by it;
-2. forks PID 1, which becomes root inside and waits for its instructions;
-3. reports PID 1's host PID (the runtime sets up the network meanwhile);
-4. loads the set-up modules and forks the set-up child
-   (:mod:`machined.runtime.container`, PID 2): it mounts /proc, /sys, /dev…,
-   pivots — moving PID 1's root too — and sends PID 1 what to run; exits
-   (PID 1 is re-parented to the runtime, a subreaper).
+3. forks PID 1, reports its host PID and exits (PID 1 is re-parented to the
+   runtime, a subreaper; the runtime sets up the network meanwhile).
 
-PID 1 then confines itself (capabilities, no_new_privs, seccomp compiled by
-the runtime), so every payload it spawns — a rebooted one too — inherits it,
-reports ``r`` and becomes the init, or execs the image's init.
+PID 1 becomes root inside, waits for the runtime's message, mounts /proc,
+/sys, /dev… and pivots (:mod:`machined.runtime.container`), confines itself
+(capabilities, no_new_privs, seccomp compiled by the runtime) so that every
+payload inherits it, and execs pymachine-init with the payload, or the image's
+init in boot mode. The report pipe is close-on-exec: the runtime reads EOF
+once that exec succeeded, a byte if PID 1 failed before it.
 """
 
 from __future__ import annotations
 
+import _signal as signal
+import contextlib
 import marshal
 import os
 import sys
 
 from machined.runtime import init, linux, restrict
 
-_BOOTSTRAP = (
-    "import sys; sys.path.insert(0, sys.argv[1]); "
-    "from machined.runtime.leader import main; main(sys.argv[2:])"
-)
+FAILED = b"f"  # PID 1 could not set the container up (its reason is on stderr)
 
 
 class Intermediate:
@@ -53,28 +50,19 @@ class Intermediate:
 
 
 def spawn(*, foreground: bool) -> Intermediate:
-    """Fork and exec the intermediate; it waits for :meth:`Intermediate.go`.
+    """Fork the intermediate; it waits for :meth:`Intermediate.go`.
 
-    The runtime calls this first thing, before its own imports: the ~40 ms
-    the intermediate's interpreter takes to start then overlap with them."""
-    from machined import package_parent
-
-    go_read, go_write = os.pipe()
+    The runtime calls this first thing, before its own imports: the
+    intermediate's imports then overlap with them."""
+    go_read, go_write = os.pipe()  # close-on-exec, as every fd here
     report_read, report_write = os.pipe()
+    sys.stdout.flush()  # the child must not write our buffered output again
+    sys.stderr.flush()
     pid = os.fork()
     if pid == 0:
-        try:
-            os.close(go_write)
-            os.close(report_read)
-            os.set_inheritable(go_read, True)
-            os.set_inheritable(report_write, True)
-            argv = [sys.executable, "-I", "-S", "-c", _BOOTSTRAP, package_parent()]
-            argv += [str(go_read), str(report_write), "foreground" if foreground else "service"]
-            os.execv(argv[0], argv)
-        except BaseException as exc:
-            print(f"pymachine-runtime: cannot start the container's PID 1: {exc}", file=sys.stderr)
-        finally:
-            _exit(1)
+        os.close(go_write)
+        os.close(report_read)
+        _intermediate(go_read, report_write, foreground=foreground)
     os.close(go_read)
     os.close(report_write)
     return Intermediate(pid, go_write, report_read)
@@ -132,19 +120,20 @@ def _exit(status: int) -> None:
     os._exit(status)
 
 
-def main(argv: list[str]) -> None:
-    """The intermediate: namespaces, PID 1, the set-up child; then exit."""
-    go_read, report_write = int(argv[0]), int(argv[1])
-    foreground = argv[2] == "foreground"
+def _intermediate(go_read: int, report_write: int, *, foreground: bool) -> None:
+    """Namespaces and PID 1; then exit. Never returns into the runtime's code."""
     status = 1
     try:
         linux.prctl(linux.PR_SET_PDEATHSIG, 9)
+        from machined.runtime import container  # while the runtime prepares
+
+        init_fd = init.open_binary()
         go = read_line(go_read).split()
         if not go:
             _exit(1)  # the runtime gave up before the container
         flags, userns = int(go[0]), go[1] == b"1"
-        # We were started before the runtime made its mount namespace (with the
-        # machine's overlay in it): join it, so the container's is a copy of it.
+        # We may have been forked before the runtime made its mount namespace
+        # (with the machine's overlay in it): join it, so the container's is a copy of it.
         ns = os.open(f"/proc/{os.getppid()}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
         linux.setns(ns, linux.CLONE_NEWNS)
         os.close(ns)
@@ -154,19 +143,10 @@ def main(argv: list[str]) -> None:
             if os.read(go_read, 1) != b"m":  # the runtime wrote our UID/GID maps
                 _exit(1)
         linux.unshare(flags | linux.CLONE_NEWPID)
-        spec_read, spec_write = os.pipe()
         pid1 = os.fork()
         if pid1 == 0:
-            os.close(spec_write)
-            _pid1(spec_read, go_read, report_write, userns=userns, foreground=foreground)
-        os.close(spec_read)
+            _pid1(container, init_fd, go_read, report_write, userns=userns, foreground=foreground)
         os.write(report_write, f"P{pid1}\n".encode())  # the runtime sets up the network
-        # Loaded here, after PID 1's fork (not in it) and before we are root
-        # inside (after that, the host's library may be out of reach).
-        from machined.runtime import container
-
-        if os.fork() == 0:
-            _set_up(container, go_read, report_write, spec_write, userns=userns)
         status = 0
     except BaseException as exc:  # report, never fall back into the caller's code
         print(
@@ -176,32 +156,10 @@ def main(argv: list[str]) -> None:
         _exit(status)
 
 
-def _set_up(container, go_read: int, report_write: int, spec_write: int, *, userns: bool) -> None:
-    status = 1
-    try:
-        os.close(report_write)
-        if userns:
-            _become_root()
-        container.set_up(go_read, spec_write)
-        status = 0
-    except BaseException as exc:
-        print(f"pymachine-init: container set-up failed: {exc}", file=sys.stderr)
-    finally:
-        _exit(status)
-
-
-def _read_all(fd: int) -> bytes:
-    chunks = []
-    while chunk := os.read(fd, 65536):
-        chunks.append(chunk)
-    os.close(fd)
-    return b"".join(chunks)
-
-
 def _die_with_supervisor(go_read: int) -> None:
     """Foreground (``pymachine run``): the runtime stays our parent; if it is
     SIGKILLed, we go too, so no container runs on headless in the scope."""
-    linux.prctl(linux.PR_SET_PDEATHSIG, 9)
+    linux.prctl(linux.PR_SET_PDEATHSIG, 9)  # kept across the exec of the init
     os.set_blocking(go_read, False)
     try:
         gone = os.read(go_read, 1) == b""  # EOF: every writer (the runtime) exited
@@ -212,29 +170,26 @@ def _die_with_supervisor(go_read: int) -> None:
 
 
 def _pid1(
-    spec_read: int, go_read: int, report_write: int, *, userns: bool, foreground: bool
+    container, init_fd: int, go_read: int, report_write: int, *, userns: bool, foreground: bool
 ) -> None:
-    status = 1
     try:
         if userns:
             _become_root()
-        data = _read_all(spec_read)  # EOF once the set-up child is done
-        if not data:
-            raise RuntimeError("the container's file systems could not be set up")
-        instructions = marshal.loads(data)
+        message = receive(go_read)  # sent once the network is set up
+        if message is None:
+            raise RuntimeError("the runtime is gone")
+        program = container.set_up(message)
         if foreground:
             _die_with_supervisor(go_read)
-        restrict.apply(**instructions["restrictions"])
-        os.write(report_write, b"r")
-        os.close(report_write)
-        os.close(go_read)
-        if "boot_init" in instructions:
-            path = instructions["boot_init"]
-            os.execve(path, [path], instructions["environment"])
-        linux.set_process_name("pymachine-init")
-        payload = init.Payload(**instructions["payload"])
-        status = init.run(payload, stop_timeout=instructions["stop_timeout"])
+        restrict.apply(**message["restrictions"])
+        if program["path"] is not None:  # boot mode: the image's own init
+            os.execve(program["path"], program["argv"], program["environment"])
+        # Signals that come before the init waits for them stay pending, not lost.
+        signal.pthread_sigmask(signal.SIG_BLOCK, init.WATCHED)
+        os.execve(init_fd, program["argv"], program["environment"])
     except BaseException as exc:  # PID 1 reports and exits, whatever it was
         print(f"pymachine-init: {exc}", file=sys.stderr)
+        with contextlib.suppress(OSError):
+            os.write(report_write, FAILED)
     finally:
-        _exit(status)
+        _exit(1)

@@ -3,8 +3,8 @@ bounding set and sets, no_new_privs, and seccomp programs compiled beforehand.
 
 Split from :mod:`machined.runtime.security` (which decides the policy and
 compiles the seccomp filter with libseccomp) because the container's PID 1
-applies it to itself: PID 1 is a fresh, small interpreter that may load only
-``ctypes`` and this module, not pyseccomp, json or dataclasses.
+applies it to itself just before it execs the init, and ``exec``'s joined
+process before its command: neither needs pyseccomp.
 """
 
 from __future__ import annotations

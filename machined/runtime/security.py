@@ -35,7 +35,7 @@ compat-ABI (i386, x32) filters a hand-written BPF program would get wrong.
 Contract with the runtime: :func:`policy_for` and :func:`restrictions` run on
 the host (the latter compiles the seccomp programs with libseccomp); the
 container's PID 1 applies the result to itself with :mod:`restrict` (ctypes
-only: PID 1 is a small interpreter of its own) before it starts the payload or
+only) before it execs pymachine-init with the payload or
 execs the image's init. ``exec``'s joined process calls :func:`apply`.
 """
 

@@ -4,13 +4,14 @@ kernel parts.
 Order matters (docs/architecture.md, "the path of start"):
 
 1. private mount namespace, overlay root (image = lower, machine = upper);
-2. split the delegated cgroup; fork an intermediate that creates the user
-   namespace first (we write its maps), then the others, and forks the
-   container's PID 1, which execs a fresh small interpreter
-   (:mod:`machined.runtime.leader`) and is re-parented to us (subreaper);
-3. we set up the network for PID 1's netns and send the set-up a message (marshal);
-4. PID 1's set-up child mounts /proc, /sys, /dev… and pivots; PID 1 confines
-   itself and reports ``r``; we register with machined, write the state file;
+2. split the delegated cgroup; the intermediate (forked first thing,
+   :mod:`machined.runtime.leader`) creates the user namespace first (we write
+   its maps), then the others, and forks the container's PID 1, which is
+   re-parented to us (subreaper);
+3. we set up the network for PID 1's netns and send PID 1 a message (marshal);
+4. PID 1 mounts /proc, /sys, /dev…, pivots, confines itself and execs
+   ``pymachine-init`` (C) with the payload, or the image's init; the report
+   pipe closes on that exec; we register with machined, write the state file;
 5. service mode (``Type=forking``): we write PID 1's PID to the unit's
    ``PIDFile=`` and exit — systemd adopts PID 1, sees its exit status, signals
    it on stop, and ``ExecStopPost=`` (:mod:`machined.runtime.cleanup`) tears
@@ -148,7 +149,15 @@ class Supervisor:
         # The machine's name, not the image's: many machines share one image.
         (etc_dir / "hostname").write_text(f"{self.definition.name}\n")
         names = ["hostname"]
-        if self.definition.network.mode != NetworkMode.HOST:
+        if self.definition.network.mode == NetworkMode.NONE:
+            # lo only: neither the bridge's machinery (network.lifecycle) nor its state
+            from machined.network import etc
+            from machined.network.loopback import loopback_up
+
+            loopback_up(self.child)
+            etc.write_etc_files(self.definition.name, None, self.paths, etc_dir)
+            names += ["hosts", "resolv.conf"]
+        elif self.definition.network.mode != NetworkMode.HOST:
             from machined import network
 
             self.network_state = network.setup(
@@ -283,7 +292,8 @@ class Supervisor:
                 raise StartError("the container exited while creating its namespaces")
             message = self._container_message(binds, payload_cg, restrictions)
             leader.send(go_write, message)
-            if os.read(report_read, 1) != b"r":
+            # EOF: PID 1 exec'd the init (the pipe is close-on-exec); a byte: it failed.
+            if os.read(report_read, 1):
                 raise StartError("the container failed to set up its file systems (see above)")
             self._register()
             _crash_point("after-registration")

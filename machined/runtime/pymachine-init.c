@@ -1,0 +1,315 @@
+/*
+ * pymachine-init: PID 1 of an application machine.
+ *
+ * Behaves like systemd-nspawn's stub PID 1 (nspawn-stub-pid1.c), tini and
+ * catatonit: starts the payload, reaps every zombie, forwards signals to the
+ * payload and exits with its status (128+N when signal N killed it). When the
+ * payload exits, whatever is left gets SIGTERM, then SIGKILL after the stop
+ * timeout.
+ *
+ * Power signals follow systemd's conventions (what machinectl sends):
+ * SIGRTMIN+3/+4/+13/+14 halt/power off; SIGRTMIN+5/+6/+15/+16 reboot, and so
+ * does SIGINT when no terminal is attached (machinectl reboot sends SIGINT;
+ * with a terminal, SIGINT is the user's Ctrl-C and is forwarded). Reboot
+ * restarts the payload inside the same container.
+ *
+ * Why C, in a Python project: this is the one process pymachine keeps per
+ * running machine, for as long as it runs. Python sets the container up,
+ * confines it (capabilities, no_new_privs, seccomp) and then execs this
+ * program through a file descriptor opened before pivot_root, so nothing of
+ * it needs to be inside the image. A CPython PID 1 costs ~3.4 MB Pss per
+ * machine, this one a few hundred kB. It is linked statically because the
+ * image may have no C library at all (busybox), and it allocates nothing.
+ *
+ * Usage (machined.runtime.init.command_line builds it):
+ *   pymachine-init [--terminal] [--stop-timeout SECONDS] [--chdir DIR]
+ *                  [--uid UID] [--gid GID] [--groups GID,GID...] -- COMMAND [ARG...]
+ * The payload gets our environment; COMMAND is looked up in its PATH.
+ * Exit status: the payload's; 127 when COMMAND is not found, 126 when it
+ * cannot be run; 1 for a usage error.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <grp.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MAX_GROUPS 256
+#define NO_PID (-2) /* matches no child */
+
+struct payload {
+    char **argv;
+    const char *directory;
+    uid_t uid;
+    gid_t gid;
+    gid_t groups[MAX_GROUPS];
+    size_t n_groups;
+    int change_user;
+    int terminal; /* attached to the user's terminal (pymachine run) */
+    double stop_timeout;
+};
+
+static const int forwarded[] = {
+    SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGWINCH, SIGCONT, SIGTSTP,
+};
+static const int poweroff_offsets[] = {3, 4, 13, 14};
+static const int reboot_offsets[] = {5, 6, 15, 16};
+
+static void warn(const char *what, const char *detail) {
+    fprintf(stderr, "pymachine-init: %s: %s\n", what, detail);
+}
+
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static struct timespec as_timespec(double seconds) {
+    struct timespec ts;
+    if (seconds < 0)
+        seconds = 0;
+    ts.tv_sec = (time_t)seconds;
+    ts.tv_nsec = (long)((seconds - (double)ts.tv_sec) * 1e9);
+    return ts;
+}
+
+static int in_offsets(int sig, const int *offsets, size_t n) {
+    for (size_t i = 0; i < n; i++)
+        if (sig == SIGRTMIN + offsets[i])
+            return 1;
+    return 0;
+}
+
+static int is_poweroff(int sig) { return in_offsets(sig, poweroff_offsets, 4); }
+static int is_reboot(int sig) { return in_offsets(sig, reboot_offsets, 4); }
+
+static void watched_signals(sigset_t *set) {
+    sigemptyset(set);
+    for (size_t i = 0; i < sizeof(forwarded) / sizeof(forwarded[0]); i++)
+        sigaddset(set, forwarded[i]);
+    for (size_t i = 0; i < 4; i++) {
+        sigaddset(set, SIGRTMIN + poweroff_offsets[i]);
+        sigaddset(set, SIGRTMIN + reboot_offsets[i]);
+    }
+    sigaddset(set, SIGCHLD);
+    sigaddset(set, SIGALRM);
+}
+
+static int exit_status(int wait_status) {
+    if (WIFSIGNALED(wait_status))
+        return 128 + WTERMSIG(wait_status);
+    return WEXITSTATUS(wait_status);
+}
+
+/* The payload's process: a clean signal state (no blocked or ignored signal
+ * leaks from us or from the Python that set the container up), its own
+ * session unless it shares the user's terminal, its directory and user. */
+static void exec_payload(const struct payload *p) {
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+    for (int sig = 1; sig < NSIG; sig++)
+        signal(sig, SIG_DFL); /* SIGKILL/SIGSTOP and the libc-internal ones just fail */
+    if (!p->terminal)
+        setsid();
+    if (chdir(p->directory) < 0) {
+        warn(p->directory, strerror(errno));
+        _exit(126);
+    }
+    if (p->change_user) {
+        if (setgroups(p->n_groups, p->groups) < 0 || setgid(p->gid) < 0 || setuid(p->uid) < 0) {
+            warn("cannot change user", strerror(errno));
+            _exit(126);
+        }
+    }
+    execvp(p->argv[0], p->argv); /* the PATH of our environment, the payload's */
+    int error = errno;
+    warn(p->argv[0], error == ENOENT ? "command not found" : strerror(error));
+    _exit(error == ENOENT ? 127 : 126);
+}
+
+static pid_t spawn(const struct payload *p) {
+    pid_t pid = fork();
+    if (pid == 0)
+        exec_payload(p);
+    if (pid < 0)
+        warn("cannot start the payload", strerror(errno));
+    return pid;
+}
+
+/* Reap every exited child; store MAIN's wait status and return 1 if it exited. */
+static int reap(pid_t main_pid, int *main_status) {
+    int found = 0;
+    for (;;) {
+        int status;
+        pid_t pid = waitpid(-1, &status, WNOHANG);
+        if (pid <= 0)
+            return found; /* 0: children left, none exited; -1: no children */
+        if (pid == main_pid) {
+            *main_status = status;
+            found = 1;
+        }
+    }
+}
+
+static void signal_quietly(pid_t pid, int sig) {
+    (void)kill(pid, sig); /* ESRCH: it is gone already, fine */
+}
+
+/* SIGTERM everything left, SIGKILL after GRACE seconds, reap it all. Processes
+ * we are not the parent of (joined by `pymachine exec`) show as zombies until
+ * their parent outside reaps them and send us no SIGCHLD: poll for them,
+ * starting at 1 ms, so a clean exit is not held up by a fixed sleep. */
+static void drain(double grace) {
+    int ignored;
+    sigset_t chld;
+    sigemptyset(&chld);
+    sigaddset(&chld, SIGCHLD);
+    signal_quietly(-1, SIGTERM); /* as PID 1, -1 is every process in the container but us */
+    signal_quietly(-1, SIGCONT);
+    double deadline = now() + grace;
+    double pause = 0.001;
+    for (double t = now(); t < deadline; t = now()) {
+        reap(NO_PID, &ignored);
+        if (kill(-1, 0) < 0 && errno == ESRCH)
+            return;
+        double left = deadline - t;
+        struct timespec ts = as_timespec(pause < left ? pause : left);
+        sigtimedwait(&chld, NULL, &ts);
+        if (pause < 0.05)
+            pause *= 2;
+    }
+    signal_quietly(-1, SIGKILL);
+    while (wait(NULL) > 0 || errno == EINTR)
+        ;
+}
+
+static int run(const struct payload *p) {
+    sigset_t watched;
+    watched_signals(&watched);
+    sigprocmask(SIG_BLOCK, &watched, NULL);
+    pid_t main_pid = spawn(p);
+    if (main_pid < 0)
+        return 1;
+    double stopping_since = -1; /* < 0: not stopping */
+    int rebooting = 0;
+    for (;;) {
+        double timeout = 1.0;
+        if (stopping_since >= 0) {
+            timeout = stopping_since + p->stop_timeout - now();
+            if (timeout < 0.01)
+                timeout = 0.01;
+        }
+        struct timespec ts = as_timespec(timeout);
+        siginfo_t info;
+        int sig = sigtimedwait(&watched, &info, &ts);
+        if (stopping_since >= 0 && now() >= stopping_since + p->stop_timeout)
+            signal_quietly(-1, SIGKILL); /* the payload ignored the request: escalate */
+        if (sig < 0)
+            continue; /* timeout or EINTR */
+        if (sig == SIGCHLD) {
+            int status;
+            if (!reap(main_pid, &status))
+                continue;
+            drain(p->stop_timeout);
+            if (!rebooting)
+                return exit_status(status);
+            main_pid = spawn(p);
+            if (main_pid < 0)
+                return 1;
+            rebooting = 0;
+            stopping_since = -1;
+            continue;
+        }
+        if (is_poweroff(sig) || is_reboot(sig) || (sig == SIGINT && !p->terminal)) {
+            rebooting = !is_poweroff(sig);
+            stopping_since = now();
+            signal_quietly(main_pid, SIGTERM);
+            signal_quietly(main_pid, SIGCONT);
+            continue;
+        }
+        if (sig == SIGTERM && stopping_since < 0)
+            stopping_since = now();
+        signal_quietly(main_pid, sig);
+    }
+}
+
+static int parse_number(const char *text, unsigned long *out) {
+    char *end;
+    errno = 0;
+    *out = strtoul(text, &end, 10);
+    return errno == 0 && end != text && *end == '\0';
+}
+
+static int parse_groups(char *text, struct payload *p) {
+    for (char *item = strtok(text, ","); item; item = strtok(NULL, ",")) {
+        unsigned long gid;
+        if (p->n_groups == MAX_GROUPS || !parse_number(item, &gid))
+            return 0;
+        p->groups[p->n_groups++] = (gid_t)gid;
+    }
+    return 1;
+}
+
+static int parse(int argc, char **argv, struct payload *p) {
+    unsigned long number;
+    p->directory = "/";
+    p->stop_timeout = 10.0;
+    for (int i = 1; i < argc; i++) {
+        const char *flag = argv[i];
+        const char *value = i + 1 < argc ? argv[i + 1] : NULL;
+        if (strcmp(flag, "--") == 0) {
+            p->argv = &argv[i + 1];
+            return i + 1 < argc;
+        } else if (strcmp(flag, "--terminal") == 0) {
+            p->terminal = 1;
+            continue;
+        }
+        if (!value)
+            return 0;
+        i++;
+        if (strcmp(flag, "--stop-timeout") == 0) {
+            char *end;
+            p->stop_timeout = strtod(value, &end);
+            if (end == value || *end || p->stop_timeout < 0)
+                return 0;
+        } else if (strcmp(flag, "--chdir") == 0) {
+            p->directory = value;
+        } else if (strcmp(flag, "--uid") == 0 && parse_number(value, &number)) {
+            p->uid = (uid_t)number;
+            p->change_user = 1;
+        } else if (strcmp(flag, "--gid") == 0 && parse_number(value, &number)) {
+            p->gid = (gid_t)number;
+            p->change_user = 1;
+        } else if (strcmp(flag, "--groups") == 0 && parse_groups(argv[i], p)) {
+            p->change_user = 1;
+        } else {
+            return 0;
+        }
+    }
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    static struct payload payload;
+    if (getpid() != 1) { /* kill(-1, ...) below would reach every process we may signal */
+        fputs("pymachine-init: must run as PID 1 of a PID namespace\n", stderr);
+        return 1;
+    }
+    /* Executed through a file descriptor, our name would be its number. */
+    prctl(PR_SET_NAME, "pymachine-init", 0, 0, 0);
+    if (!parse(argc, argv, &payload)) {
+        fputs("usage: pymachine-init [--terminal] [--stop-timeout SECONDS] [--chdir DIR] "
+              "[--uid UID] [--gid GID] [--groups GID,...] -- COMMAND [ARG...]\n",
+              stderr);
+        return 1;
+    }
+    return run(&payload);
+}

@@ -1,0 +1,116 @@
+"""pymachine-init, the C PID 1, run for real as PID 1 of a fresh PID namespace.
+
+The tier-1 tests drive it inside machines (signals, orphans, reboot, drain);
+these check its contract with :func:`machined.runtime.init.command_line`
+directly, without a systemd host: milliseconds each.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from machined.runtime import init
+from tests.harness import skip_or_fail
+
+
+@pytest.fixture(autouse=True)
+def _root_and_unshare() -> None:
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        skip_or_fail("needs root and unshare(1) for a PID namespace")
+
+
+def as_pid1(argv: list[str], env: dict[str, str] | None = None, timeout: float = 20):
+    """Run ``pymachine-init ARGV`` as PID 1 of a new PID namespace."""
+    assert os.access(init.BINARY, os.X_OK), f"{init.BINARY} is not built (./dev/setup)"
+    return subprocess.run(
+        ["unshare", "--pid", "--fork", "--mount-proc", init.BINARY, *argv[1:]],
+        env=env if env is not None else {"PATH": init.DEFAULT_PATH},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_exit_status_of_the_payload_is_passed_on() -> None:
+    result = as_pid1(init.command_line(["sh", "-c", "echo hello; exit 42"]))
+    assert (result.returncode, result.stdout) == (42, "hello\n")
+
+
+def test_a_payload_killed_by_a_signal_gives_128_plus_n() -> None:
+    assert as_pid1(init.command_line(["sh", "-c", "kill -KILL $$"])).returncode == 128 + 9
+
+
+def test_missing_command_is_127_and_says_so() -> None:
+    result = as_pid1(init.command_line(["no-such-command"]))
+    assert result.returncode == 127
+    assert "no-such-command: command not found" in result.stderr
+
+
+def test_a_directory_that_does_not_exist_is_126() -> None:
+    result = as_pid1(init.command_line(["true"], working_directory="/no/such/dir"))
+    assert result.returncode == 126
+    assert "/no/such/dir" in result.stderr
+
+
+def test_payload_runs_as_the_user_and_groups_and_in_the_directory_given() -> None:
+    argv = init.command_line(
+        ["sh", "-c", "id -u; id -g; id -G; pwd"],
+        working_directory="/tmp",
+        uid=65534,
+        gid=65534,
+        groups=[5, 6],
+    )
+    result = as_pid1(argv)
+    assert result.returncode == 0, result.stderr
+    uid, gid, groups, cwd = result.stdout.split("\n")[:4]
+    assert (uid, gid, sorted(groups.split()), cwd) == (
+        "65534",
+        "65534",
+        ["5", "6", "65534"],
+        "/tmp",
+    )
+
+
+def test_payload_gets_the_environment_and_a_clean_signal_state() -> None:
+    """Nothing blocked or ignored leaks from the Python that set the container up
+    (Python ignores SIGPIPE: a payload must not, or `yes | head` never ends)."""
+    argv = init.command_line(
+        ["sh", "-c", "echo $GREETING; grep -E '^Sig(Blk|Ign)' /proc/self/status"]
+    )
+    result = as_pid1(argv, env={"PATH": init.DEFAULT_PATH, "GREETING": "hi"})
+    lines = result.stdout.split("\n")
+    assert lines[0] == "hi"
+    assert "SigBlk:\t0000000000000000" in lines
+    assert "SigIgn:\t0000000000000000" in lines
+
+
+def test_leftover_processes_are_drained_when_the_payload_exits() -> None:
+    """A background child that ignores SIGTERM is SIGKILLed after the stop timeout;
+    one that does not ignore it goes at once (no fixed sleep before the exit)."""
+    ignoring = "sh -c 'trap \"\" TERM; sleep 30' & sleep 0.3; exit 3"
+    start = time.monotonic()
+    result = as_pid1(init.command_line(["sh", "-c", ignoring], stop_timeout=1.0))
+    held = time.monotonic() - start
+    assert result.returncode == 3
+    assert 1.0 <= held < 10, held  # waited for the stop timeout, then SIGKILL (not the 30 s sleep)
+
+    result = as_pid1(init.command_line(["sh", "-c", "sleep 30 & exit 4"], stop_timeout=20))
+    assert result.returncode == 4  # SIGTERM ended the sleep: well within the 20 s timeout
+
+
+def test_it_refuses_to_run_outside_a_pid_namespace() -> None:
+    """kill(-1, …) as anything but PID 1 would reach every process of the host."""
+    result = subprocess.run([init.BINARY, "--", "true"], capture_output=True, text=True, timeout=10)
+    assert result.returncode == 1
+    assert "must run as PID 1" in result.stderr
+
+
+def test_bad_usage_is_refused() -> None:
+    for argv in (["pymachine-init"], ["pymachine-init", "--stop-timeout", "x", "--", "true"]):
+        result = as_pid1(argv)
+        assert result.returncode == 1 and "usage:" in result.stderr
