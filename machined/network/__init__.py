@@ -48,12 +48,11 @@ _LIFECYCLE = frozenset(
         "gc",
         "remove_bridge",
         "loopback_proxies",
-        "host_resolvers",
         "render_etc_files",
-        "HOST_RESOLV_CONF",
-        "RESOLVED_UPSTREAM",
     }
 )
+#: The /etc files' own names, from their light module (no lifecycle).
+_ETC = frozenset({"host_resolvers", "HOST_RESOLV_CONF", "RESOLVED_UPSTREAM"})
 
 
 def __getattr__(name: str) -> Any:
@@ -61,4 +60,8 @@ def __getattr__(name: str) -> Any:
         from machined.network import lifecycle
 
         return getattr(lifecycle, name)
+    if name in _ETC:
+        from machined.network import etc
+
+        return getattr(etc, name)
     raise AttributeError(f"module 'machined.network' has no attribute {name!r}")

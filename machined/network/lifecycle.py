@@ -5,14 +5,12 @@ package's docstring (:mod:`machined.network`) for the design."""
 from __future__ import annotations
 
 import contextlib
-import ipaddress
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from machined.names import validate_machine_name
-from machined.network import addresses, state
+from machined.network import addresses, etc, state
 from machined.network.config import NetworkConfig, NetworkMode, PortForward
 from machined.paths import Paths
 
@@ -256,111 +254,6 @@ def loopback_proxies(net_state: NetworkState | None) -> list[LoopbackProxy]:
 
 # --- /etc/hosts, /etc/resolv.conf ------------------------------------------------
 
-HOST_RESOLV_CONF = Path("/etc/resolv.conf")
-# systemd-resolved's list of the real upstream servers, when /etc/resolv.conf is its stub
-RESOLVED_UPSTREAM = Path("/run/systemd/resolve/resolv.conf")
-
-
-@dataclass
-class _Resolv:
-    nameservers: list[str]
-    search: list[str]
-    options: list[str]
-    source: str
-
-
-def _parse_resolv(path: Path) -> _Resolv | None:
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return None
-    servers, search, options = [], [], []
-    for line in text.splitlines():
-        words = line.split("#", 1)[0].split(";", 1)[0].split()
-        if len(words) < 2:
-            continue
-        if words[0] == "nameserver":
-            servers.append(words[1])
-        elif words[0] in ("search", "domain"):
-            search = words[1:]
-        elif words[0] == "options":
-            options.extend(words[1:])
-    return _Resolv(servers, search, options, str(path))
-
-
-def _is_loopback(server: str) -> bool:
-    with contextlib.suppress(ValueError):
-        return ipaddress.ip_address(server.split("%", 1)[0]).is_loopback
-    return False
-
-
-def host_resolvers(bridged: bool) -> _Resolv:
-    """The host's resolver configuration, as a machine can use it.
-
-    A bridged machine cannot reach the host's loopback, so loopback servers
-    (systemd-resolved's 127.0.0.53 stub, a local dnsmasq) are replaced by
-    systemd-resolved's upstream list when there is one, else dropped.
-    """
-    resolv = _parse_resolv(HOST_RESOLV_CONF) or _Resolv([], [], [], "none")
-    if bridged and any(_is_loopback(s) for s in resolv.nameservers):
-        upstream = _parse_resolv(RESOLVED_UPSTREAM)
-        if upstream is not None and any(not _is_loopback(s) for s in upstream.nameservers):
-            resolv = upstream
-        resolv.nameservers = [s for s in resolv.nameservers if not _is_loopback(s)]
-        resolv.options = [o for o in resolv.options if o != "trust-ad"]
-    return resolv
-
-
-def _template(name: str) -> Any:
-    import jinja2
-
-    directory = Path(__file__).resolve().parent.parent / "templates" / "network"
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(directory)),
-        keep_trailing_newline=True,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        undefined=jinja2.StrictUndefined,
-        autoescape=False,
-    )
-    return env.get_template(name)
-
-
-def _hosts_entries(paths: Paths, machine: str, net_state: NetworkState | None) -> list[dict]:
-    if net_state is None or not net_state.bridge:
-        return []
-    entries = [{"address": net_state.gateway, "names": ["_gateway"]}]
-    if net_state.gateway6:
-        entries.append({"address": net_state.gateway6, "names": ["_gateway"]})
-    for lease in addresses.leases_on(paths, net_state.bridge):
-        if lease.machine == machine:
-            continue
-        entries.append({"address": lease.ip, "names": [lease.machine]})
-        if lease.address6 and net_state.address6:
-            entries.append({"address": lease.address6.split("/", 1)[0], "names": [lease.machine]})
-    return entries
-
-
-def _render_hosts(paths: Paths, machine: str, net_state: NetworkState | None) -> str:
-    own = []
-    if net_state is not None:
-        own.append(net_state.address.split("/", 1)[0])
-        if net_state.address6:
-            own.append(net_state.address6.split("/", 1)[0])
-    return _template("hosts.j2").render(
-        machine=machine,
-        own_addresses=own,
-        entries=_hosts_entries(paths, machine, net_state),
-    )
-
-
-def _write_in_place(path: Path, text: str) -> None:
-    """Rewrite keeping the inode: a bind mount of the file sees the new content."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.truncate(0)
-        f.write(text)
-
 
 def render_etc_files(
     machine: str, net_state: NetworkState | None, paths: Paths, dest_dir: Path
@@ -373,20 +266,7 @@ def render_etc_files(
     stay current. ``net_state`` None (``Mode=none``/``host``): the host's resolvers
     as they are.
     """
-    dest_dir = Path(dest_dir)
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    _write_in_place(dest_dir / "hosts", _render_hosts(paths, machine, net_state))
-    resolv = host_resolvers(bridged=net_state is not None)
-    _write_in_place(
-        dest_dir / "resolv.conf",
-        _template("resolv.conf.j2").render(
-            machine=machine,
-            nameservers=resolv.nameservers,
-            search=resolv.search,
-            options=resolv.options,
-            source=resolv.source,
-        ),
-    )
+    etc.write_etc_files(machine, net_state, paths, dest_dir)
     if net_state is not None and state.read(paths, machine):
         state.update(paths, machine, etc_dir=str(dest_dir))
 
@@ -403,4 +283,6 @@ def _refresh_hosts(paths: Paths, bridge: str, skip: str) -> None:
             continue
         with contextlib.suppress(OSError):
             if (Path(etc_dir) / "hosts").exists():
-                _write_in_place(Path(etc_dir) / "hosts", _render_hosts(paths, machine, net_state))
+                etc.write_in_place(
+                    Path(etc_dir) / "hosts", etc.render_hosts(paths, machine, net_state)
+                )

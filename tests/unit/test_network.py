@@ -13,7 +13,7 @@ import pytest
 
 import machined.network as network
 from machined.errors import Conflict, InvalidInput
-from machined.network import addresses, lifecycle, nft, state
+from machined.network import addresses, etc, nft, state
 from machined.network.config import NetworkConfig, NetworkMode, PortForward
 from machined.paths import Paths
 
@@ -285,8 +285,8 @@ def test_render_etc_files(paths: Paths, tmp_path: Path, monkeypatch: pytest.Monk
     resolv.write_text("nameserver 127.0.0.53\noptions edns0 trust-ad\nsearch example.org\n")
     upstream = tmp_path / "upstream.conf"
     upstream.write_text("nameserver 192.0.2.53\nnameserver 2001:db8::53\n")
-    monkeypatch.setattr(lifecycle, "HOST_RESOLV_CONF", resolv)
-    monkeypatch.setattr(lifecycle, "RESOLVED_UPSTREAM", upstream)
+    monkeypatch.setattr(etc, "HOST_RESOLV_CONF", resolv)
+    monkeypatch.setattr(etc, "RESOLVED_UPSTREAM", upstream)
     net = _net(paths)
     with addresses.locked(paths):
         lease, _ = addresses.allocate(paths, "web", net)
