@@ -172,40 +172,37 @@ class Supervisor:
         ]
 
     def _register(self) -> None:
+        """Register with machined on a connection that the rest of the start
+        reuses (``_start_loopback_proxies`` closes it). A stale registration
+        (a killed run) is dropped first only if machined has one: no round trip
+        in the common case."""
         from machined import registry
         from machined.dbus import Bus
 
         ifindices = [self.network_state.host_ifindex] if self.network_state else []
-        with Bus() as bus:
-            registry.unregister(bus, self.definition.name)  # a stale one from a killed run
-            registry.register(
-                bus, self.definition.name, self.child, str(self.layers.root), ifindices
-            )
+        self._bus = Bus()
+        if (cleanup.MACHINED_STATE / self.definition.name).exists():
+            registry.unregister(self._bus, self.definition.name)
+        registry.register(
+            self._bus, self.definition.name, self.child, str(self.layers.root), ifindices
+        )
         self.registered = True
 
     def _start_loopback_proxies(self) -> None:
-        """``Port=`` on the host's [::1] (nftables cannot): see machined.proxies."""
-        if self.network_state is None or not self.definition.network.ports:
-            return
-        from machined import network, proxies
-        from machined.systemd import Systemd
+        """``Port=`` on the host's [::1] (nftables cannot): see machined.proxies.
+        The last D-Bus user of the start: closes ``_register``'s connection."""
+        from machined.dbus import Bus
 
-        wanted = network.loopback_proxies(self.network_state)
-        own_unit = next(
-            (
-                part
-                for part in cgroup.own_cgroup().split("/")
-                if part.endswith((".service", ".scope"))
-            ),
-            None,
-        )
-        if not wanted or own_unit is None:
-            return
+        bus, self._bus = getattr(self, "_bus", None), None
         try:
-            with Systemd() as systemd:
-                proxies.start(systemd, self.definition.name, own_unit, wanted)
+            if self.network_state is not None and self.definition.network.ports:
+                bus = bus or Bus()
+                _start_proxies(self.definition.name, self.network_state, bus)
         except Exception as exc:  # the IPv4 and other IPv6 forwards still work
             _log(f"port forwards on [::1] are not available: {exc}")
+        finally:
+            if bus is not None:
+                bus.close()
 
     def _teardown(self) -> None:
         name = self.definition.name
@@ -214,7 +211,9 @@ class Supervisor:
                 from machined import registry
                 from machined.dbus import Bus
 
-                with Bus() as bus:
+                # still open if the start failed between _register and the proxies
+                bus, self._bus = getattr(self, "_bus", None) or Bus(), None
+                with bus:
                     registry.unregister(bus, name)
             except Exception as exc:  # the bus may be gone at shutdown
                 _log(f"could not unregister from machined: {exc}")
@@ -408,6 +407,19 @@ def _crash_point(step: str) -> None:
     check that nothing is left behind (after-overlay, after-network, after-registration)."""
     if os.environ.get(CRASH_ENV) == step:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _start_proxies(name: str, network_state, bus) -> None:
+    from machined import network, proxies
+    from machined.systemd import Systemd
+
+    wanted = network.loopback_proxies(network_state)
+    own_unit = next(
+        (part for part in cgroup.own_cgroup().split("/") if part.endswith((".service", ".scope"))),
+        None,
+    )
+    if wanted and own_unit is not None:
+        proxies.start(Systemd(bus), name, own_unit, wanted)
 
 
 def _preload_registration() -> None:
