@@ -242,29 +242,50 @@ class Machines:
             names.add(unit.removeprefix("pymachine-").rsplit(".", 1)[0])
         return [self.info(n, require_definition=False, loaded=loaded) for n in sorted(names)]
 
+    def _unit_states(self, name: str) -> dict[str, str]:
+        """ActiveState of the machine's service and scope, those loaded: one round trip."""
+        return self.systemd.active_states([unit_name(name), scope_name(name)])
+
+    def _active_unit(self, name: str, states: dict[str, str] | None = None) -> tuple[str, str]:
+        """(unit, ActiveState) as :meth:`_unit_status` picks it, from the states
+        only: the service, or the scope when that is the one running (or
+        failed); ("", "") when neither is loaded."""
+        states = self._unit_states(name) if states is None else states
+        for unit in (unit_name(name), scope_name(name)):
+            state = states.get(unit, "")
+            if _running(state) or state == "failed":
+                return unit, state
+        service = unit_name(name)
+        return (service, states[service]) if service in states else ("", "")
+
     def is_running(self, name: str) -> bool:
-        status = self._unit_status(name)
-        return status is not None and status.running
+        return _running(self._active_unit(name)[1])
 
     # --- lifecycle ---------------------------------------------------------
     def check_startable(self, name: str) -> MachineDefinition:
         """The definition, if the machine can start now (image there, not running)."""
+        return self.startable(name)[0]
+
+    def startable(self, name: str) -> tuple[MachineDefinition, dict[str, str]]:
+        """The definition, if the machine can start now (image there, not
+        running), and the ActiveState of its units that systemd has loaded
+        (a failed one must be reset before a transient start of its name)."""
         definition = self.load(name)
         if not self.paths.image(definition.image).is_dir():
             raise NotFound(f"image '{definition.image}' of machine '{name}' not found")
-        status = self._unit_status(name)
+        states = self._unit_states(name)
         # Still stopping (stopped by another client, a machine that powered itself
         # off, a killed runtime): wait for the stop to finish instead of calling it
         # running, so a start right after a stop never races it (systemd#13766).
         deadline = time.monotonic() + definition.stop_timeout + 10
-        while status is not None and status.active_state == "deactivating":
+        while self._active_unit(name, states)[1] == "deactivating":
             if time.monotonic() > deadline:
                 break
             time.sleep(0.05)
-            status = self._unit_status(name)
-        if status is not None and status.running:
+            states = self._unit_states(name)
+        if _running(self._active_unit(name, states)[1]):
             raise Conflict(f"machine '{name}' is already running")
-        return definition
+        return definition, states
 
     def settings(self, definition: MachineDefinition, *, scope: bool = False) -> list:
         return machine_settings(
@@ -285,9 +306,10 @@ class Machines:
         from machined.dbus import BusError
         from machined.systemd import JobFailed
 
-        definition = self.check_startable(name)
+        definition, states = self.startable(name)
         unit = unit_name(name)
-        self.systemd.reset_failed(unit)
+        if unit in states:  # not loaded: nothing to reset (no round trip)
+            self.systemd.reset_failed(unit)
         try:
             if (self.paths.unit_files / unit).exists():
                 from machined import units
@@ -318,19 +340,17 @@ class Machines:
 
     def stop(self, name: str, *, timeout: float = 300) -> None:
         validate_machine_name(name)
-        if (
-            not _definition_exists(name, self.paths)
-            and self.systemd.status(unit_name(name)) is None
-        ):
+        states = self._unit_states(name)
+        if not _definition_exists(name, self.paths) and unit_name(name) not in states:
             raise NotFound(f"machine '{name}' not found")
-        status = self._unit_status(name)
-        if status is None or not status.running:
+        unit, state = self._active_unit(name, states)
+        if not _running(state):
             raise NotRunning(f"machine '{name}' is not running")
         from machined.dbus import BusError
         from machined.systemd import is_no_such_unit
 
         try:
-            self.systemd.stop_unit(status.name, timeout=timeout)
+            self.systemd.stop_unit(unit, timeout=timeout)
         except BusError as exc:
             if is_no_such_unit(exc):  # it stopped (and was unloaded) meanwhile
                 raise NotRunning(f"machine '{name}' is not running") from None
@@ -342,10 +362,10 @@ class Machines:
         self.start(name)
 
     def kill(self, name: str, signal_number: int) -> None:
-        status = self._unit_status(name)
-        if status is None or not status.running:
+        unit, state = self._active_unit(name)
+        if not _running(state):
             raise NotRunning(f"machine '{name}' is not running")
-        self.systemd.kill_unit(status.name, signal_number, "main")
+        self.systemd.kill_unit(unit, signal_number, "main")
 
     def remove(self, name: str) -> None:
         validate_machine_name(name)
@@ -407,6 +427,12 @@ class Machines:
         if current is None or not current.alive():
             raise NotRunning(f"machine '{name}' is not running")
         return current
+
+
+def _running(active_state: str) -> bool:
+    from machined.systemd import RUNNING_STATES  # loaded: the state came through it
+
+    return active_state in RUNNING_STATES
 
 
 def _address_of(name: str, paths: Paths) -> str | None:

@@ -20,6 +20,19 @@ MANAGER_PATH = "/org/freedesktop/systemd1"
 MANAGER = "org.freedesktop.systemd1.Manager"
 UNIT = "org.freedesktop.systemd1.Unit"
 NO_SUCH_UNIT = "org.freedesktop.systemd1.NoSuchUnit"
+UNIT_PATH_PREFIX = "/org/freedesktop/systemd1/unit/"
+#: ActiveState values of a unit that has processes (or is about to)
+RUNNING_STATES = ("active", "activating", "reloading", "deactivating")
+
+
+def unit_object_path(unit: str) -> str:
+    """The unit's D-Bus object path, as sd-bus escapes it (``bus_label_escape``):
+    asking that path needs no ``GetUnit`` round trip first (systemctl does the same)."""
+    label = "".join(
+        c if (c.isascii() and c.isalnum() and not (i == 0 and c.isdigit())) else f"_{ord(c):02x}"
+        for i, c in enumerate(unit)
+    )
+    return UNIT_PATH_PREFIX + label
 
 
 def is_no_such_unit(exc: BusError) -> bool:
@@ -53,7 +66,7 @@ class UnitStatus:
 
     @property
     def running(self) -> bool:
-        return self.active_state in ("active", "activating", "reloading", "deactivating")
+        return self.active_state in RUNNING_STATES
 
 
 _UINT64_UNSET = 2**64 - 1
@@ -85,10 +98,13 @@ class Systemd:
         return self.bus.call(SYSTEMD, MANAGER_PATH, MANAGER, method, signature, args, **kw)
 
     def _subscribe_jobs(self) -> None:
+        """Match ``JobRemoved`` (before queueing a job). No ``Subscribe``: systemd
+        sends a job's signals to the client that queued it anyway (the job tracks
+        its requester, as for systemctl), and a subscriber makes systemd broadcast
+        every unit's changes while it lives — a round trip and work for nothing."""
         if self._subscribed:
             return
         self.bus.match_signal(SYSTEMD, MANAGER_PATH, MANAGER, "JobRemoved", self._on_job_removed)
-        self._manager("Subscribe")
         self._subscribed = True
 
     def _on_job_removed(self, body: Any) -> None:
@@ -181,13 +197,17 @@ class Systemd:
             raise
 
     def status(self, unit: str) -> UnitStatus | None:
-        path = self.unit_path(unit)
-        if path is None:
-            return None
-        # one round trip: sd-bus answers GetAll("") with the properties of every
-        # interface of the object (Unit, then Service/Scope, …)
-        props = self.bus.get_all(SYSTEMD, path, "")
-        if props.get("LoadState") == "not-found":
+        """The unit's properties, None unless systemd has it loaded. One round
+        trip: the object path is computed (a unit systemd does not have comes
+        back as LoadState=not-found, as for ``systemctl status``), and sd-bus
+        answers GetAll("") with every interface's properties (Unit, Service…)."""
+        try:
+            props = self.bus.get_all(SYSTEMD, unit_object_path(unit), "")
+        except BusError as exc:
+            if is_no_such_unit(exc) or "UnknownObject" in exc.name:
+                return None
+            raise
+        if props.get("LoadState", "not-found") == "not-found":
             return None
         return UnitStatus(
             name=unit,
@@ -202,6 +222,13 @@ class Systemd:
             tasks_current=_optional(props.get("TasksCurrent")),
             properties=props,
         )
+
+    def active_states(self, units: Sequence[str]) -> dict[str, str]:
+        """ActiveState of each of UNITS that systemd has loaded, in one round trip
+        (``ListUnitsByPatterns`` with the names themselves: ours hold no glob
+        characters); a unit that is only referenced (not-found) is left out."""
+        listed = self._manager("ListUnitsByPatterns", "asas", [[], list(units)])
+        return {u[0]: u[3] for u in listed if u[2] != "not-found" and u[0] in units}
 
     def list_units(self, patterns: Sequence[str]) -> list[tuple[str, str, str]]:
         """Loaded units matching glob patterns: (name, active_state, sub_state)."""

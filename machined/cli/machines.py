@@ -388,10 +388,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     # the runtime's go (and exits on its own if we fail before that).
     intermediate = leader.spawn(foreground=True)
     with Machines() as machines:
-        definition = machines.check_startable(args.name)
+        definition, loaded = machines.startable(args.name)
         if args.ephemeral:
             definition.ephemeral = True
-        if machines.systemd.status(scope_name(args.name)) is not None:
+        if scope_name(args.name) in loaded:
             machines.systemd.reset_failed(scope_name(args.name))
         props = to_properties(machines.settings(definition, scope=True))
         props.append(Property("PIDs", "au", [os.getpid(), intermediate.pid]))

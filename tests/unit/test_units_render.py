@@ -196,6 +196,9 @@ class FakeSystemd:
     def status(self, unit):
         return self.units.get(unit)
 
+    def active_states(self, units):
+        return {u: self.units[u].active_state for u in units if u in self.units}
+
     def reset_failed(self, unit):
         self._log("reset_failed", unit)
 
