@@ -14,6 +14,13 @@ from typing import Any
 
 from machined.errors import InvalidInput
 
+#: The verbs (and aliases) :func:`register` adds: ``pymachine VERB …`` builds
+#: only this group's parser (machined.cli.build_parser).
+VERBS = frozenset(
+    {"create", "start", "stop", "restart", "remove", "rm", "kill", "list", "ls"}
+    | {"status", "exec", "shell", "run", "gc", "logs"}
+)
+
 
 def _add_definition_flags(p: argparse.ArgumentParser) -> None:
     """Flags that write definition keys; shared by create and run --ephemeral."""

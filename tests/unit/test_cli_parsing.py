@@ -259,3 +259,19 @@ def test_create_infinite_stop_timeout_is_rejected(
     assert code == 2
     assert "stop timeout" in capsys.readouterr().err
     assert not (root / "etc/pymachine/web.machine").exists()
+
+
+def test_a_machine_verb_builds_only_its_group() -> None:
+    """``pymachine stop …`` registers the machine verbs only; VERBS says which."""
+    import argparse
+
+    from machined.cli import machines as group
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    group.register(sub)
+    assert set(sub.choices) == group.VERBS
+    parser = build_parser("stop")
+    assert parser.parse_args(["stop", "a", "b"]).names == ["a", "b"]
+    assert "images" not in parser._subparsers._group_actions[0].choices
+    assert "images" in build_parser("images")._subparsers._group_actions[0].choices
+    assert "images" in build_parser()._subparsers._group_actions[0].choices
