@@ -8,11 +8,14 @@ signatures instead. This is the only module that touches pystemd's wire API.
 from __future__ import annotations
 
 import sys
+import types
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from machined.errors import PymachineError
-from machined.properties import Property
+
+if TYPE_CHECKING:  # not at run time: stop has no properties to send (dataclasses)
+    from machined.properties import Property
 
 
 def _pystemd_package_without_init() -> None:
@@ -29,10 +32,55 @@ def _pystemd_package_without_init() -> None:
         sys.modules["pystemd"] = importlib.util.module_from_spec(spec)
 
 
+def _x2char_star(value: Any, convert_all: bool = False) -> Any:
+    """``pystemd.utils.x2char_star`` for the bytes and str we pass; anything
+    else goes to the real one (imported then)."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode()
+    from pystemd.utils import x2char_star
+
+    return x2char_star(value, convert_all)
+
+
+def _pformat(obj: Any, *args: Any, **kw: Any) -> str:
+    import pprint
+
+    return pprint.pformat(obj, *args, **kw)
+
+
+def _import_dbuslib() -> Any:
+    """``pystemd.dbuslib`` without the two modules it imports for one helper
+    each: ``pystemd.utils`` (x2char_star; it imports uuid and platform) and
+    ``pprint`` (pformat, for an error message; in 3.11 it imports dataclasses
+    and inspect): ~6 ms of every CLI call, ``stop`` needing nothing else of
+    them. Light stand-ins are in ``sys.modules`` only while dbuslib imports;
+    a later ``import pprint`` or ``pystemd.utils`` gets the real module."""
+    standins = {}
+    for name, attribute, function in (
+        ("pystemd.utils", "x2char_star", _x2char_star),
+        ("pprint", "pformat", _pformat),
+    ):
+        if name not in sys.modules:
+            module = types.ModuleType(name)
+            setattr(module, attribute, function)
+            standins[name] = sys.modules[name] = module
+    try:
+        import pystemd.dbuslib
+    finally:
+        for name, module in standins.items():
+            if sys.modules.get(name) is module:
+                del sys.modules[name]
+    return pystemd.dbuslib
+
+
 _pystemd_package_without_init()
 
 from pystemd.dbusexc import DBusBaseError  # noqa: E402
-from pystemd.dbuslib import DBus, apply_signature  # noqa: E402
+
+_dbuslib = _import_dbuslib()
+DBus, apply_signature = _dbuslib.DBus, _dbuslib.apply_signature
 
 
 class BusError(PymachineError):

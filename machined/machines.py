@@ -10,22 +10,18 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from machined.errors import Conflict, InvalidInput, NotFound, NotRunning, PymachineError
 from machined.names import validate_machine_name
 from machined.paths import ROOT_ENV, Paths, unit_name
-from machined.properties import machine_settings, to_properties
-from machined.runtime import cleanup
-from machined.runtime import state as runtime_state
 
 if TYPE_CHECKING:
     from machined.definition import MachineDefinition
+    from machined.runtime.state import RuntimeState
 
 
 def _definitions():
@@ -57,22 +53,37 @@ _ACTIVE_TO_STATE = {
 }
 
 
-@dataclass
 class MachineInfo:
-    name: str
-    state: MachineState
-    image: str | None
-    unit: str
-    address: str | None = None
-    leader: int | None = None
-    memory: int | None = None
-    tasks: int | None = None
-    since: float | None = None  # realtime seconds the machine became active
-    result: str | None = None
-    exit_status: int | None = None
-    definition: MachineDefinition | None = None
-    unit_properties: dict[str, Any] = field(default_factory=dict)
-    problem: str | None = None  # why the definition could not be read (list goes on)
+    """One machine as ``list``/``status`` show it. (A plain class: ``dataclasses``
+    costs every CLI call ~4 ms of imports, and ``stop`` needs nothing else of it.)"""
+
+    def __init__(
+        self,
+        name: str,
+        state: MachineState,
+        image: str | None,
+        unit: str,
+        *,
+        definition: MachineDefinition | None = None,
+        problem: str | None = None,  # why the definition could not be read (list goes on)
+    ) -> None:
+        self.name = name
+        self.state = state
+        self.image = image
+        self.unit = unit
+        self.address: str | None = None
+        self.leader: int | None = None
+        self.memory: int | None = None
+        self.tasks: int | None = None
+        self.since: float | None = None  # realtime seconds the machine became active
+        self.result: str | None = None
+        self.exit_status: int | None = None
+        self.definition = definition
+        self.unit_properties: dict[str, Any] = {}
+        self.problem = problem
+
+    def __repr__(self) -> str:
+        return f"MachineInfo({self.name!r}, {self.state!r}, {self.unit!r})"
 
     @property
     def uptime(self) -> float | None:
@@ -224,7 +235,7 @@ class Machines:
             info.result = status.result
             info.exit_status = status.exec_main_status
             info.unit_properties = status.properties
-        running = runtime_state.read(self.paths, name)
+        running = _runtime_state().read(self.paths, name)
         if running is not None and state in (MachineState.RUNNING, MachineState.STOPPING):
             info.leader = running.leader
             info.address = running.address
@@ -288,6 +299,9 @@ class Machines:
         return definition, states
 
     def settings(self, definition: MachineDefinition, *, scope: bool = False) -> list:
+        from machined.properties import machine_settings
+        from machined.runtime import cleanup
+
         return machine_settings(
             definition.name,
             definition.resources,
@@ -317,6 +331,8 @@ class Machines:
                 units.refresh(name, machines=self)  # the definition may have been edited by hand
                 self.systemd.start_unit(unit, timeout=timeout)  # enabled: same name, its unit file
             else:
+                from machined.properties import to_properties
+
                 self.systemd.start_transient(
                     unit, to_properties(self.settings(definition)), timeout=timeout
                 )
@@ -419,14 +435,21 @@ class Machines:
             pass
         return cleaned
 
-    def running_state(self, name: str) -> runtime_state.RuntimeState:
+    def running_state(self, name: str) -> RuntimeState:
         validate_machine_name(name)
         if not _definition_exists(name, self.paths):
             raise NotFound(f"machine '{name}' not found")
-        current = runtime_state.read(self.paths, name)
+        current = _runtime_state().read(self.paths, name)
         if current is None or not current.alive():
             raise NotRunning(f"machine '{name}' is not running")
         return current
+
+
+def _runtime_state():
+    """``machined.runtime.state`` (json, a dataclass), on first use: not for ``stop``."""
+    from machined.runtime import state
+
+    return state
 
 
 def _running(active_state: str) -> bool:
@@ -447,6 +470,8 @@ def _address_of(name: str, paths: Paths) -> str | None:
 def journal(unit: str, lines: int = 10, extra: list[str] | None = None) -> str:
     """The unit's last journal lines. journalctl is the journal's own reader:
     pystemd cannot read the journal, and the file format is journald's business."""
+    import subprocess
+
     args = ["journalctl", "--no-pager", "-q", "-u", unit, "-n", str(lines), *(extra or [])]
     try:
         out = subprocess.run(
