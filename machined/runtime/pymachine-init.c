@@ -23,13 +23,17 @@
  *
  * Usage (machined.runtime.init.command_line builds it):
  *   pymachine-init [--terminal] [--stop-timeout SECONDS] [--chdir DIR]
- *                  [--uid UID] [--gid GID] [--groups GID,GID...] -- COMMAND [ARG...]
+ *                  [--uid UID] [--gid GID] [--groups GID,GID...]
+ *                  [--supervisor-fd FD] -- COMMAND [ARG...]
  * The payload gets our environment; COMMAND is looked up in its PATH.
+ * --supervisor-fd (foreground machines): a pipe whose writer is the runtime
+ * (our parent); we die with it, so no container runs on headless.
  * Exit status: the payload's; 127 when COMMAND is not found, 126 when it
  * cannot be run; 1 for a usage error.
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <grp.h>
 #include <signal.h>
 #include <stdio.h>
@@ -53,6 +57,7 @@ struct payload {
     int change_user;
     int terminal; /* attached to the user's terminal (pymachine run) */
     double stop_timeout;
+    int supervisor_fd; /* pymachine run: the runtime's pipe, -1 in service mode */
 };
 
 static const int forwarded[] = {
@@ -241,6 +246,22 @@ static int run(const struct payload *p) {
     }
 }
 
+/* The kernel clears the parent-death signal when an exec changes credentials,
+ * as ours may (capabilities): set it here, then look at the runtime's pipe, in
+ * case the runtime died before that (EOF: every writer is gone). */
+static int die_with_supervisor(int fd) {
+    char byte;
+    prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+    ssize_t n = read(fd, &byte, 1);
+    close(fd);
+    if (n == 0) {
+        warn("cannot start", "the runtime is gone");
+        return 0;
+    }
+    return 1;
+}
+
 static int parse_number(const char *text, unsigned long *out) {
     char *end;
     errno = 0;
@@ -262,6 +283,7 @@ static int parse(int argc, char **argv, struct payload *p) {
     unsigned long number;
     p->directory = "/";
     p->stop_timeout = 10.0;
+    p->supervisor_fd = -1;
     for (int i = 1; i < argc; i++) {
         const char *flag = argv[i];
         const char *value = i + 1 < argc ? argv[i + 1] : NULL;
@@ -290,6 +312,8 @@ static int parse(int argc, char **argv, struct payload *p) {
             p->change_user = 1;
         } else if (strcmp(flag, "--groups") == 0 && parse_groups(argv[i], p)) {
             p->change_user = 1;
+        } else if (strcmp(flag, "--supervisor-fd") == 0 && parse_number(value, &number)) {
+            p->supervisor_fd = (int)number;
         } else {
             return 0;
         }
@@ -307,9 +331,12 @@ int main(int argc, char **argv) {
     prctl(PR_SET_NAME, "pymachine-init", 0, 0, 0);
     if (!parse(argc, argv, &payload)) {
         fputs("usage: pymachine-init [--terminal] [--stop-timeout SECONDS] [--chdir DIR] "
-              "[--uid UID] [--gid GID] [--groups GID,...] -- COMMAND [ARG...]\n",
+              "[--uid UID] [--gid GID] [--groups GID,...] [--supervisor-fd FD] "
+              "-- COMMAND [ARG...]\n",
               stderr);
         return 1;
     }
+    if (payload.supervisor_fd >= 0 && !die_with_supervisor(payload.supervisor_fd))
+        return 1;
     return run(&payload);
 }
