@@ -2,6 +2,7 @@
 supervisor) and, with ``--cleanup``, its ``ExecStopPost=`` — which must not pay
 for the supervisor's imports (see :mod:`machined.runtime.cleanup`)."""
 
+import os
 import sys
 
 
@@ -14,11 +15,20 @@ def main(argv: list[str]) -> int:
         return 0
     from machined.runtime import leader
 
-    # First, so that the container's first interpreter starts while ours imports.
+    # First, so that the container's first process loads its modules while we
+    # load ours, and the cgroup split waits for the kernel meanwhile.
     intermediate = leader.spawn(foreground="--foreground" in argv[1:])
+    from machined.runtime import cgroup
+
+    cgroups = cgroup.PayloadSplit(intermediate.pid)
     from machined.runtime.supervisor import main as supervise
 
-    return supervise(argv, intermediate)
+    status = supervise(argv, intermediate, cgroups)
+    # systemd reads the PID file once we are gone: skip the interpreter's
+    # finalization (module teardown), nothing is left to clean up in-process.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 if __name__ == "__main__":

@@ -26,12 +26,12 @@ once that exec succeeded, a byte if PID 1 failed before it.
 from __future__ import annotations
 
 import _signal as signal
-import contextlib
 import marshal
 import os
 import sys
 
-from machined.runtime import init, linux, restrict
+# os and _signal only: linux and restrict (ctypes) load in the child, after the fork
+from machined.runtime import init
 
 FAILED = b"f"  # PID 1 could not set the container up (its reason is on stderr)
 
@@ -124,8 +124,9 @@ def _intermediate(go_read: int, report_write: int, *, foreground: bool) -> None:
     """Namespaces and PID 1; then exit. Never returns into the runtime's code."""
     status = 1
     try:
+        from machined.runtime import container, linux  # while the runtime prepares
+
         linux.prctl(linux.PR_SET_PDEATHSIG, 9)
-        from machined.runtime import container  # while the runtime prepares
 
         init_fd = init.open_binary()
         go = read_line(go_read).split()
@@ -159,7 +160,9 @@ def _intermediate(go_read: int, report_write: int, *, foreground: bool) -> None:
 def _die_with_supervisor(go_read: int) -> None:
     """Foreground (``pymachine run``): the runtime stays our parent; if it is
     SIGKILLed, we go too, so no container runs on headless in the scope."""
-    linux.prctl(linux.PR_SET_PDEATHSIG, 9)  # kept across the exec of the init
+    from machined.runtime import linux
+
+    linux.prctl(linux.PR_SET_PDEATHSIG, 9)
     os.set_blocking(go_read, False)
     try:
         gone = os.read(go_read, 1) == b""  # EOF: every writer (the runtime) exited
@@ -178,18 +181,26 @@ def _pid1(
         message = receive(go_read)  # sent once the network is set up
         if message is None:
             raise RuntimeError("the runtime is gone")
+        from machined.runtime import restrict
+
         program = container.set_up(message)
         if foreground:
             _die_with_supervisor(go_read)
         restrict.apply(**message["restrictions"])
         if program["path"] is not None:  # boot mode: the image's own init
             os.execve(program["path"], program["argv"], program["environment"])
+        argv = program["argv"]
+        if foreground:  # the exec may clear the parent-death signal: the init sets it again
+            os.set_inheritable(go_read, True)
+            argv[1:1] = ["--supervisor-fd", str(go_read)]
         # Signals that come before the init waits for them stay pending, not lost.
         signal.pthread_sigmask(signal.SIG_BLOCK, init.WATCHED)
-        os.execve(init_fd, program["argv"], program["environment"])
+        os.execve(init_fd, argv, program["environment"])
     except BaseException as exc:  # PID 1 reports and exits, whatever it was
         print(f"pymachine-init: {exc}", file=sys.stderr)
-        with contextlib.suppress(OSError):
+        try:  # noqa: SIM105 — contextlib would be imported before the fork
             os.write(report_write, FAILED)
+        except OSError:
+            pass
     finally:
         _exit(1)

@@ -31,6 +31,7 @@ import shutil
 import signal
 import sys
 import time
+from pathlib import Path
 
 from machined.definition import MachineDefinition
 from machined.network.config import NetworkMode
@@ -87,6 +88,7 @@ class Supervisor:
         command: list[str] | None = None,
         foreground: bool = False,
         intermediate: leader.Intermediate | None = None,
+        cgroups: cgroup.PayloadSplit | None = None,
     ) -> None:
         self.definition = definition
         self.paths = paths
@@ -97,6 +99,7 @@ class Supervisor:
         self.network_state = None
         self.registered = False
         self.intermediate = intermediate  # started early by __main__, or by run()
+        self.cgroups = cgroups  # the cgroup split, started with it by __main__, or by run()
         self.handed_over = False  # service mode: PID 1 is the unit's main process now
 
     # --- the container side (forked processes) ------------------------------
@@ -260,16 +263,16 @@ class Supervisor:
             self.layers.mount()
             _crash_point("after-overlay")
             binds = self._binds()
-            _supervisor_cg, payload_cg = cgroup.split_for_payload()
-            if self.definition.boot:
-                userns.chown_cgroup(payload_cg, self.policy.uid_base)
             flags = self._namespace_flags()
             linux.prctl(linux.PR_SET_CHILD_SUBREAPER, 1)  # PID 1 comes back to us
             intermediate = self.intermediate or leader.spawn(foreground=self.foreground)
             self.intermediate = intermediate
             go_write, report_read = intermediate.go_write, intermediate.report_read
             _protect_from_oom_killer()  # after the fork: the container keeps the default
-            cgroup.move(intermediate.pid, payload_cg)
+            split = self.cgroups or cgroup.PayloadSplit(intermediate.pid)
+            payload_cg = Path(split.result()[1])  # we are in supervisor/, it in payload/
+            if self.definition.boot:
+                userns.chown_cgroup(payload_cg, self.policy.uid_base)
             intermediate.go(flags, userns=self.policy.uid_base is not None)
             # While the intermediate starts its interpreter, do what does not need
             # it: compile the seccomp programs, load the D-Bus client for machined.
@@ -440,7 +443,11 @@ def _without_prefix(address: str | None) -> str | None:
     return address.split("/", 1)[0] if address else None
 
 
-def main(argv: list[str], intermediate: leader.Intermediate | None = None) -> int:
+def main(
+    argv: list[str],
+    intermediate: leader.Intermediate | None = None,
+    cgroups: cgroup.PayloadSplit | None = None,
+) -> int:
     """``python -m machined.runtime NAME [--foreground] [--ephemeral] [-- CMD…]``."""
     from machined import definition as definitions
 
@@ -461,6 +468,7 @@ def main(argv: list[str], intermediate: leader.Intermediate | None = None) -> in
         command=command,
         foreground="--foreground" in argv[1:],
         intermediate=intermediate,
+        cgroups=cgroups,
     ).run()
 
 
