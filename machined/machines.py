@@ -299,21 +299,32 @@ class Machines:
         return definition, states
 
     def settings(self, definition: MachineDefinition, *, scope: bool = False) -> list:
+        from machined.network.config import NetworkMode
         from machined.properties import machine_settings
         from machined.runtime import cleanup
 
+        name = definition.name
+        clean_up = cleanup.needs_command(
+            name,
+            self.paths,
+            bridged=definition.network.mode == NetworkMode.BRIDGE,
+            ephemeral=definition.ephemeral,
+        )
         return machine_settings(
-            definition.name,
+            name,
             definition.resources,
             definition.stop_timeout,
-            runtime_command(definition.name),
+            runtime_command(name),
             runtime_environment(self.paths),
             scope=scope,
             boot=definition.boot,
-            exec_stop_post=cleanup.command(
-                definition.name, self.paths, runtime_command(definition.name, "--cleanup")
+            exec_stop_post=(
+                cleanup.command(name, self.paths, runtime_command(name, "--cleanup"))
+                if clean_up
+                else None
             ),
-            pid_file=str(self.paths.pid_file(definition.name)),
+            pid_file=str(self.paths.pid_file(name)),
+            runtime_directory=cleanup.runtime_directory(name, self.paths),
         )
 
     def start(self, name: str, *, timeout: float = 120) -> None:
@@ -371,6 +382,18 @@ class Machines:
             if is_no_such_unit(exc):  # it stopped (and was unloaded) meanwhile
                 raise NotRunning(f"machine '{name}' is not running") from None
             raise
+        self._unregister_stopped(name)
+
+    def _unregister_stopped(self, name: str) -> None:
+        """Gone from ``machinectl list`` when ``stop`` returns: machined drops a
+        stopped unit's machine on its own, a moment later, and the units
+        without an ExecStopPost= do not ask it to (runtime.cleanup.needs_command)."""
+        from machined.runtime import cleanup
+
+        if (cleanup.MACHINED_STATE / name).exists():
+            from machined import registry
+
+            registry.unregister(self.systemd.bus, name)
 
     def restart(self, name: str) -> None:
         if self.is_running(name):

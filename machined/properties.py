@@ -252,6 +252,7 @@ def machine_settings(
     boot: bool = False,
     exec_stop_post: list[str] | None = None,
     pid_file: str | None = None,
+    runtime_directory: str | None = None,
 ) -> list[UnitSetting]:
     """Everything a machine's unit carries, in one list that both the transient
     path (D-Bus properties) and the enabled path (rendered unit file) use, so
@@ -259,7 +260,9 @@ def machine_settings(
 
     ``exec_stop_post``: a clean-up command systemd runs after the main process
     is gone however it ended (a SIGKILLed runtime included); its failure is
-    ignored (``-``), so it never turns a clean stop into a failed unit."""
+    ignored (``-``), so it never turns a clean stop into a failed unit.
+    ``runtime_directory``: relative to /run, made at start and removed by
+    systemd at stop (see runtime.cleanup.runtime_directory)."""
     timeout = stop_timeout + STOP_TIMEOUT_MARGIN
     settings = [
         _setting("Description", f"pymachine machine {name}"),
@@ -315,6 +318,14 @@ def machine_settings(
                 Property("ExecStart", "a(sasb)", [(exec_start[0], exec_start, False)]),
             ),
         ]
+        if runtime_directory:
+            settings.append(
+                _setting(
+                    "RuntimeDirectory",
+                    runtime_directory,
+                    Property("RuntimeDirectory", "as", [runtime_directory]),
+                )
+            )
         if exec_stop_post:
             settings.append(
                 _setting(

@@ -30,6 +30,28 @@ _UNREGISTER = (
 )
 
 
+def runtime_directory(name: str, paths: Paths) -> str | None:
+    """The unit's ``RuntimeDirectory=`` (``pymachine/NAME``): systemd removes it
+    when the unit stops, the state file with it (and the PID file, which it
+    unlinks itself), with no process of ours. None when the machine's runtime
+    directory is not ``/run/pymachine/NAME`` (another ``PYMACHINE_ROOT``)."""
+    directory = paths.machine_runtime(name)
+    if directory.parent != Path("/run/pymachine"):
+        return None
+    return f"pymachine/{name}"
+
+
+def needs_command(name: str, paths: Paths, *, bridged: bool, ephemeral: bool) -> bool:
+    """Whether the unit needs an ``ExecStopPost=`` at all. A control process costs
+    each stop 15–25 ms (fork, cgroup migration, exec: measured with systemd-run in
+    a tier-1 host), so a machine with neither a bridge nor an ephemeral layer
+    has none when its runtime directory is systemd's to remove: the PID and
+    state files go with it, and machined drops the registration when the unit
+    stops (``pymachine stop`` unregisters at once; a crashed runtime's stale
+    registration is dropped by the next start)."""
+    return bridged or ephemeral or runtime_directory(name, paths) is None
+
+
 def command(name: str, paths: Paths, python_cleanup: list[str]) -> list[str]:
     """The unit's ``ExecStopPost=``: :func:`cleanup` in Python only when there
     is a network record or an ephemeral layer to tear down; otherwise (the
