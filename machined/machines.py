@@ -239,8 +239,8 @@ class Machines:
         if running is not None and state in (MachineState.RUNNING, MachineState.STOPPING):
             info.leader = running.leader
             info.address = running.address
-        if info.address is None and definition is not None:
-            info.address = _address_of(name, self.paths)
+        if info.address is None and definition is not None and _bridged(definition):
+            info.address = _address_of(name, self.paths)  # a stopped machine's lease
         return info
 
     def list(self) -> list[MachineInfo]:
@@ -299,16 +299,12 @@ class Machines:
         return definition, states
 
     def settings(self, definition: MachineDefinition, *, scope: bool = False) -> list:
-        from machined.network.config import NetworkMode
         from machined.properties import machine_settings
         from machined.runtime import cleanup
 
         name = definition.name
         clean_up = cleanup.needs_command(
-            name,
-            self.paths,
-            bridged=definition.network.mode == NetworkMode.BRIDGE,
-            ephemeral=definition.ephemeral,
+            name, self.paths, bridged=_bridged(definition), ephemeral=definition.ephemeral
         )
         return machine_settings(
             name,
@@ -336,7 +332,7 @@ class Machines:
         if unit in states:  # not loaded: nothing to reset (no round trip)
             self.systemd.reset_failed(unit)
         try:
-            if (self.paths.unit_files / unit).exists():
+            if self.paths.unit_file(name).exists():
                 from machined import units
 
                 units.refresh(name, machines=self)  # the definition may have been edited by hand
@@ -412,7 +408,7 @@ class Machines:
             raise NotFound(f"machine '{name}' not found")
         if self.is_running(name):
             raise Conflict(f"machine '{name}' is running; stop it first")
-        unit_file = self.paths.unit_files / unit_name(name)
+        unit_file = self.paths.unit_file(name)
         if unit_file.exists():
             raise Conflict(f"machine '{name}' is enabled; run 'pymachine disable {name}' first")
         self.paths.definition_file(name).unlink()
@@ -479,6 +475,13 @@ def _running(active_state: str) -> bool:
     from machined.systemd import RUNNING_STATES  # loaded: the state came through it
 
     return active_state in RUNNING_STATES
+
+
+def _bridged(definition: MachineDefinition) -> bool:
+    """Only a bridged machine has a lease (the others: no network.lifecycle import)."""
+    from machined.network.config import NetworkMode
+
+    return definition.network.mode == NetworkMode.BRIDGE
 
 
 def _address_of(name: str, paths: Paths) -> str | None:

@@ -88,6 +88,10 @@ class Paths:
     def pid_file(self, name: str) -> Path:
         return self.machine_runtime(name) / PID_FILE
 
+    def unit_file(self, name: str) -> Path:
+        """An enabled machine's unit file (its existence is the record of it)."""
+        return self.unit_files / unit_name(name)
+
 
 def unit_name(machine: str) -> str:
     """One machine, one unit name, whether transient or enabled."""

@@ -147,7 +147,7 @@ def render(definition: MachineDefinition, paths: Paths | None = None) -> str:
 
 
 def unit_file(name: str, paths: Paths | None = None) -> Path:
-    return (paths or Paths.from_env()).unit_files / unit_name(name)
+    return (paths or Paths.from_env()).unit_file(name)
 
 
 def is_enabled(name: str, paths: Paths | None = None) -> bool:

@@ -358,9 +358,10 @@ def _security_rows(info) -> list[tuple[str, str | None]]:
 
 
 def _enabled(name: str) -> bool:
-    from machined import units
+    """= units.is_enabled, without importing machined.units (jinja2-free, but ~1.5 ms)."""
+    from machined.paths import Paths
 
-    return units.is_enabled(name)
+    return Paths.from_env().unit_file(name).is_file()
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
