@@ -216,7 +216,6 @@ def _host_pins() -> list[str]:
 
     names = (
         "pystemd",
-        "pyroute2",
         "jinja2",
         "markupsafe",
         "lxml",
