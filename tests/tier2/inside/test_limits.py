@@ -111,6 +111,13 @@ def test_cpu_quota(limited):
     unit = unit_of(limited)
     assert (cgroup_dir(unit) / "cpu.max").read_text().split() == ["20000", "100000"]
     assert "CPUQuota=20%" in Path("/etc/pymachine", f"{limited}.machine").read_text()
+    # The payload sleeps 5 s before it spins (for the fork bomb's sake): measure
+    # once the quota throttles it, not from an assumed start-up time.
+    first = cpu_stat(unit)["nr_throttled"]
+    deadline = time.monotonic() + 120
+    while cpu_stat(unit)["nr_throttled"] == first:
+        assert time.monotonic() < deadline, "the busy loop never got throttled: did it run?"
+        time.sleep(0.2)
     before, t0 = cpu_stat(unit), time.monotonic()
     time.sleep(5)
     after, t1 = cpu_stat(unit), time.monotonic()
