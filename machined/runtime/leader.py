@@ -124,10 +124,12 @@ def _intermediate(go_read: int, report_write: int, *, foreground: bool) -> None:
     """Namespaces and PID 1; then exit. Never returns into the runtime's code."""
     status = 1
     try:
-        from machined.runtime import container, linux  # while the runtime prepares
+        # Everything PID 1 needs, loaded (and the init opened) while the runtime
+        # prepares, and before anything is root inside a user namespace: mapped
+        # root may not read the host's Python library (e.g. under a 0700 /root).
+        from machined.runtime import container, linux, restrict  # noqa: F401
 
         linux.prctl(linux.PR_SET_PDEATHSIG, 9)
-
         init_fd = init.open_binary()
         go = read_line(go_read).split()
         if not go:
@@ -146,7 +148,7 @@ def _intermediate(go_read: int, report_write: int, *, foreground: bool) -> None:
         linux.unshare(flags | linux.CLONE_NEWPID)
         pid1 = os.fork()
         if pid1 == 0:
-            _pid1(container, init_fd, go_read, report_write, userns=userns, foreground=foreground)
+            _pid1(init_fd, go_read, report_write, userns=userns, foreground=foreground)
         os.write(report_write, f"P{pid1}\n".encode())  # the runtime sets up the network
         status = 0
     except BaseException as exc:  # report, never fall back into the caller's code
@@ -172,17 +174,15 @@ def _die_with_supervisor(go_read: int) -> None:
         raise RuntimeError("the runtime is gone")
 
 
-def _pid1(
-    container, init_fd: int, go_read: int, report_write: int, *, userns: bool, foreground: bool
-) -> None:
+def _pid1(init_fd: int, go_read: int, report_write: int, *, userns: bool, foreground: bool) -> None:
+    from machined.runtime import container, restrict  # loaded by the intermediate already
+
     try:
         if userns:
             _become_root()
         message = receive(go_read)  # sent once the network is set up
         if message is None:
             raise RuntimeError("the runtime is gone")
-        from machined.runtime import restrict
-
         program = container.set_up(message)
         if foreground:
             _die_with_supervisor(go_read)
