@@ -308,7 +308,7 @@ class Rtnl:
         while True:
             data, _ancdata, flags, _addr = self.sock.recvmsg(RECV_SIZE)
             if flags & socket.MSG_TRUNC:
-                raise OSError(f"netlink reply larger than {RECV_SIZE} bytes")
+                raise OSError(errno.EMSGSIZE, f"netlink reply larger than {RECV_SIZE} bytes")
             for message in parse_messages(data):
                 if message.seq == seq:
                     yield message
