@@ -21,7 +21,6 @@ from machined.names import validate_image_name, validate_machine_name
 from machined.network.config import NetworkConfig, NetworkMode, PortForward
 from machined.paths import Paths
 from machined.properties import format_seconds, parse_resource
-from machined.runtime import security
 
 DEFAULT_STOP_TIMEOUT = 10.0  # seconds, like docker/podman; systemd's 90 s is for whole OSes
 
@@ -150,6 +149,20 @@ def check_seconds(seconds: float, text: object = None, what: str = "duration") -
     return seconds
 
 
+def _security():
+    """``machined.runtime.security`` (ctypes, the seccomp tables: ~4 ms), loaded
+    only by a definition with a Capability=, SystemCallFilter= or unusual
+    PrivateUsers= line: ``start``, ``list`` and ``status`` read definitions."""
+    from machined.runtime import security
+
+    return security
+
+
+def _parse_private_users(text: str) -> str:
+    # the two keywords as written are their own canonical form (userns.parse_spec)
+    return text if text in ("pick", "no") else _security().parse_private_users(text)
+
+
 def _fmt_bool(value: bool) -> str:
     return "yes" if value else "no"
 
@@ -234,19 +247,19 @@ _KEYS: tuple[_Key, ...] = (
         "Exec",
         "Capability",
         lambda d: [" ".join(d.capability)] if d.capability else [],
-        lambda d, v: d.capability.extend(security.parse_capabilities(v)),
+        lambda d, v: d.capability.extend(_security().parse_capabilities(v)),
     ),
     _Key(
         "Exec",
         "DropCapability",
         lambda d: [" ".join(d.drop_capability)] if d.drop_capability else [],
-        lambda d, v: d.drop_capability.extend(security.parse_capabilities(v)),
+        lambda d, v: d.drop_capability.extend(_security().parse_capabilities(v)),
     ),
     _Key(
         "Exec",
         "SystemCallFilter",
         lambda d: list(d.system_call_filter),
-        lambda d, v: d.system_call_filter.append(security.parse_syscall_filter(v)),
+        lambda d, v: d.system_call_filter.append(_security().parse_syscall_filter(v)),
     ),
     _Key(
         "Exec",
@@ -257,7 +270,7 @@ _KEYS: tuple[_Key, ...] = (
     _Key(
         "Exec",
         "PrivateUsers",
-        *_scalar("private_users", security.parse_private_users, default="pick"),
+        *_scalar("private_users", _parse_private_users, default="pick"),
     ),
     _Key(
         "Files",

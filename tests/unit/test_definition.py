@@ -522,3 +522,18 @@ def test_newline_in_values_cannot_inject_keys(tmp_path: Path, changes: dict) -> 
     except InvalidInput:
         return  # refusing the value is a fix too
     assert defs.load("w", paths) == evil
+
+
+def test_reading_a_plain_definition_does_not_load_the_security_module() -> None:
+    """start/list/status read definitions: ctypes and the seccomp tables only when
+    a key needs them."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from machined.definition import from_text; "
+        "d = from_text('m', '[Machine]\\nImage=i\\n[Exec]\\nPrivateUsers=no\\n'); "
+        "print(d.private_users, 'machined.runtime.security' in sys.modules)"
+    )
+    out = subprocess.check_output([sys.executable, "-c", code], text=True)
+    assert out.split() == ["no", "False"]
