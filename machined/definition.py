@@ -27,6 +27,8 @@ DEFAULT_STOP_TIMEOUT = 10.0  # seconds, like docker/podman; systemd's 90 s is fo
 
 @dataclass(frozen=True)
 class BindMount:
+    """A ``Bind=`` line: host path, path inside, read-only or not."""
+
     source: str
     target: str
     read_only: bool = False
@@ -52,6 +54,8 @@ class BindMount:
 
 @dataclass
 class MachineDefinition:
+    """A machine as ``/etc/pymachine/NAME.machine`` defines it."""
+
     name: str
     image: str
     boot: bool = False
@@ -173,6 +177,8 @@ def _fmt_seconds(value: float) -> str:
 
 @dataclass(frozen=True)
 class _Key:
+    """One key of the file: where it lives, how to write and read it."""
+
     section: str
     key: str
     get: Callable[[MachineDefinition], list[str]]  # values to write (empty = omit)

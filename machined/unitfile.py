@@ -17,6 +17,8 @@ from machined.errors import InvalidInput
 
 @dataclass
 class Entry:
+    """One ``Key=value`` line and where it was read."""
+
     key: str
     value: str
     line: int
@@ -24,6 +26,8 @@ class Entry:
 
 @dataclass
 class UnitFile:
+    """A parsed file: its sections' entries, in order."""
+
     path: str
     sections: dict[str, list[Entry]] = field(default_factory=dict)
     section_lines: dict[str, int] = field(default_factory=dict)  # where each [Section] starts

@@ -7,12 +7,16 @@ never pays for pyroute2 or the bootstrapper.
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import sys
-from types import ModuleType
+from machined import lazy
 
-from machined.errors import ExitCode, PymachineError
+lazy.defer("inspect")  # first: only dataclasses' docstrings would need it (machined.lazy)
+
+import argparse  # noqa: E402
+import importlib  # noqa: E402
+import sys  # noqa: E402
+from types import ModuleType  # noqa: E402
+
+from machined.errors import ExitCode, PymachineError  # noqa: E402
 
 # Verb groups, in the order their verbs appear in --help.
 VERB_MODULES = (

@@ -45,6 +45,8 @@ def _port(text: str, what: str, spec: str) -> int:
 
 @dataclass(frozen=True)
 class PortForward:
+    """A ``Port=`` line: protocol, host port, container port."""
+
     protocol: str
     host_port: int
     container_port: int
@@ -99,6 +101,8 @@ def validate_ifname(name: str, what: str = "bridge") -> str:
 
 @dataclass
 class NetworkConfig:
+    """A definition's ``[Network]`` section."""
+
     mode: NetworkMode = NetworkMode.BRIDGE
     bridge: str = DEFAULT_BRIDGE
     address: str = "auto"

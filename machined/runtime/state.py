@@ -16,6 +16,8 @@ from machined.paths import STATE_FILE, Paths
 
 @dataclass(frozen=True)
 class RuntimeState:
+    """What the runtime recorded of a started machine."""
+
     name: str
     leader: int  # host-side PID of the container's PID 1
     supervisor: int  # the runtime; in service mode it exits once PID 1 is the main process
