@@ -55,8 +55,12 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version="pymachine 0.1.0")
     subparsers = parser.add_subparsers(dest="verb", metavar="VERB")
     subparsers.required = True
-    for module in _verb_groups(verb):
-        module.register(subparsers)
+    groups = _verb_groups(verb)
+    for module in groups:
+        if verb is not None and verb in getattr(module, "VERBS", ()):
+            module.register(subparsers, verb)  # that verb's sub-parser only
+        else:
+            module.register(subparsers)
     return parser
 
 

@@ -7,19 +7,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
-import signal
 import sys
 from typing import Any
 
 from machined.errors import InvalidInput
-
-#: The verbs (and aliases) :func:`register` adds: ``pymachine VERB …`` builds
-#: only this group's parser (machined.cli.build_parser).
-VERBS = frozenset(
-    {"create", "start", "stop", "restart", "remove", "rm", "kill", "list", "ls"}
-    | {"status", "exec", "shell", "run", "gc", "logs"}
-)
 
 
 def _add_definition_flags(p: argparse.ArgumentParser) -> None:
@@ -219,6 +210,8 @@ def cmd_restart(args: argparse.Namespace) -> int:
 
 
 def _parse_signal(text: str) -> int:
+    import signal  # kill only
+
     name = text.upper()
     if name.isdigit():
         return int(name)
@@ -296,6 +289,8 @@ def _limits_text(info) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    import shlex
+
     from machined.cli.output import human_bytes, human_duration, print_json
     from machined.errors import ExitCode
     from machined.machines import MachineState, journal
@@ -454,7 +449,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: Any) -> None:
+def _create_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("create", help="define a machine from an image")
     p.add_argument("name")
     _add_definition_flags(p)
@@ -463,21 +458,24 @@ def register(subparsers: Any) -> None:
     p.add_argument("command", nargs="*", help="-- CMD [ARGS…] (default: the image's)")
     p.set_defaults(func=cmd_create)
 
-    for verb, func, text in (
-        ("start", cmd_start, "start machines as transient systemd services"),
-        ("stop", cmd_stop, "stop running machines"),
-        ("restart", cmd_restart, "stop (if running) and start machines"),
-        ("remove", cmd_remove, "remove stopped machines: definition and writable layer"),
-    ):
-        p = subparsers.add_parser(verb, help=text, aliases=["rm"] if verb == "remove" else [])
+
+def _names_parser(verb: str, func: Any, text: str, aliases: tuple[str, ...] = ()) -> Any:
+    def build(subparsers: Any) -> None:
+        p = subparsers.add_parser(verb, help=text, aliases=list(aliases))
         p.add_argument("names", nargs="+", metavar="NAME")
         p.set_defaults(func=func)
 
+    return build
+
+
+def _kill_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("kill", help="send a signal to machines' init")
     p.add_argument("names", nargs="+", metavar="NAME")
     p.add_argument("-s", "--signal", default="SIGTERM")
     p.set_defaults(func=cmd_kill)
 
+
+def _list_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("list", aliases=["ls"], help="list machines")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument(
@@ -485,12 +483,16 @@ def register(subparsers: Any) -> None:
     )
     p.set_defaults(func=cmd_list)
 
+
+def _status_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("status", help="show a machine's state, limits, usage and journal")
     p.add_argument("name")
     p.add_argument("--json", action="store_true")
     p.add_argument("-n", "--lines", type=int, default=10, help="journal lines to show")
     p.set_defaults(func=cmd_status)
 
+
+def _exec_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("exec", help="run a command inside a running machine")
     p.add_argument("name")
     p.add_argument("--user", "-u")
@@ -499,6 +501,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("command", nargs="*", help="-- CMD [ARGS…]")
     p.set_defaults(func=cmd_exec)
 
+
+def _shell_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "shell", help="an interactive shell on a new pseudo-terminal inside a machine"
     )
@@ -509,18 +513,24 @@ def register(subparsers: Any) -> None:
     p.add_argument("command", nargs="*", help="-- CMD [ARGS…] (default: the user's shell)")
     p.set_defaults(func=cmd_exec)
 
+
+def _run_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("run", help="run a machine in the foreground, in a transient scope")
     p.add_argument("name")
     p.add_argument("--ephemeral", action="store_true", help="throw the writable layer away at exit")
     p.add_argument("command", nargs="*", help="-- CMD [ARGS…]")
     p.set_defaults(func=cmd_run)
 
+
+def _gc_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "gc", help="clean what crashed machines left: veths, nft rules, registrations"
     )
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_gc)
 
+
+def _logs_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("logs", help="show a machine's journal")
     p.add_argument("name")
     p.add_argument("-f", "--follow", action="store_true")
@@ -528,3 +538,36 @@ def register(subparsers: Any) -> None:
     p.add_argument("--since")
     p.add_argument("-t", "--timestamps", action="store_true")
     p.set_defaults(func=cmd_logs)
+
+
+#: Each verb's sub-parser, in --help order: ``pymachine stop …`` builds only its own.
+_PARSERS = {
+    "create": _create_parser,
+    "start": _names_parser("start", cmd_start, "start machines as transient systemd services"),
+    "stop": _names_parser("stop", cmd_stop, "stop running machines"),
+    "restart": _names_parser("restart", cmd_restart, "stop (if running) and start machines"),
+    "remove": _names_parser(
+        "remove", cmd_remove, "remove stopped machines: definition and writable layer", ("rm",)
+    ),
+    "kill": _kill_parser,
+    "list": _list_parser,
+    "status": _status_parser,
+    "exec": _exec_parser,
+    "shell": _shell_parser,
+    "run": _run_parser,
+    "gc": _gc_parser,
+    "logs": _logs_parser,
+}
+_ALIASES = {"rm": "remove", "ls": "list"}
+#: The verbs (and aliases) :func:`register` adds: ``pymachine VERB …`` builds only
+#: this group's parser, and in it only VERB's sub-parser (machined.cli.build_parser).
+VERBS = frozenset(_PARSERS) | frozenset(_ALIASES)
+
+
+def register(subparsers: Any, verb: str | None = None) -> None:
+    """Add the machine verbs' sub-parsers; with VERB (one of VERBS), its own only."""
+    if verb is not None:
+        _PARSERS[_ALIASES.get(verb, verb)](subparsers)
+        return
+    for build in _PARSERS.values():
+        build(subparsers)
