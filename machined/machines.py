@@ -105,6 +105,7 @@ def scope_name(machine: str) -> str:
 
 RUNTIME_BOOTSTRAP = (
     "import sys; sys.path[:0] = sys.argv.pop(1).split(':'); "
+    "from machined import lazy; lazy.defer('inspect'); "  # see machined.lazy
     "from machined.runtime.__main__ import main; sys.exit(main(sys.argv[1:]))"
 )
 

@@ -86,6 +86,8 @@ class BridgeNet:
 
 @dataclass(frozen=True)
 class Lease:
+    """A machine's persisted addresses on a bridge."""
+
     machine: str
     bridge: str
     address: str  # "10.219.0.2/24"

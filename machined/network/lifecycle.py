@@ -32,6 +32,8 @@ __all__ = [
 
 @dataclass
 class NetworkState:
+    """A bridged machine's network as set up: its veth, addresses, bridge, ports."""
+
     host_ifname: str
     host_ifindex: int
     address: str  # with prefix: "10.219.0.2/24"
@@ -223,6 +225,8 @@ def remove_bridge(bridge: str, paths: Paths) -> bool:
 
 @dataclass(frozen=True)
 class LoopbackProxy:
+    """One ``[::1]`` port forward: protocol, where it listens, where it goes."""
+
     protocol: str  # "tcp"
     listen: str  # "[::1]:8080"
     target: str  # "10.219.0.2:80"

@@ -251,6 +251,8 @@ def comment_for(machine: str, port: PortForward) -> str:
 
 @dataclass(frozen=True)
 class MachineRule:
+    """One machine's rule found in the table (for teardown and gc)."""
+
     machine: str
     chain: str
     handle: int
