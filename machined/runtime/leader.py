@@ -189,10 +189,12 @@ def _pid1(init_fd: int, go_read: int, report_write: int, *, userns: bool, foregr
         restrict.apply(**message["restrictions"])
         if program["path"] is not None:  # boot mode: the image's own init
             os.execve(program["path"], program["argv"], program["environment"])
+        # Foreground: the init dies with the runtime (the exec may clear the
+        # parent-death signal, the init sets it again). Service: the payload
+        # starts once the runtime has registered the machine and handed over.
+        os.set_inheritable(go_read, True)
         argv = program["argv"]
-        if foreground:  # the exec may clear the parent-death signal: the init sets it again
-            os.set_inheritable(go_read, True)
-            argv[1:1] = ["--supervisor-fd", str(go_read)]
+        argv[1:1] = ["--supervisor-fd" if foreground else "--handover-fd", str(go_read)]
         # Signals that come before the init waits for them stay pending, not lost.
         signal.pthread_sigmask(signal.SIG_BLOCK, init.WATCHED)
         os.execve(init_fd, argv, program["environment"])

@@ -24,10 +24,13 @@
  * Usage (machined.runtime.init.command_line builds it):
  *   pymachine-init [--terminal] [--stop-timeout SECONDS] [--chdir DIR]
  *                  [--uid UID] [--gid GID] [--groups GID,GID...]
- *                  [--supervisor-fd FD] -- COMMAND [ARG...]
+ *                  [--supervisor-fd FD | --handover-fd FD] -- COMMAND [ARG...]
  * The payload gets our environment; COMMAND is looked up in its PATH.
  * --supervisor-fd (foreground machines): a pipe whose writer is the runtime
  * (our parent); we die with it, so no container runs on headless.
+ * --handover-fd (service machines): the same pipe; the payload starts once it
+ * reaches EOF (the runtime registered the machine and handed the unit over),
+ * and we live at least ADOPTION_GRACE seconds after that.
  * Exit status: the payload's; 127 when COMMAND is not found, 126 when it
  * cannot be run; 1 for a usage error.
  */
@@ -58,7 +61,13 @@ struct payload {
     int terminal; /* attached to the user's terminal (pymachine run) */
     double stop_timeout;
     int supervisor_fd; /* pymachine run: the runtime's pipe, -1 in service mode */
+    int handover_fd;   /* service mode: the runtime's pipe, -1 otherwise */
 };
+
+/* Service mode: systemd takes us as the unit's main process when it reads the
+ * PID file, on the runtime's exit. We must still be alive then (a zombie is
+ * refused: result 'protocol'), even if the payload is done at once. */
+#define ADOPTION_GRACE 0.1
 
 static const int forwarded[] = {
     SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGWINCH, SIGCONT, SIGTSTP,
@@ -196,10 +205,26 @@ static void drain(double grace) {
         ;
 }
 
-static int run(const struct payload *p) {
-    sigset_t watched;
-    watched_signals(&watched);
-    sigprocmask(SIG_BLOCK, &watched, NULL);
+/* Block until every writer of FD is gone (the runtime exited); the time of that. */
+static double wait_for_handover(int fd) {
+    char buffer[64];
+    ssize_t n;
+    do
+        n = read(fd, buffer, sizeof(buffer)); /* no data is expected: EOF is the message */
+    while (n > 0 || (n < 0 && errno == EINTR));
+    close(fd);
+    return now();
+}
+
+static void stay_until(double deadline) {
+    for (double left = deadline - now(); left > 0; left = deadline - now()) {
+        struct timespec ts = as_timespec(left);
+        nanosleep(&ts, NULL);
+    }
+}
+
+/* Be PID 1 until the payload ends (WATCHED is blocked); the status to exit with. */
+static int supervise(const struct payload *p, const sigset_t *watched) {
     pid_t main_pid = spawn(p);
     if (main_pid < 0)
         return 1;
@@ -214,7 +239,7 @@ static int run(const struct payload *p) {
         }
         struct timespec ts = as_timespec(timeout);
         siginfo_t info;
-        int sig = sigtimedwait(&watched, &info, &ts);
+        int sig = sigtimedwait(watched, &info, &ts);
         if (stopping_since >= 0 && now() >= stopping_since + p->stop_timeout)
             signal_quietly(-1, SIGKILL); /* the payload ignored the request: escalate */
         if (sig < 0)
@@ -244,6 +269,17 @@ static int run(const struct payload *p) {
             stopping_since = now();
         signal_quietly(main_pid, sig);
     }
+}
+
+static int run(const struct payload *p) {
+    sigset_t watched;
+    watched_signals(&watched);
+    sigprocmask(SIG_BLOCK, &watched, NULL); /* pending signals wait for us, none is lost */
+    double adopted = p->handover_fd >= 0 ? wait_for_handover(p->handover_fd) : -1;
+    int status = supervise(p, &watched);
+    if (adopted >= 0)
+        stay_until(adopted + ADOPTION_GRACE);
+    return status;
 }
 
 /* The kernel clears the parent-death signal when an exec changes credentials,
@@ -284,6 +320,7 @@ static int parse(int argc, char **argv, struct payload *p) {
     p->directory = "/";
     p->stop_timeout = 10.0;
     p->supervisor_fd = -1;
+    p->handover_fd = -1;
     for (int i = 1; i < argc; i++) {
         const char *flag = argv[i];
         const char *value = i + 1 < argc ? argv[i + 1] : NULL;
@@ -314,6 +351,8 @@ static int parse(int argc, char **argv, struct payload *p) {
             p->change_user = 1;
         } else if (strcmp(flag, "--supervisor-fd") == 0 && parse_number(value, &number)) {
             p->supervisor_fd = (int)number;
+        } else if (strcmp(flag, "--handover-fd") == 0 && parse_number(value, &number)) {
+            p->handover_fd = (int)number;
         } else {
             return 0;
         }
@@ -331,7 +370,7 @@ int main(int argc, char **argv) {
     prctl(PR_SET_NAME, "pymachine-init", 0, 0, 0);
     if (!parse(argc, argv, &payload)) {
         fputs("usage: pymachine-init [--terminal] [--stop-timeout SECONDS] [--chdir DIR] "
-              "[--uid UID] [--gid GID] [--groups GID,...] [--supervisor-fd FD] "
+              "[--uid UID] [--gid GID] [--groups GID,...] [--supervisor-fd FD | --handover-fd FD] "
               "-- COMMAND [ARG...]\n",
               stderr);
         return 1;

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import shlex
+import sys
 import time
+from pathlib import Path
 
 import pytest
+
+import machined
 
 SLEEPER = ("/bin/sh", "-c", "while :; do sleep 0.2; done")
 
@@ -333,3 +338,49 @@ def test_shell_gives_a_real_terminal(systemd_host, make_machine, machine_name):
         assert "/dev/pts/0" in text and f"\n{name}\n" in text
     finally:
         systemd_host.run(["tmux", "kill-session", "-t", session], check=False)
+
+
+def test_a_package_under_a_0700_directory_starts_user_namespaced_machines(
+    systemd_host, tiny_image, machine_name
+):
+    """Mapped root in a user namespace cannot read files under a 0700 directory
+    (such as /root, where a checkout or a CI clone may live): PID 1 must have
+    loaded everything it needs, and opened the init, before it is root inside."""
+    repo = Path(machined.__file__).resolve().parents[1]
+    private = "/srv/pymachine-0700"
+    copy = f"{private}/checkout"
+    py = f"cd {copy} && {shlex.quote(sys.executable)} -m machined"
+    systemd_host.run(
+        f"rm -rf {private} && mkdir -m 700 {private} && mkdir {copy} && cd {repo} && "
+        f"git ls-files | tar -cf - -T - | tar -xf - -C {copy} && "
+        f"cp machined/runtime/pymachine-init {copy}/machined/runtime/"
+    )
+    try:  # a service: its runtime forks the intermediate before importing anything else
+        systemd_host.run(
+            f"{py} create {machine_name} --image {tiny_image} --network none -- /bin/sleep 1000"
+        )
+        started = systemd_host.run(f"{py} start {machine_name}", check=False)
+        assert started.returncode == 0, started
+        uid_map = inside(systemd_host, machine_name, "cat /proc/self/uid_map").stdout
+        inside_uid, outside_uid, _count = uid_map.split()
+        assert (inside_uid, outside_uid != "0") == ("0", True), uid_map  # a user namespace
+        assert inside(systemd_host, machine_name, "cat /proc/1/comm").stdout == "pymachine-init\n"
+    finally:
+        systemd_host.run(f"{py} stop {machine_name}; {py} remove {machine_name}", check=False)
+        systemd_host.run(f"rm -rf {private}", check=False)
+
+
+def test_a_service_whose_payload_exits_at_once_starts_and_ends_with_its_status(
+    systemd_host, make_machine, machine_name
+):
+    """As with ``machinectl start`` of such a container: the start succeeds, the
+    unit ends, its status is the payload's (the init must be alive when
+    systemd reads its PID file, however fast the payload is)."""
+    name = make_machine(machine_name, command=("/bin/sh", "-c", "exit 7"), start=False)
+    unit = f"pymachine-{name}.service"
+    for _ in range(3):
+        started = systemd_host.pymachine("start", name, check=False)
+        assert started.returncode == 0, started
+        assert wait_until(lambda: unit_state(systemd_host, unit)["ActiveState"] == "failed")
+        assert unit_state(systemd_host, unit)["ExecMainStatus"] == "7"
+        assert unit_state(systemd_host, unit)["Result"] == "exit-code"

@@ -166,3 +166,28 @@ def test_foreground_init_does_not_start_when_the_runtime_is_gone() -> None:
     os.close(read_end)
     assert result.returncode == 1 and "payload ran" not in result.stdout
     assert "the runtime is gone" in result.stderr
+
+
+def test_service_init_starts_the_payload_after_the_handover_and_outlives_it() -> None:
+    """Service mode: the payload starts once the runtime has exited (its pipe at
+    EOF), and the init lives on for a moment, so that systemd reading the PID
+    file finds it alive even when the payload is done at once."""
+    read_end, write_end = _pipe_for_init()
+    argv = init.command_line(["sh", "-c", "echo payload ran; exit 5"])
+    argv[1:1] = ["--handover-fd", str(read_end)]
+    proc = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--mount-proc", init.BINARY, *argv[1:]],
+        pass_fds=(read_end,),
+        stdout=subprocess.PIPE,
+        text=True,
+        env={"PATH": init.DEFAULT_PATH},
+    )
+    os.close(read_end)
+    time.sleep(0.3)
+    assert proc.poll() is None  # still waiting for the runtime
+    handed_over = time.monotonic()
+    os.close(write_end)
+    out, _ = proc.communicate(timeout=20)
+    lived = time.monotonic() - handed_over
+    assert (proc.returncode, out) == (5, "payload ran\n")
+    assert lived >= 0.1, lived
