@@ -46,7 +46,8 @@ VERBS = {
 # what a verb needs is its own module, argparse, the bus client; these are not
 # (importlib.resources and zipfile are not watched: the .pth files of site load them here)
 WATCH = (
-    "pyroute2",
+    "machined.network.lifecycle",
+    "machined.network.links",
     "jinja2",
     "lxml.etree",
     "pystemd",

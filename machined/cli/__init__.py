@@ -2,7 +2,7 @@
 
 Each verb group lives in its own module exposing ``register(subparsers)``; a
 module imports what its verbs need inside the handlers, so ``pymachine list``
-never pays for pyroute2 or the bootstrapper.
+never pays for the network code or the bootstrapper.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ The runtime calls, as root in the host's network namespace:
   when a previous run left something behind);
 * :func:`release` when the machine is removed (it loses its address);
 * :func:`gc` to clean what runtimes killed with SIGKILL left;
-* :func:`address_of` for ``list``/``status`` (reads one file, no pyroute2).
+* :func:`address_of` for ``list``/``status`` (reads one file, no netlink).
 
 ``Mode=bridge``: the bridge (default ``pymachine0``) is made on first use with
 the gateway addresses of its subnets (IPv4 and an IPv6 ULA /64, see
@@ -25,7 +25,9 @@ rule per ``Port=`` and IP family, reachable on every local address of the host,
 Files: leases and bridge subnets under ``paths.state/network`` (kept), one
 runtime record per machine under ``paths.runtime/.network`` (:mod:`.state`).
 
-pyroute2 is imported inside the functions that need it, never at module level.
+The kernel-facing modules (:mod:`.links` and :mod:`.rtnl`, :mod:`.nft`,
+:mod:`.sysctl`) are imported inside the functions that need them, never at
+module level: ``list``, ``status`` and a ``Mode=none`` start load none of them.
 """
 
 from __future__ import annotations

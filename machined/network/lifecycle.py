@@ -76,7 +76,7 @@ def setup(machine: str, config: NetworkConfig, netns_pid: int, paths: Paths) -> 
     if config.mode == NetworkMode.NONE:
         from machined.network.loopback import loopback_up
 
-        loopback_up(netns_pid)  # one ioctl: no pyroute2 in a runtime that needs nothing else
+        loopback_up(netns_pid)  # one ioctl: no links/rtnl for a runtime that needs nothing else
         return None
 
     from machined.network import links, nft, sysctl
@@ -144,7 +144,7 @@ def teardown(machine: str, paths: Paths) -> None:
     record = state.read(paths, machine) or {}
     ifname = record.get("host_ifname") or state.host_ifname(machine)
     # After a stop the veth is usually gone already (it dies with the machine's
-    # netns): look before loading pyroute2 (~0.25 s, at every stop otherwise).
+    # netns): look before importing links and opening a netlink socket.
     # (An ioctl in our netns: /sys/class/net shows the netns sysfs was mounted in.)
     if _link_exists(ifname):
         from machined.network import links
@@ -179,7 +179,7 @@ def address_of(machine: str, paths: Paths) -> str | None:
 
 
 def state_of(machine: str, paths: Paths) -> NetworkState | None:
-    """The running machine's network, from its runtime record (no pyroute2)."""
+    """The running machine's network, from its runtime record (no netlink)."""
     record = state.read(paths, machine)
     return NetworkState.from_record(record) if record else None
 

@@ -8,8 +8,8 @@ out, so the machine is gone from ``machinectl list`` when stop returns), the
 state file, an ephemeral layer. Mounts need nothing: they live in namespaces
 that died with the container.
 
-Kept light (``paths`` and ``network.state``; pyroute2 only when a bridged
-machine left something): it runs at every stop.
+Kept light (``paths`` and ``network.state``; the network teardown only when a
+bridged machine left something): it runs at every stop.
 """
 
 from __future__ import annotations
