@@ -62,6 +62,8 @@ CLONE_NEWUSER = 0x10000000
 
 @dataclass(frozen=True)
 class UsernsSpec:
+    """A definition's ``PrivateUsers=``: no, pick a free range, or a fixed one."""
+
     mode: str  # "pick" | "no" | "fixed"
     base: int | None = None
     count: int = DEFAULT_COUNT
