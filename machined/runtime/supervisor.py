@@ -274,10 +274,7 @@ class Supervisor:
             if self.definition.boot:
                 userns.chown_cgroup(payload_cg, self.policy.uid_base)
             intermediate.go(flags, userns=self.policy.uid_base is not None)
-            # While the intermediate starts its interpreter, do what does not need
-            # it: compile the seccomp programs, load the D-Bus client for machined.
-            restrictions = security.restrictions(self.policy)
-            _preload_registration()
+            restrictions = security.restrictions(self.policy)  # while it creates namespaces
             if self.policy.uid_base is not None:
                 if os.read(report_read, 1) != b"U":
                     raise StartError("the container exited while creating its user namespace")
@@ -294,6 +291,7 @@ class Supervisor:
                 raise StartError("the container exited while creating its namespaces")
             message = self._container_message(binds, payload_cg, restrictions)
             leader.send(go_write, message)
+            _preload_registration()  # while PID 1 mounts, pivots and execs the init
             # EOF: PID 1 exec'd the init (the pipe is close-on-exec); a byte: it failed.
             if os.read(report_read, 1):
                 raise StartError("the container failed to set up its file systems (see above)")
@@ -426,7 +424,7 @@ def _start_proxies(name: str, network_state, bus) -> None:
 
 
 def _preload_registration() -> None:
-    """Import the machined client now, while the container's processes start."""
+    """Import the machined client now, while the container's PID 1 sets itself up."""
     from machined import registry  # noqa: F401
     from machined.dbus import Bus  # noqa: F401
 
