@@ -497,17 +497,47 @@ def _address_of(name: str, paths: Paths) -> str | None:
 def journal(unit: str, lines: int = 10, extra: list[str] | None = None) -> str:
     """The unit's last journal lines. journalctl is the journal's own reader:
     pystemd cannot read the journal, and the file format is journald's business."""
-    import subprocess
+    return Journal(unit, lines, extra).lines()
 
-    args = ["journalctl", "--no-pager", "-q", "-u", unit, "-n", str(lines), *(extra or [])]
-    try:
-        out = subprocess.run(
-            args,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            env={**os.environ, "SYSTEMD_COLORS": "0"},
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-    return out.stdout.rstrip()
+
+class Journal:
+    """:func:`journal`, started now and read later, so that journalctl runs
+    while the caller asks systemd for the rest (``status``: ~3 ms less)."""
+
+    def __init__(self, unit: str, lines: int = 10, extra: list[str] | None = None) -> None:
+        import subprocess
+
+        self.unit = unit
+        args = ["journalctl", "--no-pager", "-q", "-u", unit, "-n", str(lines), *(extra or [])]
+        try:
+            self._process: subprocess.Popen[str] | None = subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+                env={**os.environ, "SYSTEMD_COLORS": "0"},
+            )
+        except OSError:
+            self._process = None
+
+    def close(self) -> None:
+        """Not wanted after all: stop and reap journalctl."""
+        if self._process is not None and self._process.poll() is None:
+            self._process.kill()
+        if self._process is not None:
+            self._process.communicate()
+        self._process = None
+
+    def lines(self) -> str:
+        import subprocess
+
+        if self._process is None:
+            return ""
+        try:
+            out, _ = self._process.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.communicate()
+            return ""
+        return out.rstrip()

@@ -293,10 +293,23 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from machined.cli.output import human_bytes, human_duration, print_json
     from machined.errors import ExitCode
-    from machined.machines import MachineState, journal
+    from machined.machines import Journal, MachineState
+    from machined.names import validate_machine_name
+    from machined.paths import unit_name
 
-    with _machines() as machines:
-        info = machines.info(args.name)
+    # journalctl reads the service's journal while we ask systemd (the scope's, if
+    # the machine turns out to run in the foreground, is read afterwards)
+    early = None if args.json else Journal(unit_name(validate_machine_name(args.name)), args.lines)
+    try:
+        with _machines() as machines:
+            info = machines.info(args.name)
+    except BaseException:
+        if early is not None:
+            early.close()
+        raise
+    if early is not None and early.unit != info.unit:
+        early.close()  # the scope's journal it is
+        early = None
     if args.json:
         data = _info_json(info)
         data["limits"] = dict(info.definition.resources) if info.definition else {}
@@ -334,7 +347,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         for key, value in rows:
             if value:
                 print(f"{key:>{width}}: {value}")
-        lines = journal(info.unit, lines=args.lines)
+        lines = (early or Journal(info.unit, args.lines)).lines()
         if lines:
             print()
             print(lines)
