@@ -11,7 +11,6 @@ property systemd's D-Bus API expects (transient units), e.g. ``CPUQuota=20%`` â†
 from __future__ import annotations
 
 import re
-import signal
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -278,6 +277,8 @@ def machine_settings(
             _setting("KillMode", "mixed"),
         ]
         if boot:
+            import signal  # here: list and status import this module too
+
             # Stop reaches PID 1 directly (the runtime handed the unit over): the
             # image's systemd halts on SIGRTMIN+3, as systemd-nspawn asks it to.
             settings.append(
