@@ -384,3 +384,15 @@ def test_a_service_whose_payload_exits_at_once_starts_and_ends_with_its_status(
         assert wait_until(lambda: unit_state(systemd_host, unit)["ActiveState"] == "failed")
         assert unit_state(systemd_host, unit)["ExecMainStatus"] == "7"
         assert unit_state(systemd_host, unit)["Result"] == "exit-code"
+
+
+def test_pid1_and_the_payload_hold_no_host_file_descriptor(
+    systemd_host, make_machine, machine_name
+):
+    """pymachine-init is exec'd through an fd opened on the host, and the runtime's
+    pipes reach it: none of them may stay open inside (a host directory's fd is
+    a way out of the container), only stdin, stdout and stderr."""
+    name = make_machine(machine_name, command=SLEEPER)
+    for pid in ("1", "2"):  # the init, the payload
+        fds = inside(systemd_host, name, f"ls /proc/{pid}/fd").stdout.split()
+        assert fds == ["0", "1", "2"], (pid, fds)
