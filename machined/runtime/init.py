@@ -39,20 +39,21 @@ WATCHED = {
 }
 
 
-class InitMissing(RuntimeError):
-    pass
+def missing() -> str | None:
+    """Why ``pymachine-init`` cannot run (the runtime asks before it starts
+    anything), or None."""
+    if os.access(BINARY, os.X_OK):
+        return None
+    return (
+        f"{BINARY} is missing: it is built when pymachine is installed "
+        "(pip install, which needs a C compiler and a static libc: gcc, libc6-dev)"
+    )
 
 
 def open_binary() -> int:
     """An fd on ``pymachine-init``, opened on the host before the container
     pivots into its root (the init is exec'd through it, never copied in)."""
-    try:
-        return os.open(BINARY, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise InitMissing(
-            f"{BINARY} is missing: it is built when pymachine is installed "
-            "(pip install, which needs a C compiler and libc6-dev)"
-        ) from None
+    return os.open(BINARY, os.O_RDONLY | os.O_CLOEXEC)
 
 
 def command_line(

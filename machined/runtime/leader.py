@@ -44,9 +44,10 @@ class Intermediate:
         self.go_write = go_write
         self.report_read = report_read
 
-    def go(self, flags: int, *, userns: bool) -> None:
-        """Let it create the namespaces (FLAGS: clone flags besides user and PID)."""
-        os.write(self.go_write, f"{flags} {int(userns)}\n".encode())
+    def go(self, flags: int, *, userns: bool, boot: bool) -> None:
+        """Let it create the namespaces (FLAGS: clone flags besides user and PID);
+        BOOT: PID 1 execs the image's init, not pymachine-init."""
+        os.write(self.go_write, f"{flags} {int(userns)} {int(boot)}\n".encode())
 
 
 def spawn(*, foreground: bool) -> Intermediate:
@@ -130,11 +131,11 @@ def _intermediate(go_read: int, report_write: int, *, foreground: bool) -> None:
         from machined.runtime import container, linux, restrict  # noqa: F401
 
         linux.prctl(linux.PR_SET_PDEATHSIG, 9)
-        init_fd = init.open_binary()
         go = read_line(go_read).split()
         if not go:
             _exit(1)  # the runtime gave up before the container
-        flags, userns = int(go[0]), go[1] == b"1"
+        flags, userns, boot = int(go[0]), go[1] == b"1", go[2] == b"1"
+        init_fd = None if boot else init.open_binary()
         # We may have been forked before the runtime made its mount namespace
         # (with the machine's overlay in it): join it, so the container's is a copy of it.
         ns = os.open(f"/proc/{os.getppid()}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
@@ -174,7 +175,9 @@ def _die_with_supervisor(go_read: int) -> None:
         raise RuntimeError("the runtime is gone")
 
 
-def _pid1(init_fd: int, go_read: int, report_write: int, *, userns: bool, foreground: bool) -> None:
+def _pid1(
+    init_fd: int | None, go_read: int, report_write: int, *, userns: bool, foreground: bool
+) -> None:
     from machined.runtime import container, restrict  # loaded by the intermediate already
 
     try:

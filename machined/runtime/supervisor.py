@@ -257,6 +257,8 @@ class Supervisor:
         linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
         self.layers.runtime_dir.mkdir(parents=True, exist_ok=True)
         try:
+            if not self.definition.boot and (problem := init.missing()):
+                raise StartError(problem)
             ids = userns.prepare(self.paths, self.definition, self.layers)
             self.policy = security.policy_for(self.definition, **ids)
             security.write_state(self.layers.runtime_dir, self.policy)
@@ -273,7 +275,9 @@ class Supervisor:
             payload_cg = Path(split.result()[1])  # we are in supervisor/, it in payload/
             if self.definition.boot:
                 userns.chown_cgroup(payload_cg, self.policy.uid_base)
-            intermediate.go(flags, userns=self.policy.uid_base is not None)
+            intermediate.go(
+                flags, userns=self.policy.uid_base is not None, boot=self.definition.boot
+            )
             restrictions = security.restrictions(self.policy)  # while it creates namespaces
             if self.policy.uid_base is not None:
                 if os.read(report_read, 1) != b"U":

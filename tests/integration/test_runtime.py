@@ -396,3 +396,25 @@ def test_pid1_and_the_payload_hold_no_host_file_descriptor(
     for pid in ("1", "2"):  # the init, the payload
         fds = inside(systemd_host, name, f"ls /proc/{pid}/fd").stdout.split()
         assert fds == ["0", "1", "2"], (pid, fds)
+
+
+def test_an_app_machine_without_the_built_init_is_refused_with_the_reason(
+    systemd_host, make_machine, machine_name
+):
+    """A checkout nobody built: a clear error (how to get the init), one
+    message, nothing registered; the unit just fails."""
+    from machined.runtime import init
+
+    name = make_machine(machine_name, command=SLEEPER, start=False)
+    hidden = init.BINARY + ".hidden"
+    systemd_host.run(["mv", init.BINARY, hidden])  # inside the test host only
+    try:
+        result = systemd_host.pymachine("start", name, check=False)
+    finally:
+        systemd_host.run(["mv", hidden, init.BINARY])
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, result
+    assert f"cannot start machine {name}: {init.BINARY} is missing" in output, output
+    assert "gcc, libc6-dev" in output and "Broken pipe" not in output, output
+    listed = systemd_host.run(["machinectl", "list", "--no-legend"]).stdout
+    assert name not in listed
