@@ -68,6 +68,9 @@ struct payload {
  * PID file, on the runtime's exit. We must still be alive then (a zombie is
  * refused: result 'protocol'), even if the payload is done at once. */
 #define ADOPTION_GRACE 0.1
+/* A stop request (SIGTERM, a power signal) tells that systemd has us already:
+ * no grace needed then, the stop must not wait for it. */
+static int stop_requested;
 
 static const int forwarded[] = {
     SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGWINCH, SIGCONT, SIGTSTP,
@@ -259,14 +262,17 @@ static int supervise(const struct payload *p, const sigset_t *watched) {
             continue;
         }
         if (is_poweroff(sig) || is_reboot(sig) || (sig == SIGINT && !p->terminal)) {
+            stop_requested = 1;
             rebooting = !is_poweroff(sig);
             stopping_since = now();
             signal_quietly(main_pid, SIGTERM);
             signal_quietly(main_pid, SIGCONT);
             continue;
         }
-        if (sig == SIGTERM && stopping_since < 0)
+        if (sig == SIGTERM && stopping_since < 0) {
             stopping_since = now();
+            stop_requested = 1;
+        }
         signal_quietly(main_pid, sig);
     }
 }
@@ -277,7 +283,7 @@ static int run(const struct payload *p) {
     sigprocmask(SIG_BLOCK, &watched, NULL); /* pending signals wait for us, none is lost */
     double adopted = p->handover_fd >= 0 ? wait_for_handover(p->handover_fd) : -1;
     int status = supervise(p, &watched);
-    if (adopted >= 0)
+    if (adopted >= 0 && !stop_requested)
         stay_until(adopted + ADOPTION_GRACE);
     return status;
 }
