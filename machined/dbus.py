@@ -10,11 +10,13 @@ from __future__ import annotations
 import sys
 import types
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
 
 from machined.errors import PymachineError
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (the runtime has no site)
 if TYPE_CHECKING:  # not at run time: stop has no properties to send (dataclasses)
+    from typing import Any
+
     from machined.properties import Property
 
 

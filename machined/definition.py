@@ -13,7 +13,6 @@ import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from machined import unitfile
 from machined.errors import InvalidInput, NotFound
@@ -21,6 +20,10 @@ from machined.names import validate_image_name, validate_machine_name
 from machined.network.config import NetworkConfig, NetworkMode, PortForward
 from machined.paths import Paths
 from machined.properties import format_seconds, parse_resource
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~1.6 ms in the
+if TYPE_CHECKING:  # runtime, which runs without site: nothing there imports it)
+    from typing import Any
 
 DEFAULT_STOP_TIMEOUT = 10.0  # seconds, like docker/podman; systemd's 90 s is for whole OSes
 

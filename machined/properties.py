@@ -13,9 +13,12 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from machined.errors import InvalidInput
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~1.6 ms in the
+if TYPE_CHECKING:  # runtime, which runs without site: nothing there imports it)
+    from typing import Any
 
 UINT64_MAX = 2**64 - 1
 UINT32_MAX = 2**32 - 1
