@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,6 +69,8 @@ def render(sections: dict[str, list[tuple[str, str]]]) -> str:
 
 def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
     """Write via a temp file + fsync + rename: a crash never leaves half a file."""
+    import tempfile  # here: every reader of a definition imports this module (~2.4 ms)
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
