@@ -1,10 +1,17 @@
 """pymachine's nftables table, changed through libnftables' JSON interface.
 
-Every change is one atomic batch fed to ``nft -j -f -``; what is there is read
-with ``nft -j list table inet pymachine`` (JSON, never scraped text). The
-Python bindings of libnftables (Debian's ``python3-nftables``) would save the
-subprocess, but they exist only for the distribution's Python; the command
-is the same library behind a stable JSON contract.
+Every change is one atomic JSON batch; what is there is read with a JSON
+``list table inet pymachine`` (never scraped text). Both go to libnftables in
+this process, through ctypes (:class:`_Context`), where a bridged start's two
+``nft -j`` subprocesses cost 15-29 ms (tier-1 host): 3-8 ms each to start
+``nft``, and the exit of the one that made a change waits for the kernel (see
+:class:`_Context`); in-process the list and the change take ~2 ms. Why not the
+Python bindings: Debian's ``python3-nftables`` exists only for the
+distribution's Python, and nftables publishes none on PyPI (only unofficial
+copies); they are a thin ctypes wrapper of the same few functions. The JSON is
+the library's stable contract (libnftables-json(5)) either way, and where
+``libnftables.so.1`` cannot be loaded the ``nft`` command runs the same batch
+(:func:`_run_command`), with the same error messages.
 
 One table, ``inet pymachine``, holds everything:
 
@@ -35,9 +42,11 @@ One table, ``inet pymachine``, holds everything:
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import json
-import shutil
-import subprocess
+import os
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -55,42 +64,135 @@ Cmd = dict[str, Any]
 
 # --- running nft -----------------------------------------------------------------
 
+#: ``NFT_CTX_OUTPUT_JSON`` (``nftables/libnftables.h``): JSON output, and JSON
+#: input tried before nft's own syntax (1.0.6 has no input flag of its own)
+_OUTPUT_JSON = 1 << 4
+_LIBNFTABLES = "libnftables.so.1"
 
-def _nft() -> str:
+
+@functools.cache
+def _libnftables() -> ctypes.CDLL | None:
+    """libnftables with the prototypes used here, loaded once; None where it
+    cannot be loaded (then :func:`_run_command`). By soname: ``find_library``
+    would run ``ldconfig``."""
+    try:
+        lib = ctypes.CDLL(_LIBNFTABLES)
+    except OSError:
+        return None
+    ctx = ctypes.c_void_p
+    lib.nft_ctx_new.argtypes, lib.nft_ctx_new.restype = [ctypes.c_uint], ctx
+    lib.nft_ctx_free.argtypes = [ctx]
+    lib.nft_ctx_output_set_flags.argtypes = [ctx, ctypes.c_uint]
+    lib.nft_ctx_buffer_output.argtypes = lib.nft_ctx_buffer_error.argtypes = [ctx]
+    for getter in (lib.nft_ctx_get_output_buffer, lib.nft_ctx_get_error_buffer):
+        getter.argtypes, getter.restype = [ctx], ctypes.c_char_p
+    lib.nft_run_cmd_from_buffer.argtypes = [ctx, ctypes.c_char_p]
+    return lib
+
+
+class _Context:
+    """A libnftables context of this process and network namespace, kept open.
+
+    Kept because closing a netfilter netlink socket right after a change waits
+    for the kernel to release the change's objects (``nft_rcv_nl_event``
+    flushes nf_tables' destroy work: an RCU grace period, 7-30 ms in a tier-1
+    host, where the change itself takes ~1 ms). Left open, the socket closes
+    when the process exits, after the rest of its start or stop. A context
+    acts in the network namespace it was made in, as an ``nft`` child of the
+    calling thread would: one of another namespace (a test's) or inherited
+    through a fork is freed and replaced. Its socket is made close-on-exec
+    (libnftables' is not), so no command we run inherits it.
+    """
+
+    _lock = threading.Lock()
+    _current: _Context | None = None
+
+    def __init__(self, lib: ctypes.CDLL, owner: tuple[int, int]) -> None:
+        self.owner = owner
+        before = _sockets()
+        self.ctx = lib.nft_ctx_new(0)
+        if not self.ctx:
+            raise PymachineError("nft failed: libnftables could not make a context")
+        for fd in _sockets() - before:  # the one nft_ctx_new opened
+            os.set_inheritable(fd, False)
+        lib.nft_ctx_output_set_flags(self.ctx, _OUTPUT_JSON)
+        lib.nft_ctx_buffer_output(self.ctx)
+        lib.nft_ctx_buffer_error(self.ctx)
+
+    @classmethod
+    def _for_caller(cls, lib: ctypes.CDLL) -> int:
+        """The context for this process and the calling thread's network namespace."""
+        owner = (os.getpid(), os.stat("/proc/thread-self/ns/net").st_ino)
+        current = cls._current
+        if current is None or current.owner != owner:
+            cls._current = None
+            if current is not None:
+                lib.nft_ctx_free(current.ctx)
+            cls._current = current = cls(lib, owner)
+        return current.ctx
+
+    @classmethod
+    def run(cls, lib: ctypes.CDLL, text: str) -> tuple[bool, str]:
+        """Run ``text``: (True, output) or (False, the error text nft would print)."""
+        with cls._lock:
+            ctx = cls._for_caller(lib)
+            ok = lib.nft_run_cmd_from_buffer(ctx, text.encode()) == 0
+            # reading a buffer also empties it for the next command: read both
+            out = (lib.nft_ctx_get_output_buffer(ctx) or b"").decode(errors="replace")
+            err = (lib.nft_ctx_get_error_buffer(ctx) or b"").decode(errors="replace")
+        return ok, out if ok else (err.strip() or out.strip())
+
+
+def _sockets() -> set[int]:
+    """This process's socket descriptors."""
+    found = set()
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                found.add(int(name))
+    return found
+
+
+def _run_command(text: str) -> tuple[bool, str]:
+    """:class:`_Context`'s stand-in without libnftables: ``nft -j -f -``."""
+    import shutil
+    import subprocess
+
     path = shutil.which("nft") or shutil.which("nft", path="/usr/sbin:/sbin")
     if path is None:
         raise PymachineError("nft not found: install nftables (apt-get install nftables)")
-    return path
+    proc = subprocess.run(
+        [path, "-j", "-f", "-"], input=text, capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        return False, proc.stderr.strip() or proc.stdout.strip()
+    return True, proc.stdout
+
+
+def _execute(commands: list[Cmd]) -> tuple[bool, str]:
+    """One JSON batch, atomic: (True, JSON output) or (False, nft's error message)."""
+    text = json.dumps({"nftables": commands})
+    lib = _libnftables()
+    return _run_command(text) if lib is None else _Context.run(lib, text)
 
 
 def run(commands: list[Cmd]) -> None:
     """Apply ``commands`` as one atomic batch."""
     if not commands:
         return
-    proc = subprocess.run(
-        [_nft(), "-j", "-f", "-"],
-        input=json.dumps({"nftables": commands}),
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise PymachineError(f"nft failed: {proc.stderr.strip() or proc.stdout.strip()}")
+    ok, message = _execute(commands)
+    if not ok:
+        raise PymachineError(f"nft failed: {message}")
 
 
 def list_table() -> list[dict[str, Any]] | None:
     """The table's objects (``{"rule": {...}}`` …), or None if there is no table."""
-    proc = subprocess.run(
-        [_nft(), "-j", "list", "table", FAMILY, TABLE],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        if "No such file or directory" in proc.stderr:
+    ok, output = _execute([{"list": {"table": {"family": FAMILY, "name": TABLE}}}])
+    if not ok:
+        if "No such file or directory" in output:
             return None
-        raise PymachineError(f"nft list table failed: {proc.stderr.strip()}")
-    return json.loads(proc.stdout).get("nftables", [])
+        raise PymachineError(f"nft list table failed: {output}")
+    return json.loads(output).get("nftables", [])
 
 
 # --- expressions -----------------------------------------------------------------
