@@ -21,17 +21,25 @@ VERBS = {
     "start M (running: fails after its checks)": ["-m", "machined", "start", "bimp"],
     "stop M (not running)": ["-m", "machined", "stop", "bimp"],
     # the unit's processes run as python -I -S with the module path given (no site)
+    # as machines.RUNTIME_BOOTSTRAP runs it, with the machined client it loads on the way
     "runtime (unit's ExecStart, until the hand-over)": [
         "-I",
         "-S",
         "-c",
-        "import sys; sys.path.insert(0, '.'); import machined.runtime.supervisor",
+        "import sys; sys.path[:0] = ['.', *sys.argv[1:2]]; "
+        "from machined import lazy; lazy.defer('inspect'); "
+        "import machined.runtime.__main__, machined.runtime.supervisor, machined.registry, "
+        "machined.dbus",
+        __import__("site").getsitepackages()[0],
     ],
-    "PID 1 (stays per machine)": [
+    # a fork of the runtime, loading in parallel with it; PID 1 then execs
+    # pymachine-init (C), so nothing of this stays per machine
+    "intermediate and PID 1 until the init's exec": [
         "-I",
         "-S",
         "-c",
-        "import sys; sys.path.insert(0, '.'); import machined.runtime.leader",
+        "import sys; sys.path.insert(0, '.'); import machined.runtime.leader, "
+        "machined.runtime.container, machined.runtime.linux, machined.runtime.restrict",
     ],
     "runtime --cleanup (ExecStopPost)": [
         "-I",
