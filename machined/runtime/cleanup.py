@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import shlex
-import shutil
 import sys
 from pathlib import Path
 
@@ -95,4 +94,6 @@ def cleanup(name: str, paths: Paths) -> None:
     for leftover in (STATE_FILE, PID_FILE):
         with contextlib.suppress(FileNotFoundError):
             (runtime_dir / leftover).unlink()
+    import shutil  # here: ~2 ms of imports for ephemeral machines only
+
     shutil.rmtree(runtime_dir / EPHEMERAL, ignore_errors=True)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import sys
 import time
@@ -76,6 +75,8 @@ class Layers:
 
     def cleanup(self) -> None:
         if self.ephemeral:
+            import shutil  # here: ~2 ms of imports (bz2, lzma, fnmatch) for ephemeral machines only
+
             shutil.rmtree(self.runtime_dir / cleanup.EPHEMERAL, ignore_errors=True)
 
 
