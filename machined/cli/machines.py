@@ -361,8 +361,14 @@ def _security_rows(info) -> list[tuple[str, str | None]]:
     from machined.paths import Paths
     from machined.runtime import security
 
-    policy = security.read_state(Paths.from_env().machine_runtime(info.name))
-    return list(security.describe(policy).items()) if policy else []
+    # security.read_state, without its preload: that imports pyseccomp and loads
+    # libseccomp (~6 ms) for exec, which applies the policy; status only shows it
+    record = Paths.from_env().machine_runtime(info.name) / security.POLICY_FILE
+    try:
+        policy = security.SecurityPolicy.from_json(record.read_text())
+    except (OSError, ValueError, TypeError):
+        return []
+    return list(security.describe(policy).items())
 
 
 def _enabled(name: str) -> bool:
