@@ -18,7 +18,7 @@ import tty
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from machined.runtime import linux, security, userns, users
+from machined.runtime import linux, restrict, security, userns, users
 from machined.runtime.init import exit_status
 from machined.runtime.state import RuntimeState
 
@@ -55,6 +55,12 @@ def _join(state: RuntimeState) -> None:
     root = os.open(f"/proc/{state.leader}/root", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     user_ns = userns.open_ns(state.leader)  # security.py, userns.py: as the machine's PID 1
     policy = security.read_state(Path(state.root).parent)
+    # on the host (libseccomp may be out of reach inside), applied once we are in
+    restrictions = (
+        security.restrictions(policy, security.cache_dir(Path(state.root).parents[1]))
+        if policy is not None
+        else None
+    )
     for fd, nstype in fds:
         linux.setns(fd, nstype)
         os.close(fd)
@@ -62,8 +68,8 @@ def _join(state: RuntimeState) -> None:
     os.chroot(".")
     os.close(root)
     userns.join(user_ns)
-    if policy is not None:
-        security.apply(policy)
+    if restrictions is not None:
+        restrict.apply(**restrictions)
 
 
 def _exec(request: ExecRequest, base_env: dict[str, str]) -> None:

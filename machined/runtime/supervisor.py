@@ -279,7 +279,10 @@ class Supervisor:
             intermediate.go(
                 flags, userns=self.policy.uid_base is not None, boot=self.definition.boot
             )
-            restrictions = security.restrictions(self.policy)  # while it creates namespaces
+            # while it creates namespaces
+            restrictions = security.restrictions(
+                self.policy, security.cache_dir(self.paths.runtime)
+            )
             if self.policy.uid_base is not None:
                 if os.read(report_read, 1) != b"U":
                     raise StartError("the container exited while creating its user namespace")
