@@ -1,5 +1,3 @@
-import sys
+from machined.cli import run
 
-from machined.cli import main
-
-sys.exit(main())
+run()

@@ -13,6 +13,7 @@ lazy.defer("inspect")  # first: only dataclasses' docstrings would need it (mach
 
 import argparse  # noqa: E402
 import importlib  # noqa: E402
+import os  # noqa: E402
 import sys  # noqa: E402
 from types import ModuleType  # noqa: E402
 
@@ -88,8 +89,32 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.exit_code)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `pymachine list | head`: the reader went away
+        _discard_stdout()
+        return 128 + 13  # what a tool killed by SIGPIPE returns, quietly as it would
     return int(result if result is not None else ExitCode.OK)
 
 
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so that what is still buffered raises no more."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, sys.stdout.fileno())
+    os.close(null)
+
+
+def run() -> None:
+    """The ``pymachine`` program: :func:`main`, then an exit without the
+    interpreter's finalization (module teardown: 8.3 ms measured after a
+    ``start``, on every call), since nothing is left to clean up by then."""
+    code = main()
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader left after the last write
+        _discard_stdout()
+        code = code or 128 + 13
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
