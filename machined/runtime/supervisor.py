@@ -194,18 +194,24 @@ class Supervisor:
 
     def _start_loopback_proxies(self) -> None:
         """``Port=`` on the host's [::1] (nftables cannot): see machined.proxies.
-        The last D-Bus user of the start: closes ``_register``'s connection."""
+        The last D-Bus user of the start: closes ``_register``'s connection,
+        unless a foreground run's teardown can unregister on it: it has no
+        signal match then (proxies add one for their jobs), so nothing queues
+        up on it while the machine runs."""
         from machined.dbus import Bus
 
         bus, self._bus = getattr(self, "_bus", None), None
+        proxies = self.network_state is not None and bool(self.definition.network.ports)
         try:
-            if self.network_state is not None and self.definition.network.ports:
+            if proxies:
                 bus = bus or Bus()
                 _start_proxies(self.definition.name, self.network_state, bus)
         except Exception as exc:  # the IPv4 and other IPv6 forwards still work
             _log(f"port forwards on [::1] are not available: {exc}")
         finally:
-            if bus is not None:
+            if bus is not None and self.foreground and not proxies:
+                self._bus = bus  # for _teardown
+            elif bus is not None:
                 bus.close()
 
     def _teardown(self) -> None:
@@ -215,10 +221,14 @@ class Supervisor:
                 from machined import registry
                 from machined.dbus import Bus
 
-                # still open if the start failed between _register and the proxies
-                bus, self._bus = getattr(self, "_bus", None) or Bus(), None
-                with bus:
+                # kept for a foreground run, or left open by a start that failed
+                # between _register and the proxies
+                kept, self._bus = getattr(self, "_bus", None), None
+                with kept or Bus() as bus:
                     registry.unregister(bus, name)
+                if kept is not None and (cleanup.MACHINED_STATE / name).exists():
+                    with Bus() as bus:  # the kept connection broke while the machine ran
+                        registry.unregister(bus, name)
             except Exception as exc:  # the bus may be gone at shutdown
                 _log(f"could not unregister from machined: {exc}")
         if self.definition.network.mode == NetworkMode.BRIDGE:  # none/host: no veth, no rules
