@@ -6,13 +6,13 @@ import os
 import sys
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str]) -> None:  # never returns: both paths end in _exit
     if "--cleanup" in argv[1:]:
         from machined.paths import Paths
         from machined.runtime.cleanup import cleanup
 
         cleanup(argv[0], Paths.from_env())
-        return 0
+        _exit(0)
     from machined.runtime import leader
 
     # First, so that the container's first process loads its modules while we
@@ -23,9 +23,13 @@ def main(argv: list[str]) -> int:
     cgroups = cgroup.PayloadSplit(intermediate.pid)
     from machined.runtime.supervisor import main as supervise
 
-    status = supervise(argv, intermediate, cgroups)
-    # systemd reads the PID file once we are gone: skip the interpreter's
-    # finalization (module teardown), nothing is left to clean up in-process.
+    _exit(supervise(argv, intermediate, cgroups))
+
+
+def _exit(status: int) -> None:
+    """Exit without the interpreter's finalization (module teardown, 4-8 ms):
+    systemd waits for our exit (to read the PID file, or to finish the stop),
+    and nothing is left to clean up in-process."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
