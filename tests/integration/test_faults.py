@@ -221,6 +221,14 @@ def test_killed_foreground_run_leaves_no_container_and_start_or_gc_cleans(host):
             not in host.run(["systemctl", "is-active", *scopes], check=False).stdout.split()
         )
     ), host.run(["systemctl", "status", *scopes], check=False).stdout
+    # The kernel removes a dead network namespace's veth asynchronously (its
+    # clean-up work runs after the last process is gone), and machined drops a
+    # stopped scope's registration on systemd's signal: wait for both.
+    assert wait_until(
+        lambda: all(
+            (f["links"], f["registered"]) == ("0", "0") for f in leftovers(host, *names).values()
+        )
+    ), leftovers(host, *names)
     found = leftovers(host, *names)
     for name in names:
         assert {k: found[name][k] for k in ("mounts", "links", "registered")} == {
