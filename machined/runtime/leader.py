@@ -165,6 +165,8 @@ def _die_with_supervisor(go_read: int) -> None:
     SIGKILLed, we go too, so no container runs on headless in the scope."""
     from machined.runtime import linux
 
+    # Kept across the exec of the init (the kernel clears it only for an exec
+    # that changes credentials: set-user-ID or file capabilities; checked).
     linux.prctl(linux.PR_SET_PDEATHSIG, 9)
     os.set_blocking(go_read, False)
     try:
@@ -192,12 +194,10 @@ def _pid1(
         restrict.apply(**message["restrictions"])
         if program["path"] is not None:  # boot mode: the image's own init
             os.execve(program["path"], program["argv"], program["environment"])
-        # Foreground: the init dies with the runtime (the exec may clear the
-        # parent-death signal, the init sets it again). Service: the payload
-        # starts once the runtime has registered the machine and handed over.
-        os.set_inheritable(go_read, True)
         argv = program["argv"]
-        argv[1:1] = ["--supervisor-fd" if foreground else "--handover-fd", str(go_read)]
+        if not foreground:  # the payload starts once the runtime has registered and handed over
+            os.set_inheritable(go_read, True)
+            argv[1:1] = ["--handover-fd", str(go_read)]
         # Signals that come before the init waits for them stay pending, not lost.
         signal.pthread_sigmask(signal.SIG_BLOCK, init.WATCHED)
         os.execve(init_fd, argv, program["environment"])

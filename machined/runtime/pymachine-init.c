@@ -24,11 +24,9 @@
  * Usage (machined.runtime.init.command_line builds it):
  *   pymachine-init [--terminal] [--stop-timeout SECONDS] [--chdir DIR]
  *                  [--uid UID] [--gid GID] [--groups GID,GID...]
- *                  [--supervisor-fd FD | --handover-fd FD] -- COMMAND [ARG...]
+ *                  [--handover-fd FD] -- COMMAND [ARG...]
  * The payload gets our environment; COMMAND is looked up in its PATH.
- * --supervisor-fd (foreground machines): a pipe whose writer is the runtime
- * (our parent); we die with it, so no container runs on headless.
- * --handover-fd (service machines): the same pipe; the payload starts once it
+ * --handover-fd (service machines): the runtime's pipe; the payload starts once it
  * reaches EOF (the runtime registered the machine and handed the unit over),
  * and we live at least ADOPTION_GRACE seconds after that.
  * Exit status: the payload's; 127 when COMMAND is not found, 126 when it
@@ -36,7 +34,6 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
-#include <fcntl.h>
 #include <grp.h>
 #include <signal.h>
 #include <stdio.h>
@@ -60,8 +57,7 @@ struct payload {
     int change_user;
     int terminal; /* attached to the user's terminal (pymachine run) */
     double stop_timeout;
-    int supervisor_fd; /* pymachine run: the runtime's pipe, -1 in service mode */
-    int handover_fd;   /* service mode: the runtime's pipe, -1 otherwise */
+    int handover_fd; /* service mode: the runtime's pipe, -1 otherwise */
 };
 
 /* Service mode: systemd takes us as the unit's main process when it reads the
@@ -288,22 +284,6 @@ static int run(const struct payload *p) {
     return status;
 }
 
-/* The kernel clears the parent-death signal when an exec changes credentials,
- * as ours may (capabilities): set it here, then look at the runtime's pipe, in
- * case the runtime died before that (EOF: every writer is gone). */
-static int die_with_supervisor(int fd) {
-    char byte;
-    prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
-    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
-    ssize_t n = read(fd, &byte, 1);
-    close(fd);
-    if (n == 0) {
-        warn("cannot start", "the runtime is gone");
-        return 0;
-    }
-    return 1;
-}
-
 static int parse_number(const char *text, unsigned long *out) {
     char *end;
     errno = 0;
@@ -325,7 +305,6 @@ static int parse(int argc, char **argv, struct payload *p) {
     unsigned long number;
     p->directory = "/";
     p->stop_timeout = 10.0;
-    p->supervisor_fd = -1;
     p->handover_fd = -1;
     for (int i = 1; i < argc; i++) {
         const char *flag = argv[i];
@@ -355,8 +334,6 @@ static int parse(int argc, char **argv, struct payload *p) {
             p->change_user = 1;
         } else if (strcmp(flag, "--groups") == 0 && parse_groups(argv[i], p)) {
             p->change_user = 1;
-        } else if (strcmp(flag, "--supervisor-fd") == 0 && parse_number(value, &number)) {
-            p->supervisor_fd = (int)number;
         } else if (strcmp(flag, "--handover-fd") == 0 && parse_number(value, &number)) {
             p->handover_fd = (int)number;
         } else {
@@ -376,12 +353,10 @@ int main(int argc, char **argv) {
     prctl(PR_SET_NAME, "pymachine-init", 0, 0, 0);
     if (!parse(argc, argv, &payload)) {
         fputs("usage: pymachine-init [--terminal] [--stop-timeout SECONDS] [--chdir DIR] "
-              "[--uid UID] [--gid GID] [--groups GID,...] [--supervisor-fd FD | --handover-fd FD] "
+              "[--uid UID] [--gid GID] [--groups GID,...] [--handover-fd FD] "
               "-- COMMAND [ARG...]\n",
               stderr);
         return 1;
     }
-    if (payload.supervisor_fd >= 0 && !die_with_supervisor(payload.supervisor_fd))
-        return 1;
     return run(&payload);
 }

@@ -122,52 +122,6 @@ def _pipe_for_init() -> tuple[int, int]:
     return read_end, write_end
 
 
-def test_foreground_init_dies_with_its_parent() -> None:
-    """``pymachine run``'s runtime is PID 1's parent (here: unshare); when it is
-    SIGKILLed the whole container goes, payload included."""
-    read_end, write_end = _pipe_for_init()
-    marker = f"pymachine-init-test-{os.getpid()}"
-    argv = init.command_line(["sh", "-c", f"sleep 60; : {marker}"])  # sh waits, marked
-    argv[1:1] = ["--supervisor-fd", str(read_end)]
-    parent = subprocess.Popen(
-        ["unshare", "--pid", "--fork", "--mount-proc", init.BINARY, *argv[1:]],
-        pass_fds=(read_end,),
-        env={"PATH": init.DEFAULT_PATH},
-    )
-    os.close(read_end)
-    try:
-        deadline = time.monotonic() + 10
-        while subprocess.run(["pgrep", "-f", marker], capture_output=True).returncode != 0:
-            assert time.monotonic() < deadline, "the payload never started"
-            time.sleep(0.02)
-        parent.kill()
-        parent.wait()
-        deadline = time.monotonic() + 10
-        while subprocess.run(["pgrep", "-f", marker], capture_output=True).returncode == 0:
-            assert time.monotonic() < deadline, "the payload outlived its runtime"
-            time.sleep(0.02)
-    finally:
-        os.close(write_end)
-        parent.kill()
-
-
-def test_foreground_init_does_not_start_when_the_runtime_is_gone() -> None:
-    read_end, write_end = _pipe_for_init()
-    os.close(write_end)  # the runtime died before the init could watch it
-    argv = init.command_line(["echo", "payload ran"])
-    argv[1:1] = ["--supervisor-fd", str(read_end)]
-    result = subprocess.run(
-        ["unshare", "--pid", "--fork", "--mount-proc", init.BINARY, *argv[1:]],
-        pass_fds=(read_end,),
-        capture_output=True,
-        text=True,
-        timeout=20,
-    )
-    os.close(read_end)
-    assert result.returncode == 1 and "payload ran" not in result.stdout
-    assert "the runtime is gone" in result.stderr
-
-
 def test_service_init_starts_the_payload_after_the_handover_and_outlives_it() -> None:
     """Service mode: the payload starts once the runtime has exited (its pipe at
     EOF), and the init lives on for a moment, so that systemd reading the PID
