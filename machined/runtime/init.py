@@ -19,7 +19,6 @@ import os
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 BINARY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pymachine-init")
-SOURCE = BINARY + ".c"
 
 RT = signal.SIGRTMIN
 #: What the init waits for; blocked before it is exec'd, so none is lost on the way.
