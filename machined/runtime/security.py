@@ -558,14 +558,11 @@ def _libseccomp_version() -> tuple[int, int, int] | None:
 def _cache_key(denied: tuple[str, ...] | list[str]) -> str | None:
     """What the programs depend on: the denied names, the libseccomp that
     compiles them, the kernel and architecture they are compiled for."""
-    import hashlib
-
     version = _libseccomp_version()
     if version is None:
         return None
     uname = os.uname()
-    text = repr((_CACHE_FORMAT, version, uname.machine, uname.release, tuple(denied)))
-    return hashlib.sha256(text.encode()).hexdigest()
+    return repr((_CACHE_FORMAT, version, uname.machine, uname.release, tuple(denied)))
 
 
 def seccomp_programs(
@@ -580,18 +577,21 @@ def seccomp_programs(
     key = _cache_key(denied) if cache_dir is not None else None
     if key is None:
         return compile_seccomp(denied)
-    path = Path(cache_dir) / key
-    try:
-        programs = marshal.loads(path.read_bytes())
-        if isinstance(programs, list) and all(isinstance(p, bytes) for p in programs):
-            return programs
+    import binascii  # a name for the entry: hashlib would cost ~4 ms (OpenSSL)
+
+    name = f"{binascii.crc32(key.encode()):08x}"
+    path = Path(cache_dir) / name
+    try:  # the entry holds its whole key: a name shared by two keys is only a miss
+        stored_key, programs = marshal.loads(path.read_bytes())
+        if stored_key == key and all(isinstance(p, bytes) for p in programs):
+            return list(programs)
     except (OSError, EOFError, ValueError, TypeError):
         pass
     programs = compile_seccomp(denied)
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = path.with_name(f".{key}.{os.getpid()}")
-        tmp.write_bytes(marshal.dumps(programs))
+        tmp = path.with_name(f".{name}.{os.getpid()}")
+        tmp.write_bytes(marshal.dumps((key, programs)))
         os.rename(tmp, path)
     except OSError:
         pass  # a read-only or full /run: compile next time again

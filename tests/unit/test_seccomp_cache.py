@@ -43,7 +43,7 @@ def test_a_damaged_entry_is_compiled_again_and_replaced(tmp_path, damage):
     (entry,) = cache.iterdir()
     entry.write_bytes(damage)
     assert security.seccomp_programs(DENIED, cache) == good
-    assert marshal.loads(entry.read_bytes()) == good  # the entry is replaced
+    assert marshal.loads(entry.read_bytes())[1] == good  # the entry is replaced
 
 
 def test_without_a_cache_directory_it_compiles(tmp_path):
@@ -56,3 +56,13 @@ def test_restrictions_use_the_cache(tmp_path):
     restrictions = security.restrictions(policy, cache)
     assert restrictions["seccomp_programs"] == security.compile_seccomp(policy.denied_syscalls)
     assert len(list(cache.iterdir())) == 1
+
+
+def test_an_entry_of_another_key_under_the_same_name_is_a_miss(tmp_path, monkeypatch):
+    """Entries are named by a short checksum; the whole key inside decides."""
+    cache = tmp_path / "seccomp"
+    security.seccomp_programs(DENIED, cache)
+    (entry,) = cache.iterdir()
+    _key, programs = marshal.loads(entry.read_bytes())
+    entry.write_bytes(marshal.dumps(("some other key", [b"not these programs"])))
+    assert security.seccomp_programs(DENIED, cache) == programs
