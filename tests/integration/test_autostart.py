@@ -263,3 +263,27 @@ def test_install_units(systemd_host):
     assert (
         systemd_host.run(["systemctl", "is-enabled", "machines.target"]).stdout.strip() == "enabled"
     )
+
+
+def test_start_renders_the_unit_file_again_only_after_the_definition_changed(systemd_host, machine):
+    """A start of an enabled machine leaves a current unit file alone and renders
+    it again after a hand edit of the definition, whose limit then applies."""
+    host = systemd_host
+    name = machine("TasksMax=30")
+    host.pymachine("enable", name)
+    path = f"{UNIT_DIR}/{unit(name)}"
+
+    def file_state() -> str:
+        return host.run(["stat", "-c", "%y %i", path]).stdout + host.run(["cat", path]).stdout
+
+    before = file_state()
+    host.pymachine("start", name)
+    host.pymachine("stop", name)
+    assert file_state() == before  # not written again
+    host.run(["sed", "-i", "s/^TasksMax=30$/TasksMax=31/", f"/etc/pymachine/{name}.machine"])
+    host.pymachine("start", name)
+    assert show(host, name, "TasksMax", "NeedDaemonReload") == {
+        "TasksMax": "31",
+        "NeedDaemonReload": "no",
+    }
+    assert "TasksMax=31\n" in host.run(["cat", path]).stdout

@@ -383,6 +383,49 @@ def test_refresh_re_renders_an_enabled_machine(env):
     assert units.refresh("web", machines=machines) is False  # up to date now
 
 
+def test_refresh_does_not_render_a_current_unit_file(env, monkeypatch):
+    machines, fake, paths = env
+    units.enable("web", machines=machines)
+    fake.calls.clear()
+
+    def no_jinja2():
+        raise AssertionError("rendered again")
+
+    monkeypatch.setattr(units, "_environment", no_jinja2)
+    assert units.refresh("web", machines=machines) is False
+    machines.start("web")  # the enabled unit: StartUnit, and no Reload
+    assert fake.names() == ["start_unit"]
+
+
+def test_refresh_re_renders_after_a_hand_edit_of_the_definition(env):
+    machines, fake, paths = env
+    units.enable("web", machines=machines)
+    definition_file = paths.definition_file("web")
+    text = definition_file.read_text()
+    assert "MemoryMax=64M\n" in text
+    definition_file.write_text(text.replace("MemoryMax=64M", "MemoryMax=96M"))
+    fake.calls.clear()
+    machines.start("web")
+    unit_text = (paths.unit_files / "pymachine-web.service").read_text()
+    assert "MemoryMax=96M\n" in unit_text and "MemoryMax=64M" not in unit_text
+    assert fake.names() == ["reload", "start_unit"]  # the new file, loaded before the start
+
+
+def test_refresh_rewrites_a_hand_edited_or_older_unit_file(env):
+    machines, fake, paths = env
+    units.enable("web", machines=machines)
+    path = paths.unit_files / "pymachine-web.service"
+    rendered = path.read_text()
+    path.write_text(rendered.replace("MemoryMax=64M", "MemoryMax=1G"))  # the file, by hand
+    assert units.refresh("web", machines=machines) is True
+    assert path.read_text() == rendered
+    older = rendered[: rendered.rindex(units.STAMP)]  # rendered before checksums
+    path.write_text(older)
+    assert units.refresh("web", machines=machines) is True
+    assert path.read_text() == rendered
+    assert units.refresh("web", machines=machines) is False
+
+
 def test_set_persists_a_stopped_machine(env):
     machines, fake, paths = env
     result = units.set_properties("web", ["MemoryMax=128M", "CPUQuota=50%"], machines=machines)
