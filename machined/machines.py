@@ -12,8 +12,9 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable, Sequence
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from machined.errors import Conflict, InvalidInput, NotFound, NotRunning, PymachineError
 from machined.names import validate_machine_name
@@ -22,6 +23,8 @@ from machined.paths import ROOT_ENV, Paths, unit_name
 if TYPE_CHECKING:
     from machined.definition import MachineDefinition
     from machined.runtime.state import RuntimeState
+
+T = TypeVar("T")
 
 
 def _definitions():
@@ -256,7 +259,19 @@ class Machines:
 
     def _unit_states(self, name: str) -> dict[str, str]:
         """ActiveState of the machine's service and scope, those loaded: one round trip."""
-        return self.systemd.active_states([unit_name(name), scope_name(name)])
+        return self._states_of([name])
+
+    def _states_of(self, names: Sequence[str]) -> dict[str, str]:
+        """:meth:`_unit_states` of several machines (valid names) in one round trip:
+        once their jobs are queued, every call waits for systemd's work on them."""
+        return self.systemd.active_states([u for n in names for u in (unit_name(n), scope_name(n))])
+
+    def _batch_states(
+        self, names: Sequence[str], errors: list[PymachineError | None]
+    ) -> dict[str, str]:
+        """:meth:`_states_of` the NAMES that are valid (the others' errors in ERRORS)."""
+        valid = _each_of(names, errors, validate_machine_name)
+        return self._states_of([names[i] for i in valid]) if valid else {}
 
     def _active_unit(self, name: str, states: dict[str, str] | None = None) -> tuple[str, str]:
         """(unit, ActiveState) as :meth:`_unit_status` picks it, from the states
@@ -278,14 +293,17 @@ class Machines:
         """The definition, if the machine can start now (image there, not running)."""
         return self.startable(name)[0]
 
-    def startable(self, name: str) -> tuple[MachineDefinition, dict[str, str]]:
+    def startable(
+        self, name: str, states: dict[str, str] | None = None
+    ) -> tuple[MachineDefinition, dict[str, str]]:
         """The definition, if the machine can start now (image there, not
         running), and the ActiveState of its units that systemd has loaded
-        (a failed one must be reset before a transient start of its name)."""
+        (a failed one must be reset before a transient start of its name).
+        STATES: :meth:`_states_of` with this machine's, read by the caller."""
         definition = self.load(name)
         if not self.paths.image(definition.image).is_dir():
             raise NotFound(f"image '{definition.image}' of machine '{name}' not found")
-        states = self._unit_states(name)
+        states = self._unit_states(name) if states is None else states
         # Still stopping (stopped by another client, a machine that powered itself
         # off, a killed runtime): wait for the stop to finish instead of calling it
         # running, so a start right after a stop never races it (systemd#13766).
@@ -325,35 +343,98 @@ class Machines:
         )
 
     def start(self, name: str, *, timeout: float = 120) -> None:
-        from machined.dbus import BusError
-        from machined.systemd import JobFailed
+        start = self._prepare_start(name)
+        if start.reload:
+            self.systemd.reload()
+        self._queue_start(start, wait=True, timeout=timeout)
 
-        definition, states = self.startable(name)
+    def start_many(
+        self, names: Sequence[str], *, timeout: float = 120
+    ) -> list[PymachineError | None]:
+        """Start NAMES side by side, as ``systemctl start a b c`` does: see
+        :func:`_rounds` and :meth:`_start_batch`. Each name's error (None:
+        started), in NAMES' order; a failure never keeps the others from starting."""
+        return _rounds(names, lambda batch: self._start_batch(batch, timeout))
+
+    def _start_batch(self, names: Sequence[str], timeout: float) -> list[PymachineError | None]:
+        """Validate every machine as :meth:`start` does, reload systemd once for
+        the enabled ones whose unit file changed, queue every start job on this
+        one connection, then wait for all of them."""
+        errors: list[PymachineError | None] = [None] * len(names)
+        states = self._batch_states(names, errors)
+        starts = _each_of(names, errors, lambda name: self._prepare_start(name, states))
+        if any(start.reload for start in starts.values()):
+            self.systemd.reload()  # once, before any job runs
+        jobs: dict[int, tuple[str, str]] = {}
+        for i, start in starts.items():
+            job = _attempt(errors, i, self._queue_start, start, wait=False)
+            if job is not None:
+                jobs[i] = (start.unit, job)
+        for i, error in self._wait_all(jobs, timeout).items():
+            if error is not None:
+                errors[i] = self._start_error(starts[i], error)
+        return errors
+
+    def _prepare_start(self, name: str, states: dict[str, str] | None = None) -> _Start:
+        """What :meth:`start` checks and does before its job: the definition and
+        the image, not running, a failed unit reset, an enabled machine's unit
+        file re-rendered when its definition changed (by hand too)."""
+        definition, states = self.startable(name, states)
         unit = unit_name(name)
         if unit in states:  # not loaded: nothing to reset (no round trip)
             self.systemd.reset_failed(unit)
+        enabled = self.paths.unit_file(name).exists()
+        reload = False
+        if enabled:
+            from machined import units
+
+            reload = units.refresh(name, machines=self, reload=False, definition=definition)
+        return _Start(name, unit, definition, enabled, reload)
+
+    def _queue_start(self, start: _Start, *, wait: bool, timeout: float = 120) -> str:
+        """Queue START's job (StartUnit for an enabled machine: its unit file;
+        else StartTransientUnit) and, if WAIT, wait for it; the job's path."""
+        from machined.dbus import BusError
+        from machined.systemd import JobFailed
+
         try:
-            if self.paths.unit_file(name).exists():
-                from machined import units
+            if start.enabled:
+                return self.systemd.start_unit(start.unit, wait=wait, timeout=timeout)
+            from machined.properties import to_properties
 
-                units.refresh(name, machines=self)  # the definition may have been edited by hand
-                self.systemd.start_unit(unit, timeout=timeout)  # enabled: same name, its unit file
-            else:
-                from machined.properties import to_properties
-
-                self.systemd.start_transient(
-                    unit, to_properties(self.settings(definition)), timeout=timeout
-                )
+            return self.systemd.start_transient(
+                start.unit,
+                to_properties(self.settings(start.definition)),
+                wait=wait,
+                timeout=timeout,
+            )
         except JobFailed as exc:
-            if exc.result == "canceled":  # a stop (another process) replaced our start job
-                raise Conflict(f"machine '{name}' was stopped while it was starting") from None
-            raise PymachineError(self._failure_report(name, unit, exc.result)) from None
+            raise self._start_error(start, exc) from None
         except BusError as exc:
             if exc.name in _RACING_START:  # another process started or is stopping it
                 raise Conflict(
-                    f"machine '{name}' is already running (or being started or stopped)"
+                    f"machine '{start.name}' is already running (or being started or stopped)"
                 ) from None
             raise
+
+    def _start_error(self, start: _Start, error: PymachineError) -> PymachineError:
+        """What a start reports for its job's ERROR (a time-out as it is)."""
+        from machined.systemd import JobFailed
+
+        if not isinstance(error, JobFailed):
+            return error
+        if error.result == "canceled":  # a stop (another process) replaced our start job
+            return Conflict(f"machine '{start.name}' was stopped while it was starting")
+        return PymachineError(self._failure_report(start.name, start.unit, error.result))
+
+    def _wait_all(
+        self, jobs: dict[int, tuple[str, str]], timeout: float
+    ) -> dict[int, PymachineError | None]:
+        """Wait for every queued job (index -> (unit, job path)) at once: each one's error."""
+        if not jobs:
+            return {}
+        errors = self.systemd.wait_jobs({job: unit for unit, job in jobs.values()}, timeout)
+        return {i: errors[job] for i, (_unit, job) in jobs.items()}
 
     def _failure_report(self, name: str, unit: str, job_result: str) -> str:
         status = self.systemd.status(unit)
@@ -363,8 +444,34 @@ class Machines:
         return text + ("\n" + lines if lines else "")
 
     def stop(self, name: str, *, timeout: float = 300) -> None:
+        self._queue_stop(name, wait=True, timeout=timeout)
+        self._unregister_stopped(name)
+
+    def stop_many(
+        self, names: Sequence[str], *, timeout: float = 300
+    ) -> list[PymachineError | None]:
+        """Stop NAMES side by side, as ``systemctl stop a b c`` does: every
+        machine checked as :meth:`stop` does and its stop job queued, then all
+        waited for. Each name's error (None: stopped), in NAMES' order."""
+        return _rounds(names, lambda batch: self._stop_batch(batch, timeout))
+
+    def _stop_batch(self, names: Sequence[str], timeout: float) -> list[PymachineError | None]:
+        errors: list[PymachineError | None] = [None] * len(names)
+        states = self._batch_states(names, errors)
+        jobs = _each_of(names, errors, lambda name: self._queue_stop(name, states, wait=False))
+        for i, error in self._wait_all(jobs, timeout).items():
+            errors[i] = error
+            if error is None:
+                _attempt(errors, i, self._unregister_stopped, names[i])
+        return errors
+
+    def _queue_stop(
+        self, name: str, states: dict[str, str] | None = None, *, wait: bool, timeout: float = 300
+    ) -> tuple[str, str]:
+        """Queue the stop job of the machine's running unit and, if WAIT, wait
+        for it: (unit, job path). STATES: as for :meth:`startable`."""
         validate_machine_name(name)
-        states = self._unit_states(name)
+        states = self._unit_states(name) if states is None else states
         if not _definition_exists(name, self.paths) and unit_name(name) not in states:
             raise NotFound(f"machine '{name}' not found")
         unit, state = self._active_unit(name, states)
@@ -374,12 +481,11 @@ class Machines:
         from machined.systemd import is_no_such_unit
 
         try:
-            self.systemd.stop_unit(unit, timeout=timeout)
+            return unit, self.systemd.stop_unit(unit, wait=wait, timeout=timeout)
         except BusError as exc:
             if is_no_such_unit(exc):  # it stopped (and was unloaded) meanwhile
                 raise NotRunning(f"machine '{name}' is not running") from None
             raise
-        self._unregister_stopped(name)
 
     def _unregister_stopped(self, name: str) -> None:
         """Gone from ``machinectl list`` when ``stop`` returns: machined drops a
@@ -396,6 +502,20 @@ class Machines:
         if self.is_running(name):
             self.stop(name)
         self.start(name)
+
+    def restart_many(self, names: Sequence[str]) -> list[PymachineError | None]:
+        """:meth:`restart` of NAMES side by side: the running ones' stop jobs all
+        at once, then the start jobs of all but those whose stop failed."""
+        return _rounds(names, self._restart_batch)
+
+    def _restart_batch(self, names: Sequence[str]) -> list[PymachineError | None]:
+        errors: list[PymachineError | None] = [None] * len(names)
+        running = _each_of(names, errors, self.is_running)
+        stopping = [i for i, yes in running.items() if yes]
+        _into(errors, stopping, self.stop_many([names[i] for i in stopping]))
+        starting = [i for i in range(len(names)) if errors[i] is None]
+        _into(errors, starting, self.start_many([names[i] for i in starting]))
+        return errors
 
     def kill(self, name: str, signal_number: int) -> None:
         unit, state = self._active_unit(name)
@@ -463,6 +583,71 @@ class Machines:
         if current is None or not current.alive():
             raise NotRunning(f"machine '{name}' is not running")
         return current
+
+
+class _Start:
+    """A start checked and ready to queue (:meth:`Machines._prepare_start`)."""
+
+    __slots__ = ("name", "unit", "definition", "enabled", "reload")
+
+    def __init__(
+        self, name: str, unit: str, definition: MachineDefinition, enabled: bool, reload: bool
+    ) -> None:
+        self.name = name
+        self.unit = unit
+        self.definition = definition
+        self.enabled = enabled  # its unit file, rather than a transient unit
+        self.reload = reload  # the unit file was re-rendered: systemd must reload it
+
+
+def _attempt(
+    errors: list[PymachineError | None], i: int, action: Callable[..., T], *args: Any, **kw: Any
+) -> T | None:
+    """ACTION(*ARGS, **KW), or None with its error kept as ERRORS[I]."""
+    try:
+        return action(*args, **kw)
+    except PymachineError as exc:
+        errors[i] = exc
+        return None
+
+
+def _each_of(
+    names: Sequence[str], errors: list[PymachineError | None], action: Callable[[str], T]
+) -> dict[int, T]:
+    """ACTION of each name, by index, for those without an error (kept in ERRORS)."""
+    done: dict[int, T] = {}
+    for i, name in enumerate(names):
+        if errors[i] is None:
+            result = _attempt(errors, i, action, name)
+            if errors[i] is None:
+                done[i] = result  # type: ignore[assignment]
+    return done
+
+
+def _into(
+    errors: list[PymachineError | None], indices: list[int], results: list[PymachineError | None]
+) -> None:
+    """A batch's RESULTS, run over the names at INDICES, into ERRORS."""
+    for i, error in zip(indices, results, strict=True):
+        errors[i] = error
+
+
+def _rounds(
+    names: Sequence[str], batch: Callable[[Sequence[str]], list[PymachineError | None]]
+) -> list[PymachineError | None]:
+    """BATCH of NAMES with each name at most once a round, rounds one after the
+    other: ``start a a`` starts a and then finds it running (exit code 5), as two
+    starts one after the other did; one start job per unit and round."""
+    errors: list[PymachineError | None] = [None] * len(names)
+    pending = list(range(len(names)))
+    while pending:
+        first: dict[str, int] = {}
+        for i in pending:
+            first.setdefault(names[i], i)
+        this = list(first.values())
+        _into(errors, this, batch([names[i] for i in this]))
+        pending = [i for i in pending if i not in first.values()]
+    return errors
 
 
 def _runtime_state():

@@ -7,7 +7,7 @@ arrive before the method reply.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from machined.dbus import Bus, BusError, encode_properties
@@ -144,13 +144,27 @@ class Systemd:
         _id, job, _unit, result = body
         self._jobs[job] = result
 
-    def _wait_job(self, job: str, unit: str, timeout: float) -> str:
-        if not self.bus.process_until(lambda: job in self._jobs, timeout):
-            raise PymachineError(f"timed out after {timeout:g}s waiting for {unit}")
+    def _wait_job(self, job: str, unit: str, timeout: float) -> None:
+        error = self.wait_jobs({job: unit}, timeout)[job]
+        if error is not None:
+            raise error
+
+    def wait_jobs(
+        self, jobs: Mapping[str, str], timeout: float
+    ) -> dict[str, PymachineError | None]:
+        """Wait for every one of JOBS (job path -> unit), queued with ``wait=False``
+        on this connection, at once: ``systemctl start a b c`` queues all its jobs
+        and then waits, so that their units start side by side. Each job's error
+        (:class:`JobFailed`, or a time-out once TIMEOUT seconds have passed for
+        all of them); None for a job that finished with result "done"."""
+        self.bus.process_until(lambda: all(job in self._jobs for job in jobs), timeout)
+        return {job: self._job_error(job, unit, timeout) for job, unit in jobs.items()}
+
+    def _job_error(self, job: str, unit: str, timeout: float) -> PymachineError | None:
+        if job not in self._jobs:
+            return PymachineError(f"timed out after {timeout:g}s waiting for {unit}")
         result = self._jobs.pop(job)
-        if result != "done":
-            raise JobFailed(unit, result)
-        return result
+        return None if result == "done" else JobFailed(unit, result)
 
     def start_transient(
         self,
@@ -160,8 +174,9 @@ class Systemd:
         aux: Sequence[tuple[str, Sequence[Property]]] = (),
         wait: bool = True,
         timeout: float = 120,
-    ) -> None:
-        """``StartTransientUnit(name, "fail", props, aux)`` and wait for the job."""
+    ) -> str:
+        """``StartTransientUnit(name, "fail", props, aux)`` and wait for the job
+        (unless WAIT is false); the job's path."""
         self._subscribe_jobs()
         raw = encode_properties(properties) + [(ord("a"), b"(sa(sv))")]
         for aux_name, aux_properties in aux:
@@ -171,21 +186,23 @@ class Systemd:
         job = self._manager("StartTransientUnit", "ss", [unit, "fail"], raw_args=raw)
         if wait:
             self._wait_job(job, unit, timeout)
+        return job
 
-    def _job(self, method: str, unit: str, mode: str, wait: bool, timeout: float) -> None:
+    def _job(self, method: str, unit: str, mode: str, wait: bool, timeout: float) -> str:
         self._subscribe_jobs()
         job = self._manager(method, "ss", [unit, mode])
         if wait:
             self._wait_job(job, unit, timeout)
+        return job
 
-    def start_unit(self, unit: str, *, wait: bool = True, timeout: float = 120) -> None:
-        self._job("StartUnit", unit, "fail", wait, timeout)
+    def start_unit(self, unit: str, *, wait: bool = True, timeout: float = 120) -> str:
+        return self._job("StartUnit", unit, "fail", wait, timeout)
 
-    def stop_unit(self, unit: str, *, wait: bool = True, timeout: float = 300) -> None:
-        self._job("StopUnit", unit, "replace", wait, timeout)
+    def stop_unit(self, unit: str, *, wait: bool = True, timeout: float = 300) -> str:
+        return self._job("StopUnit", unit, "replace", wait, timeout)
 
-    def restart_unit(self, unit: str, *, wait: bool = True, timeout: float = 300) -> None:
-        self._job("RestartUnit", unit, "replace", wait, timeout)
+    def restart_unit(self, unit: str, *, wait: bool = True, timeout: float = 300) -> str:
+        return self._job("RestartUnit", unit, "replace", wait, timeout)
 
     def kill_unit(self, unit: str, signal: int, whom: str = "main") -> None:
         self._manager("KillUnit", "ssi", [unit, whom, signal])

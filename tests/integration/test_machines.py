@@ -193,3 +193,47 @@ def test_state_conflicts_are_refused(systemd_host, make_machine, machine_name):
     assert exec_stopped.returncode == 3 and "not running" in exec_stopped.stderr
     duplicate = systemd_host.pymachine("create", name, "--image", "tiny", check=False)
     assert duplicate.returncode == 5 and "already exists" in duplicate.stderr
+
+
+def test_several_machines_at_once_and_one_that_fails(systemd_host, make_machine, machine_name):
+    """start/stop/restart of several names, as systemctl does several units: the
+    valid machines are started (stopped…), each failure is reported with its own
+    message, and the exit code is the first failure's."""
+    a = make_machine(f"{machine_name}-a", start=False)
+    b = make_machine(f"{machine_name}-b", start=False)
+    crashes = make_machine(f"{machine_name}-c", "--bind", "/no/such/source:/x", start=False)
+    units = [f"pymachine-{n}.service" for n in (a, b)]
+
+    def active() -> list[str]:
+        return [show(systemd_host, u, "ActiveState")["ActiveState"] for u in units]
+
+    started = systemd_host.pymachine("start", a, "never-created", crashes, b, check=False)
+    assert started.returncode == 4, started  # not found, the first failure
+    lines = started.stderr.strip().splitlines()
+    assert (
+        lines[0]
+        == "pymachine: machine 'never-created' not found (no /etc/pymachine/never-created.machine)"
+    )
+    assert lines[1].startswith(
+        f"pymachine: machine '{crashes}' failed to start (pymachine-{crashes}.service"
+    )
+    assert "Traceback" not in started.stderr
+    assert active() == ["active", "active"]
+
+    again = systemd_host.pymachine("start", a, b, check=False)
+    assert again.returncode == 5
+    assert again.stderr.splitlines() == [
+        f"pymachine: machine '{a}' is already running",
+        f"pymachine: machine '{b}' is already running",
+    ]
+    leaders = [show(systemd_host, u, "MainPID")["MainPID"] for u in units]
+    systemd_host.pymachine("restart", a, b)
+    assert active() == ["active", "active"]
+    assert all(show(systemd_host, u, "MainPID")["MainPID"] not in leaders for u in units)
+
+    stopped = systemd_host.pymachine("stop", a, crashes, b, check=False)
+    assert stopped.returncode == 3 and stopped.stderr.strip() == (
+        f"pymachine: machine '{crashes}' is not running"
+    )
+    assert [s in ("inactive", "failed") for s in active()] == [True, True]
+    assert a not in systemd_host.run(["machinectl", "list", "--no-legend"]).stdout

@@ -3,6 +3,7 @@ a fake bus (no systemd needed)."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -11,20 +12,29 @@ import pytest
 from machined import definition as definitions
 from machined.dbus import BusError
 from machined.definition import MachineDefinition
-from machined.errors import NotFound, NotRunning
+from machined.errors import Conflict, InvalidInput, NotFound, NotRunning
 from machined.machines import Machines
 from machined.network.config import NetworkMode
 from machined.paths import Paths
-from machined.systemd import Systemd, unit_object_path
+from machined.systemd import JobFailed, Systemd, unit_object_path
 
 
 class FakeBus:
-    """Answers the manager's calls from a table of units: name -> (load, active)."""
+    """Answers the manager's calls from a table of units: name -> (load, active).
+    A job's JobRemoved (its result from RESULTS, "done" by default) arrives when
+    the client waits; WAITED counts the jobs queued before each wait."""
 
-    def __init__(self, units: dict[str, tuple[str, str]] | None = None) -> None:
+    def __init__(
+        self, units: dict[str, tuple[str, str]] | None = None, results: dict[str, str] | None = None
+    ) -> None:
         self.units = units or {}
+        self.results = results or {}
+        self.refuse: dict[str, str] = {}  # unit -> the D-Bus error its job's call gets
         self.calls: list[str] = []
+        self.waited: list[int] = []
         self._callback = None
+        self._signals: list[tuple[int, str, str, str]] = []
+        self._jobs = itertools.count(1)
 
     def call(self, destination, path, interface, method, signature="", args=(), **kw) -> Any:
         self.calls.append(method)
@@ -36,8 +46,14 @@ class FakeBus:
                 if name in patterns
             ]
         if method in ("StopUnit", "StartTransientUnit"):
-            job = "/org/freedesktop/systemd1/job/1"
-            self._callback((1, job, args[0], "done"))
+            unit = args[0]
+            if unit in self.refuse:
+                raise BusError(f"refused {unit}", self.refuse[unit])
+            job = f"/org/freedesktop/systemd1/job/{next(self._jobs)}"
+            result = self.results.get(unit, "done")
+            self._signals.append((1, job, unit, result))
+            if result == "done":
+                self.units[unit] = ("loaded", "inactive" if method == "StopUnit" else "active")
             return job
         if method == "ResetFailedUnit":
             return None
@@ -55,6 +71,9 @@ class FakeBus:
         self._callback = callback
 
     def process_until(self, done, timeout) -> bool:
+        self.waited.append(len(self._signals))
+        while self._signals:
+            self._callback(self._signals.pop(0))
         return done()
 
     def close(self) -> None:
@@ -93,7 +112,8 @@ def test_a_job_is_matched_but_not_subscribed() -> None:
 def machines(tmp_path: Path) -> tuple[Machines, FakeBus]:
     paths = Paths(tmp_path)
     paths.image("tiny").mkdir(parents=True)
-    definitions.save(MachineDefinition(name="web", image="tiny"), paths)
+    for name in ("web", "db", "app"):
+        definitions.save(MachineDefinition(name=name, image="tiny"), paths)
     bus = FakeBus()
     machines = Machines(paths)
     machines._systemd = Systemd(bus)
@@ -152,3 +172,85 @@ def test_a_plain_machine_has_no_exec_stop_post_and_a_runtime_directory(tmp_path:
 
 def test_bus_error_names_are_kept() -> None:
     assert BusError("x", "org.freedesktop.systemd1.NoSuchUnit").name.endswith("NoSuchUnit")
+
+
+# --- several machines: every job queued, then all waited for ------------------------------
+
+
+def _service(name: str) -> str:
+    return f"pymachine-{name}.service"
+
+
+def test_start_many_queues_every_job_then_waits_for_all(machines, monkeypatch) -> None:
+    m, bus = machines
+    monkeypatch.setattr("machined.machines.journal", lambda unit, lines=10: "")
+    bus.results[_service("db")] = "failed"
+    errors = m.start_many(["web", "nosuch", "db", "app"])
+    assert [type(e).__name__ if e else None for e in errors] == [
+        None,
+        "NotFound",
+        "PymachineError",
+        None,
+    ]
+    assert str(errors[1]).startswith("machine 'nosuch' not found")
+    assert str(errors[2]) == "machine 'db' failed to start (pymachine-db.service: result 'failed')"
+    assert bus.waited == [3]  # one wait, once the three start jobs were queued
+    assert bus.calls.count("ListUnitsByPatterns") == 1  # every machine's units at once
+    assert bus.calls.count("AddMatch:JobRemoved") == 1
+    assert bus.calls.index("AddMatch:JobRemoved") < bus.calls.index("StartTransientUnit")
+
+
+def test_start_many_of_a_name_twice_starts_it_then_finds_it_running(machines) -> None:
+    m, bus = machines
+    first, second = m.start_many(["web", "web"])
+    assert first is None
+    assert isinstance(second, Conflict) and str(second) == "machine 'web' is already running"
+    assert bus.waited == [1]
+
+
+def test_start_many_reports_a_racing_start_as_a_conflict(machines) -> None:
+    m, bus = machines
+    bus.refuse = {_service("db"): "org.freedesktop.systemd1.UnitExists"}
+    errors = m.start_many(["web", "db"])
+    assert errors[0] is None and isinstance(errors[1], Conflict)
+    assert "already running (or being started or stopped)" in str(errors[1])
+
+
+def test_stop_many_queues_the_running_ones_then_waits_for_all(machines) -> None:
+    m, bus = machines
+    bus.units = {_service("web"): ("loaded", "active"), _service("app"): ("loaded", "active")}
+    errors = m.stop_many(["web", "db", "app", "-bad"])
+    assert errors[0] is None and errors[2] is None
+    assert isinstance(errors[1], NotRunning) and str(errors[1]) == "machine 'db' is not running"
+    assert isinstance(errors[3], InvalidInput)
+    assert bus.waited == [2]
+    assert bus.calls.count("ListUnitsByPatterns") == 1
+    assert bus.units[_service("web")][1] == bus.units[_service("app")][1] == "inactive"
+
+
+def test_restart_many_stops_the_running_ones_together_then_starts_all(machines) -> None:
+    m, bus = machines
+    bus.units = {_service("web"): ("loaded", "active")}
+    assert m.restart_many(["web", "db"]) == [None, None]
+    assert bus.waited == [1, 2]  # web's stop, then both starts
+    assert bus.calls.count("StopUnit") == 1 and bus.calls.count("StartTransientUnit") == 2
+
+
+def test_restart_many_does_not_start_a_machine_whose_stop_failed(machines) -> None:
+    m, bus = machines
+    bus.units = {_service("web"): ("loaded", "active"), _service("db"): ("loaded", "active")}
+    bus.results[_service("web")] = "failed"
+    errors = m.restart_many(["web", "db"])
+    assert isinstance(errors[0], JobFailed) and errors[1] is None
+    assert bus.calls.count("StartTransientUnit") == 1
+
+
+def test_a_job_without_its_signal_by_the_deadline_is_a_time_out() -> None:
+    bus = FakeBus()
+    systemd = Systemd(bus)
+    a = systemd.stop_unit("a.service", wait=False)
+    b = systemd.stop_unit("b.service", wait=False)
+    bus._signals.pop()  # b's JobRemoved never comes
+    errors = systemd.wait_jobs({a: "a.service", b: "b.service"}, 0.01)
+    assert errors[a] is None
+    assert str(errors[b]) == "timed out after 0.01s waiting for b.service"
