@@ -137,32 +137,16 @@ def teardown(machine: str, paths: Paths) -> None:
     """Remove the machine's veth and nft rules; keep its lease. Idempotent.
 
     Needs nothing but the runtime record (or, without one, the machine's name):
-    works after the runtime was killed with SIGKILL.
+    works after the runtime was killed with SIGKILL. (:mod:`.leftover`, light
+    for the clean-up after every stop.)
     """
-    from machined.network import nft
-
-    record = state.read(paths, machine) or {}
-    ifname = record.get("host_ifname") or state.host_ifname(machine)
-    # After a stop the veth is usually gone already (it dies with the machine's
-    # netns): look before importing links and opening a netlink socket.
-    # (An ioctl in our netns: /sys/class/net shows the netns sysfs was mounted in.)
-    if _link_exists(ifname):
-        from machined.network import links
-
-        with links.host() as ipr:
-            links.delete_link(ipr, ifname, machine)
-    nft.remove_machine(machine)
-    state.remove(paths, machine)
-
-
-def _link_exists(ifname: str) -> bool:
-    import socket
+    from machined.errors import PymachineError
+    from machined.network import leftover, nftlib
 
     try:
-        socket.if_nametoindex(ifname)
-    except OSError:
-        return False
-    return True
+        leftover.teardown(machine, str(state.state_file(paths, machine)))
+    except nftlib.NftError as exc:
+        raise PymachineError(str(exc)) from None
 
 
 def release(machine: str, paths: Paths) -> None:

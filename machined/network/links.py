@@ -27,6 +27,7 @@ from typing import Any
 
 from machined.errors import Conflict, PymachineError
 from machined.network.addresses import BridgeNet, Lease
+from machined.network.leftover import delete_link  # noqa: F401 - gc's too (light: leftover)
 from machined.network.rtnl import IFA_F_NODAD, RT_TABLE_MAIN, Link, Rtnl, make_socket, veth_peer
 from machined.network.state import ALIAS_PREFIX, CONTAINER_IFNAME, mac_address
 
@@ -150,16 +151,6 @@ def create_veth(ipr: Rtnl, machine: str, ifname: str, bridge_index: int, netns_p
         raise PymachineError(f"veth {ifname!r} vanished right after being created")
     ipr.set_link(index, up=True, master=bridge_index, alias=ALIAS_PREFIX + machine)
     return index
-
-
-def delete_link(ipr: Rtnl, ifname: str, machine: str) -> bool:
-    """Delete the machine's host-side veth if it is there (and is ours); True if deleted."""
-    link = _link(ipr, ifname=ifname)
-    if link is None:
-        return False
-    if link.alias not in (None, ALIAS_PREFIX + machine) or link.kind != "veth":
-        return False  # someone else's interface that happens to have this name
-    return _ignore((errno.ENODEV,), ipr.del_link, link.index)
 
 
 def pymachine_links(ipr: Rtnl) -> dict[str, str]:

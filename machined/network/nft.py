@@ -42,21 +42,18 @@ One table, ``inet pymachine``, holds everything:
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
 import json
-import os
-import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from machined.errors import Conflict, PymachineError
+from machined.network import nftlib
 from machined.network.config import PortForward
 
-FAMILY = "inet"
-TABLE = "pymachine"
-COMMENT_PREFIX = "pymachine:"
+FAMILY = nftlib.FAMILY
+TABLE = nftlib.TABLE
+COMMENT_PREFIX = nftlib.COMMENT_PREFIX
 PORTS_CHAIN = "ports"
 
 Cmd = dict[str, Any]
@@ -64,93 +61,11 @@ Cmd = dict[str, Any]
 
 # --- running nft -----------------------------------------------------------------
 
-#: ``NFT_CTX_OUTPUT_JSON`` (``nftables/libnftables.h``): JSON output, and JSON
-#: input tried before nft's own syntax (1.0.6 has no input flag of its own)
-_OUTPUT_JSON = 1 << 4
-_LIBNFTABLES = "libnftables.so.1"
-
-
-@functools.cache
-def _libnftables() -> ctypes.CDLL | None:
-    """libnftables with the prototypes used here, loaded once; None where it
-    cannot be loaded (then :func:`_run_command`). By soname: ``find_library``
-    would run ``ldconfig``."""
-    try:
-        lib = ctypes.CDLL(_LIBNFTABLES)
-    except OSError:
-        return None
-    ctx = ctypes.c_void_p
-    lib.nft_ctx_new.argtypes, lib.nft_ctx_new.restype = [ctypes.c_uint], ctx
-    lib.nft_ctx_free.argtypes = [ctx]
-    lib.nft_ctx_output_set_flags.argtypes = [ctx, ctypes.c_uint]
-    lib.nft_ctx_buffer_output.argtypes = lib.nft_ctx_buffer_error.argtypes = [ctx]
-    for getter in (lib.nft_ctx_get_output_buffer, lib.nft_ctx_get_error_buffer):
-        getter.argtypes, getter.restype = [ctx], ctypes.c_char_p
-    lib.nft_run_cmd_from_buffer.argtypes = [ctx, ctypes.c_char_p]
-    return lib
-
-
-class _Context:
-    """A libnftables context of this process and network namespace, kept open.
-
-    Kept because closing a netfilter netlink socket right after a change waits
-    for the kernel to release the change's objects (``nft_rcv_nl_event``
-    flushes nf_tables' destroy work: an RCU grace period, 7-30 ms in a tier-1
-    host, where the change itself takes ~1 ms). Left open, the socket closes
-    when the process exits, after the rest of its start or stop. A context
-    acts in the network namespace it was made in, as an ``nft`` child of the
-    calling thread would: one of another namespace (a test's) or inherited
-    through a fork is freed and replaced. Its socket is made close-on-exec
-    (libnftables' is not), so no command we run inherits it.
-    """
-
-    _lock = threading.Lock()
-    _current: _Context | None = None
-
-    def __init__(self, lib: ctypes.CDLL, owner: tuple[int, int]) -> None:
-        self.owner = owner
-        before = _sockets()
-        self.ctx = lib.nft_ctx_new(0)
-        if not self.ctx:
-            raise PymachineError("nft failed: libnftables could not make a context")
-        for fd in _sockets() - before:  # the one nft_ctx_new opened
-            os.set_inheritable(fd, False)
-        lib.nft_ctx_output_set_flags(self.ctx, _OUTPUT_JSON)
-        lib.nft_ctx_buffer_output(self.ctx)
-        lib.nft_ctx_buffer_error(self.ctx)
-
-    @classmethod
-    def _for_caller(cls, lib: ctypes.CDLL) -> int:
-        """The context for this process and the calling thread's network namespace."""
-        owner = (os.getpid(), os.stat("/proc/thread-self/ns/net").st_ino)
-        current = cls._current
-        if current is None or current.owner != owner:
-            cls._current = None
-            if current is not None:
-                lib.nft_ctx_free(current.ctx)
-            cls._current = current = cls(lib, owner)
-        return current.ctx
-
-    @classmethod
-    def run(cls, lib: ctypes.CDLL, text: str) -> tuple[bool, str]:
-        """Run ``text``: (True, output) or (False, the error text nft would print)."""
-        with cls._lock:
-            ctx = cls._for_caller(lib)
-            ok = lib.nft_run_cmd_from_buffer(ctx, text.encode()) == 0
-            # reading a buffer also empties it for the next command: read both
-            out = (lib.nft_ctx_get_output_buffer(ctx) or b"").decode(errors="replace")
-            err = (lib.nft_ctx_get_error_buffer(ctx) or b"").decode(errors="replace")
-        return ok, out if ok else (err.strip() or out.strip())
-
-
-def _sockets() -> set[int]:
-    """This process's socket descriptors."""
-    found = set()
-    for name in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):
-            if os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
-                found.add(int(name))
-    return found
+#: libnftables and its context live in :mod:`.nftlib` (the stop's clean-up
+#: uses them without this module); names kept here for callers and tests
+_libnftables = nftlib.libnftables
+_Context = nftlib.Context
+_sockets = nftlib._sockets
 
 
 def _run_command(text: str) -> tuple[bool, str]:
@@ -171,9 +86,17 @@ def _run_command(text: str) -> tuple[bool, str]:
 
 def _execute(commands: list[Cmd]) -> tuple[bool, str]:
     """One JSON batch, atomic: (True, JSON output) or (False, nft's error message)."""
-    text = json.dumps({"nftables": commands})
+    return _execute_text(json.dumps({"nftables": commands}))
+
+
+def _execute_text(text: str) -> tuple[bool, str]:
     lib = _libnftables()
-    return _run_command(text) if lib is None else _Context.run(lib, text)
+    if lib is None:
+        return _run_command(text)
+    try:
+        return _Context.run(lib, text)
+    except nftlib.NftError as exc:
+        raise PymachineError(str(exc)) from None
 
 
 def run(commands: list[Cmd]) -> None:
@@ -363,11 +286,10 @@ class MachineRule:
 
 def parse_comment(comment: Any) -> tuple[str, PortForward | None] | None:
     """``pymachine:web:tcp:8080:80`` → ("web", tcp:8080:80); None if not pymachine's."""
-    if not isinstance(comment, str) or not comment.startswith(COMMENT_PREFIX):
+    machine = nftlib.machine_of(comment)
+    if machine is None:
         return None
-    machine, _, rest = comment[len(COMMENT_PREFIX) :].partition(":")
-    if not machine:
-        return None
+    rest = comment[len(COMMENT_PREFIX) + len(machine) + 1 :]
     try:
         return machine, PortForward.parse(rest) if rest else None
     except Exception:  # noqa: BLE001 - a rule someone edited: still the machine's
@@ -454,18 +376,14 @@ def install_machine(
 
 
 def remove_machine(machine: str, attempts: int = 3) -> int:
-    """Delete every rule tagged with the machine; the number deleted (0 if none or no table)."""
-    for attempt in range(attempts):
-        rules = [r for r in machine_rules(list_table()) if r.machine == machine]
-        if not rules:
-            return 0
-        try:
-            run([_delete(r) for r in rules])
-            return len(rules)
-        except PymachineError:
-            if attempt == attempts - 1:
-                raise  # a concurrent change deleted some first: list again
-    return 0
+    """Delete every rule tagged with the machine; the number deleted (0 if none or no table).
+
+    :func:`.nftlib.remove_machine`, which the stop's clean-up calls without this module.
+    """
+    try:
+        return nftlib.remove_machine(machine, _execute_text, attempts)
+    except nftlib.NftError as exc:
+        raise PymachineError(str(exc)) from None
 
 
 def remove_machines_except(keep: set[str]) -> list[str]:
