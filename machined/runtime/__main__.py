@@ -8,10 +8,15 @@ import sys
 
 def main(argv: list[str]) -> None:  # never returns: both paths end in _exit
     if "--cleanup" in argv[1:]:
-        from machined.paths import Paths
-        from machined.runtime.cleanup import cleanup
+        from machined.runtime import cleanup
 
-        cleanup(argv[0], Paths.from_env())
+        given = argv[argv.index("--cleanup") + 1 :]  # cleanup.command(): the paths
+        if len(given) >= 2:
+            cleanup.run(argv[0], given[0], given[1], given[2:])
+        else:  # a unit made before the paths were given
+            from machined.paths import Paths
+
+            cleanup.cleanup(argv[0], Paths.from_env())
         _exit(0)
     from machined.runtime import leader
 

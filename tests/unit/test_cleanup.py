@@ -1,0 +1,229 @@
+"""The stop's clean-up (``ExecStopPost=``): its command line, what it removes,
+what it imports, the light JSON and nft pieces, the one D-Bus call."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from machined.network import jsonlite, nft, nftlib, state
+from machined.paths import Paths
+from machined.runtime import cleanup
+
+# --- jsonlite -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"a": [1, 2.5, "x\\u00e9", null, true, false, {"b": {}}]}',
+        " [] \n",
+        '"s"',
+        "-3",
+        '{"nftables": [{"metainfo": {"version": "1.0.6", "json_schema_version": 1}}]}',
+    ],
+)
+def test_jsonlite_decodes_as_json(text: str) -> None:
+    assert jsonlite.loads(text) == json.loads(text)
+
+
+@pytest.mark.parametrize("text", ["", "{", "{}x", "[1,]", '{"a" 1}', "NaN", "[Infinity]"])
+def test_jsonlite_rejects_what_json_rejects(text: str) -> None:
+    with pytest.raises(ValueError):
+        jsonlite.loads(text)
+
+
+# --- nftlib ---------------------------------------------------------------------
+
+LISTING = json.dumps(
+    {
+        "nftables": [
+            {"metainfo": {"version": "1.0.6"}},
+            {"table": {"family": "inet", "name": "pymachine", "handle": 1}},
+            {"rule": {"chain": "ports", "handle": 7, "comment": "pymachine:web:tcp:8080:80"}},
+            {"rule": {"chain": "ports", "handle": 8, "comment": "pymachine:webby:tcp:81:80"}},
+            {"rule": {"chain": "ports", "handle": 9, "comment": "pymachine:web"}},
+            {"rule": {"chain": "postrouting", "handle": 3}},
+        ]
+    }
+)
+
+
+def test_rules_of_a_machine_are_found_by_comment_exactly() -> None:
+    assert nftlib.rules_of("web", LISTING) == [("ports", 7), ("ports", 9)]
+    assert nftlib.rules_of("db", LISTING) == []
+
+
+def test_delete_batch_is_the_json_nft_writes() -> None:
+    rules = [nft.MachineRule("web", "ports", 7, None), nft.MachineRule("web", "ports", 9, None)]
+    expected = {"nftables": [nft._delete(r) for r in rules]}
+    assert json.loads(nftlib.delete_batch([("ports", 7), ("ports", 9)])) == expected
+    assert json.loads(nftlib.LIST_TABLE) == {
+        "nftables": [{"list": {"table": {"family": "inet", "name": "pymachine"}}}]
+    }
+    odd = json.loads(nftlib.delete_batch([('a"b', 1)]))
+    assert odd["nftables"][0]["delete"]["rule"]["chain"] == 'a"b'
+
+
+def test_remove_machine_lists_deletes_and_retries() -> None:
+    calls: list[str] = []
+    answers = [
+        (True, LISTING),
+        (False, "Error: Could not process rule"),
+        (True, LISTING),
+        (True, ""),
+    ]
+
+    def execute(text: str) -> tuple[bool, str]:
+        calls.append(text)
+        return answers.pop(0)
+
+    assert nftlib.remove_machine("web", execute) == 2
+    assert calls[0] == calls[2] == nftlib.LIST_TABLE
+    assert calls[1] == calls[3] == nftlib.delete_batch([("ports", 7), ("ports", 9)])
+    no_table = [(False, "Error: No such file or directory; did you mean table ...")]
+    assert nftlib.remove_machine("web", lambda text: no_table[0]) == 0
+
+
+# --- cleanup: command line, run ---------------------------------------------------
+
+
+def test_command_gives_the_clean_up_its_paths(tmp_path: Path) -> None:
+    paths = Paths(tmp_path)
+    record, ephemeral, state_file, pid_file = (str(p) for p in cleanup.targets("web", paths))
+    assert record == str(state.state_file(paths, "web"))
+    assert ephemeral == str(paths.machine_runtime("web") / cleanup.EPHEMERAL)
+    assert pid_file == str(paths.pid_file("web"))
+    script = cleanup.command("web", paths, ["python3", "-c", "X", "web", "--cleanup"])[2]
+    assert f"'web' --cleanup {record} {ephemeral} {state_file} {pid_file}" in script.replace(
+        "web --cleanup", "'web' --cleanup"
+    )
+    assert script.startswith(f"if [ -e {record} ] || [ -e {ephemeral} ]; then exec python3")
+
+
+def test_run_removes_what_the_machine_left(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    paths = Paths(tmp_path)
+    record, ephemeral, *files = cleanup.targets("web", paths)
+    for f in (record, *files):
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text("{}")
+    (ephemeral / "upper").mkdir(parents=True)
+    machined_state = tmp_path / "machines"
+    machined_state.mkdir()
+    (machined_state / "web").write_text("")
+    monkeypatch.setattr(cleanup, "MACHINED_STATE_DIR", str(machined_state))
+    done: list[str] = []
+    monkeypatch.setattr(cleanup, "unregister", lambda name: done.append(f"unregister {name}"))
+    from machined.network import leftover
+
+    monkeypatch.setattr(leftover, "teardown", lambda name, path: done.append(f"teardown {path}"))
+    cleanup.run("web", str(record), str(ephemeral), [str(f) for f in files])
+    assert done == [f"teardown {record}", "unregister web"]
+    assert not any(f.exists() for f in files) and not ephemeral.exists()
+    done.clear()
+    (machined_state / "web").unlink()
+    record.unlink()
+    cleanup.run("web", str(record), str(ephemeral), [str(f) for f in files])  # idempotent
+    assert done == []
+
+
+def test_run_refuses_a_name_that_leaves_the_directory() -> None:
+    with pytest.raises(SystemExit):
+        cleanup.run("../etc", "/nonexistent", "/nonexistent", [])
+
+
+def test_clean_up_of_a_bridged_machine_is_light(tmp_path: Path) -> None:
+    """What the clean-up of a bridged machine imports (a record with no ports,
+    no veth, no registration: nothing reaches the kernel or the bus)."""
+    paths = Paths(tmp_path)
+    record, ephemeral, *files = (str(p) for p in cleanup.targets("lighttest", paths))
+    os.makedirs(os.path.dirname(record))
+    with open(record, "w") as f:
+        json.dump({"machine": "lighttest", "host_ifname": "vm-lighttest", "ports": []}, f)
+    heavy = [
+        "pathlib", "re", "json", "typing", "dataclasses", "socket", "threading",
+        "contextlib", "shutil", "enum", "machined.paths", "machined.network.lifecycle",
+        "machined.network.nft", "machined.network.links", "machined.dbus",
+    ]  # fmt: skip
+    code = (
+        "import sys; sys.path.insert(0, sys.argv.pop(1)); "
+        "from machined.runtime import cleanup; cleanup.run(*sys.argv[1:4], sys.argv[4:]); "
+        f"print([m for m in {heavy!r} if m in sys.modules])"
+    )
+    root = str(Path(__file__).resolve().parents[2])
+    out = subprocess.check_output(
+        [sys.executable, "-I", "-S", "-c", code, root, "lighttest", record, ephemeral, *files],
+        text=True,
+    )
+    assert out.strip() == "[]"
+    assert not os.path.exists(record)
+
+
+# --- UnregisterMachine --------------------------------------------------------------
+
+
+def _fake_bus(path: str, seen: list[tuple[int, int | None, bytes]]) -> threading.Thread:
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        data = b""
+        while b"\r\n" not in data:
+            data += conn.recv(4096)
+        assert data.startswith(b"\0AUTH EXTERNAL ")
+        conn.sendall(b"OK 0123456789abcdef0123456789abcdef\r\n")
+        buffer = b""
+        while not buffer.startswith(b"BEGIN\r\n"):
+            buffer += conn.recv(4096)
+        buffer = buffer[len(b"BEGIN\r\n") :]
+        for _ in range(2):
+            (kind, reply_serial), rest = cleanup._next_message(conn, buffer)
+            seen.append((kind, reply_serial, buffer[: len(buffer) - len(rest)]))
+            buffer = rest
+        signal = cleanup._method_call(5, "/x", "org.freedesktop.DBus", "NameAcquired", "x", ":1.9")
+        signal = signal[:1] + b"\x04" + signal[2:]
+        fields = struct.pack("<BB2sI", 5, 1, b"u\0", 2)  # REPLY_SERIAL 2: 8 bytes, aligned
+        reply = struct.pack("<4sIII", b"l\x02\x01\x01", 0, 9, len(fields)) + fields
+        conn.sendall(signal + reply)
+        conn.close()
+        server.close()
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    return thread
+
+
+def test_unregister_speaks_d_bus(tmp_path: Path) -> None:
+    path = str(tmp_path / "bus")
+    seen: list[tuple[int, int | None, bytes]] = []
+    thread = _fake_bus(path, seen)
+    cleanup._call_unregister(path, "web")
+    thread.join()
+    (hello_kind, _, hello), (call_kind, _, call) = seen
+    assert hello_kind == call_kind == 1
+    assert b"Hello" in hello and struct.unpack_from("<I", hello, 8) == (1,)
+    assert struct.unpack_from("<I", call, 8) == (2,)
+    for text in (b"/org/freedesktop/machine1", b"UnregisterMachine", b"org.freedesktop.machine1"):
+        assert text in call
+    assert call.endswith(struct.pack("<I", 3) + b"web\0")
+
+
+def test_network_teardown_stays_the_function_after_every_submodule() -> None:
+    """A submodule named like one of the package's lazy names would shadow it."""
+    code = (
+        "import importlib, pkgutil, machined.network as n; "
+        "[importlib.import_module('machined.network.' + m.name) "
+        "for m in pkgutil.iter_modules(n.__path__)]; "
+        "print(all(callable(getattr(n, a)) for a in ('setup', 'teardown', 'release', 'gc')))"
+    )
+    assert subprocess.check_output([sys.executable, "-c", code], text=True).strip() == "True"
