@@ -228,6 +228,11 @@ class FakeSystemd:
     def start_unit(self, unit, **kw):
         self._log("start_unit", unit)
         self.units[unit] = status(unit)
+        return f"/job/{unit}"
+
+    def wait_jobs(self, jobs, timeout):
+        self._log("wait_jobs", sorted(jobs.values()))
+        return dict.fromkeys(jobs)
 
     def start_transient(self, unit, props, **kw):
         self._log("start_transient", unit)
@@ -424,6 +429,18 @@ def test_refresh_rewrites_a_hand_edited_or_older_unit_file(env):
     assert units.refresh("web", machines=machines) is True
     assert path.read_text() == rendered
     assert units.refresh("web", machines=machines) is False
+
+
+def test_start_many_reloads_once_for_every_unit_file_rendered_again(env):
+    machines, fake, paths = env
+    definitions.save(make("db", resources={"MemoryMax": "64M"}), paths)
+    for name in ("web", "db"):
+        units.enable(name, machines=machines)
+        definition_file = paths.definition_file(name)
+        definition_file.write_text(definition_file.read_text().replace("64M", "96M"))
+    fake.calls.clear()
+    assert machines.start_many(["web", "db"]) == [None, None]
+    assert fake.names() == ["reload", "start_unit", "start_unit", "wait_jobs"]
 
 
 def test_set_persists_a_stopped_machine(env):
