@@ -32,22 +32,31 @@ if TYPE_CHECKING:
 
 
 def teardown(machine: str, record_path: str) -> None:
-    """Remove the machine's veth and nft rules, then its record; keep its lease. Idempotent.
+    """Remove the machine's nft rules and veth, then its record; keep its lease. Idempotent.
 
     Needs nothing but the record (or, without one, the machine's name): works
     after the runtime was killed with SIGKILL.
     """
     record = state.read_file(record_path) or {}
+    failed = None
+    # The rules first: their deletion's destroy work (an RCU grace period, a few
+    # ms) must end before this process can close its nft socket, i.e. exit, so
+    # the rest of the clean-up runs meanwhile. Setup records the ports before it
+    # installs their rules: no ports, no rules (a record without the key, an
+    # unreadable one: look in the table anyway).
+    if record.get("ports") != []:
+        try:
+            nftlib.remove_machine(machine)
+        except OSError as exc:
+            failed = exc  # the veth still goes; the record stays for gc and the next start
     ifname = record.get("host_ifname") or state.host_ifname(machine)
     if link_exists(ifname):  # one ioctl; rtnetlink only for a veth that lingers
         from machined.network.rtnl import Rtnl
 
         with Rtnl() as ipr:
             delete_link(ipr, ifname, machine)
-    # setup records the ports before it installs their rules: no ports, no rules
-    # (a record without the key, an unreadable one: look in the table anyway)
-    if record.get("ports") != []:
-        nftlib.remove_machine(machine)
+    if failed is not None:
+        raise failed
     try:  # noqa: SIM105 - contextlib costs ~2 ms of imports here
         os.unlink(record_path)
     except FileNotFoundError:

@@ -227,3 +227,38 @@ def test_network_teardown_stays_the_function_after_every_submodule() -> None:
         "print(all(callable(getattr(n, a)) for a in ('setup', 'teardown', 'release', 'gc')))"
     )
     assert subprocess.check_output([sys.executable, "-c", code], text=True).strip() == "True"
+
+
+def test_leftover_teardown_deletes_the_veth_even_when_nft_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from machined.network import leftover, rtnl
+
+    record = tmp_path / "web.json"
+    record.write_text(json.dumps({"host_ifname": "vm-web", "ports": ["tcp:8080:80"]}))
+    done: list[str] = []
+
+    def refuse(machine: str) -> int:
+        done.append("nft")
+        raise nftlib.NftError("nft failed: busy")
+
+    class FakeRtnl:
+        def __init__(self) -> None:
+            pass
+
+        def __enter__(self) -> FakeRtnl:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+    monkeypatch.setattr(nftlib, "remove_machine", refuse)
+    monkeypatch.setattr(leftover, "link_exists", lambda ifname: ifname == "vm-web")
+    monkeypatch.setattr(rtnl, "Rtnl", FakeRtnl)
+    monkeypatch.setattr(leftover, "delete_link", lambda ipr, ifname, m: done.append(ifname))
+    with pytest.raises(nftlib.NftError):
+        leftover.teardown("web", str(record))
+    assert done == ["nft", "vm-web"] and record.exists()  # kept: gc and the next start retry
+    monkeypatch.setattr(nftlib, "remove_machine", lambda machine: done.append("nft again"))
+    leftover.teardown("web", str(record))
+    assert not record.exists()
