@@ -18,6 +18,8 @@ from machined.network import jsonlite, nft, nftlib, state
 from machined.paths import Paths
 from machined.runtime import cleanup
 
+NAME = "pymachine-unit-test-cleanup"
+
 # --- jsonlite -------------------------------------------------------------------
 
 
@@ -144,10 +146,10 @@ def test_clean_up_of_a_bridged_machine_is_light(tmp_path: Path) -> None:
     """What the clean-up of a bridged machine imports (a record with no ports,
     no veth, no registration: nothing reaches the kernel or the bus)."""
     paths = Paths(tmp_path)
-    record, ephemeral, *files = (str(p) for p in cleanup.targets("lighttest", paths))
+    record, ephemeral, *files = (str(p) for p in cleanup.targets(NAME, paths))
     os.makedirs(os.path.dirname(record))
     with open(record, "w") as f:
-        json.dump({"machine": "lighttest", "host_ifname": "vm-lighttest", "ports": []}, f)
+        json.dump({"machine": NAME, "host_ifname": state.host_ifname(NAME), "ports": []}, f)
     heavy = [
         "pathlib", "re", "json", "typing", "dataclasses", "socket", "threading",
         "contextlib", "shutil", "enum", "machined.paths", "machined.network.lifecycle",
@@ -160,7 +162,7 @@ def test_clean_up_of_a_bridged_machine_is_light(tmp_path: Path) -> None:
     )
     root = str(Path(__file__).resolve().parents[2])
     out = subprocess.check_output(
-        [sys.executable, "-I", "-S", "-c", code, root, "lighttest", record, ephemeral, *files],
+        [sys.executable, "-I", "-S", "-c", code, root, NAME, record, ephemeral, *files],
         text=True,
     )
     assert out.strip() == "[]"
@@ -262,3 +264,24 @@ def test_leftover_teardown_deletes_the_veth_even_when_nft_fails(
     monkeypatch.setattr(nftlib, "remove_machine", lambda machine: done.append("nft again"))
     leftover.teardown("web", str(record))
     assert not record.exists()
+
+
+def test_a_unit_without_paths_on_its_command_line_is_cleaned_as_before(tmp_path: Path) -> None:
+    """Units written by an earlier pymachine run ``NAME --cleanup`` alone. (A name
+    no real machine has: the clean-up unregisters one that machined knows.)"""
+    paths = Paths(tmp_path)
+    runtime = paths.machine_runtime(NAME)
+    runtime.mkdir(parents=True)
+    (runtime / "state.json").write_text("{}")
+    (runtime / cleanup.EPHEMERAL).mkdir()
+    root = str(Path(__file__).resolve().parents[2])
+    code = (
+        "import sys; sys.path.insert(0, sys.argv.pop(1)); "
+        "from machined.runtime.__main__ import main; main(sys.argv[1:])"
+    )
+    subprocess.run(
+        [sys.executable, "-I", "-S", "-c", code, root, NAME, "--cleanup"],
+        check=True,
+        env={"PYMACHINE_ROOT": str(tmp_path)},
+    )
+    assert sorted(p.name for p in runtime.iterdir()) == []
