@@ -35,17 +35,19 @@ class _Options:
 
 def loads(text: str) -> Any:
     """``json.loads(text)`` for a ``str``; ValueError for text that is not one JSON document."""
-    try:
-        from _json import make_scanner
-    except ImportError:  # another implementation: the json package
-        import json
-
-        return json.loads(text)
     start = len(text) - len(text.lstrip(_WHITESPACE))
     try:
+        from _json import make_scanner
+
         value, end = make_scanner(_Options)(text, start)
     except StopIteration as exc:
         raise ValueError(f"not JSON: nothing to decode at {exc.value}") from None
+    except ValueError:
+        raise
+    except Exception:  # no _json, or one that wants more than these options: json does it
+        import json
+
+        return json.loads(text)
     if text[end:].strip(_WHITESPACE):
         raise ValueError(f"not JSON: extra data at {end}")
     return value

@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import struct
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -153,7 +150,7 @@ def test_clean_up_of_a_bridged_machine_is_light(tmp_path: Path) -> None:
     heavy = [
         "pathlib", "re", "json", "typing", "dataclasses", "socket", "threading",
         "contextlib", "shutil", "enum", "machined.paths", "machined.network.lifecycle",
-        "machined.network.nft", "machined.network.links", "machined.dbus",
+        "machined.network.nft", "machined.network.links",
     ]  # fmt: skip
     code = (
         "import sys; sys.path.insert(0, sys.argv.pop(1)); "
@@ -167,57 +164,6 @@ def test_clean_up_of_a_bridged_machine_is_light(tmp_path: Path) -> None:
     )
     assert out.strip() == "[]"
     assert not os.path.exists(record)
-
-
-# --- UnregisterMachine --------------------------------------------------------------
-
-
-def _fake_bus(path: str, seen: list[tuple[int, int | None, bytes]]) -> threading.Thread:
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(path)
-    server.listen(1)
-
-    def serve() -> None:
-        conn, _ = server.accept()
-        data = b""
-        while b"\r\n" not in data:
-            data += conn.recv(4096)
-        assert data.startswith(b"\0AUTH EXTERNAL ")
-        conn.sendall(b"OK 0123456789abcdef0123456789abcdef\r\n")
-        buffer = b""
-        while not buffer.startswith(b"BEGIN\r\n"):
-            buffer += conn.recv(4096)
-        buffer = buffer[len(b"BEGIN\r\n") :]
-        for _ in range(2):
-            (kind, reply_serial), rest = cleanup._next_message(conn, buffer)
-            seen.append((kind, reply_serial, buffer[: len(buffer) - len(rest)]))
-            buffer = rest
-        signal = cleanup._method_call(5, "/x", "org.freedesktop.DBus", "NameAcquired", "x", ":1.9")
-        signal = signal[:1] + b"\x04" + signal[2:]
-        fields = struct.pack("<BB2sI", 5, 1, b"u\0", 2)  # REPLY_SERIAL 2: 8 bytes, aligned
-        reply = struct.pack("<4sIII", b"l\x02\x01\x01", 0, 9, len(fields)) + fields
-        conn.sendall(signal + reply)
-        conn.close()
-        server.close()
-
-    thread = threading.Thread(target=serve)
-    thread.start()
-    return thread
-
-
-def test_unregister_speaks_d_bus(tmp_path: Path) -> None:
-    path = str(tmp_path / "bus")
-    seen: list[tuple[int, int | None, bytes]] = []
-    thread = _fake_bus(path, seen)
-    cleanup._call_unregister(path, "web")
-    thread.join()
-    (hello_kind, _, hello), (call_kind, _, call) = seen
-    assert hello_kind == call_kind == 1
-    assert b"Hello" in hello and struct.unpack_from("<I", hello, 8) == (1,)
-    assert struct.unpack_from("<I", call, 8) == (2,)
-    for text in (b"/org/freedesktop/machine1", b"UnregisterMachine", b"org.freedesktop.machine1"):
-        assert text in call
-    assert call.endswith(struct.pack("<I", 3) + b"web\0")
 
 
 def test_network_teardown_stays_the_function_after_every_submodule() -> None:
