@@ -41,12 +41,17 @@ VERBS = {
         "import sys; sys.path.insert(0, '.'); import machined.runtime.leader, "
         "machined.runtime.container, machined.runtime.linux, machined.runtime.restrict",
     ],
-    "runtime --cleanup (ExecStopPost)": [
+    # as cleanup.command() calls it (paths on its command line), for a machine
+    # whose network record is gone: the unregistration only
+    "runtime --cleanup (ExecStopPost, no network record)": [
         "-I",
         "-S",
         "-c",
         "import sys; sys.path[:0] = ['.', *sys.argv[1:2]]; "
-        "from machined.runtime.__main__ import main; main(['bimp', '--cleanup'])",
+        "from machined.runtime.__main__ import main; "
+        "main(['bimp', '--cleanup', '/run/pymachine/.network/bimp.json', "
+        "'/run/pymachine/bimp/ephemeral', '/run/pymachine/bimp/state.json', "
+        "'/run/pymachine/bimp/leader.pid'])",
         __import__("site").getsitepackages()[0],
     ],
 }
