@@ -248,13 +248,16 @@ class Machines:
         return info
 
     def list(self) -> list[MachineInfo]:
-        names = set(_definitions().list_names(self.paths))
+        defined = set(_definitions().list_names(self.paths))
         loaded = set()
+        from_units = set()
         for unit, _active, _sub in self.systemd.list_units(
             ["pymachine-*.service", "pymachine-*.scope"]
         ):
             loaded.add(unit)
-            names.add(unit.removeprefix("pymachine-").rsplit(".", 1)[0])
+            from_units.add(unit.removeprefix("pymachine-").rsplit(".", 1)[0])
+        machines = defined | from_units
+        names = defined | {n for n in from_units if not _is_port_proxy(n, machines, defined)}
         return [self.info(n, require_definition=False, loaded=loaded) for n in sorted(names)]
 
     def _unit_states(self, name: str) -> dict[str, str]:
@@ -609,6 +612,14 @@ def _attempt(
     except PymachineError as exc:
         errors[i] = exc
         return None
+
+
+def _is_port_proxy(name: str, machines: set[str], defined: set[str]) -> bool:
+    """Whether the unit name NAME (``pymachine-NAME.service``) is the ``[::1]``
+    proxy of a machine's ``Port=`` (``proxies.unit_names``: ``MACHINE-portN``)
+    rather than a machine: MACHINE is one, and NAME has no definition itself."""
+    base, separator, port = name.rpartition("-port")
+    return bool(separator) and port.isdigit() and base in machines and name not in defined
 
 
 def _each_of(

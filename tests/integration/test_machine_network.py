@@ -100,6 +100,9 @@ def test_port_forward_from_outside_and_from_the_hosts_localhost(net_host):
         assert fetch(net_host, "http://[::1]:8080/index.html").stdout == "hi-from-web2\n"
         rules = net_host.run(["nft", "list", "table", "inet", "pymachine"]).stdout
         assert "pymachine:web2:tcp:8080:80" in rules
+        # its proxy's units (pymachine-web2-port8080.*) are not a machine of their own
+        listed = [m["name"] for m in json.loads(net_host.pymachine("list", "--json").stdout)]
+        assert "web2" in listed and not [n for n in listed if n.startswith("web2-port")], listed
     finally:
         net_host.pymachine("stop", "web2")
     rules = net_host.run(["nft", "list", "table", "inet", "pymachine"]).stdout
