@@ -179,10 +179,7 @@ def cmd_create(args: argparse.Namespace) -> int:
 def _each(names: list[str], action) -> int:
     """Apply ACTION to every name like systemctl does: go on after a failure,
     report each, and exit with the first failure's code."""
-    if len(names) == 1:
-        action(names[0])  # one machine: errors propagate as they are
-        return 0
-    return _report(_tried(action, name) for name in names)
+    return _together(names, action, lambda batch: [_tried(action, name) for name in batch])
 
 
 def _together(names: list[str], action, batch) -> int:

@@ -41,7 +41,7 @@ def move(pid: int, cgroup_dir: str | os.PathLike) -> None:
         handle.write(str(pid))
 
 
-def split_for_payload(payload_pid: int | None = None) -> tuple[str, str]:
+def split_for_payload(payload_pid: int) -> tuple[str, str]:
     """Create ``supervisor/`` and ``payload/`` under our cgroup, move ourselves
     into ``supervisor/`` and PAYLOAD_PID (the intermediate) into ``payload/``."""
     base = unified_mount() + own_cgroup()
@@ -49,8 +49,7 @@ def split_for_payload(payload_pid: int | None = None) -> tuple[str, str]:
     for directory in (supervisor, payload):
         os.makedirs(directory, exist_ok=True)
     move(os.getpid(), supervisor)
-    if payload_pid is not None:
-        move(payload_pid, payload)
+    move(payload_pid, payload)
     return supervisor, payload
 
 

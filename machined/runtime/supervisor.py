@@ -101,6 +101,7 @@ class Supervisor:
         self.registered = False
         self.intermediate = intermediate  # started early by __main__, or by run()
         self.cgroups = cgroups  # the cgroup split, started with it by __main__, or by run()
+        self._bus = None  # machined's connection, from _register on (see _start_loopback_proxies)
         self.handed_over = False  # service mode: PID 1 is the unit's main process now
 
     # --- the container side (forked processes) ------------------------------
@@ -200,7 +201,7 @@ class Supervisor:
         up on it while the machine runs."""
         from machined.dbus import Bus
 
-        bus, self._bus = getattr(self, "_bus", None), None
+        bus, self._bus = self._bus, None
         proxies = self.network_state is not None and bool(self.definition.network.ports)
         try:
             if proxies:
@@ -223,7 +224,7 @@ class Supervisor:
 
                 # kept for a foreground run, or left open by a start that failed
                 # between _register and the proxies
-                kept, self._bus = getattr(self, "_bus", None), None
+                kept, self._bus = self._bus, None
                 with kept or Bus() as bus:
                     registry.unregister(bus, name)
                 if kept is not None and (cleanup.MACHINED_STATE / name).exists():
@@ -282,8 +283,13 @@ class Supervisor:
             self.intermediate = intermediate
             go_write, report_read = intermediate.go_write, intermediate.report_read
             _protect_from_oom_killer()  # after the fork: the container keeps the default
-            split = self.cgroups or cgroup.PayloadSplit(intermediate.pid)
-            payload_cg = Path(split.result()[1])  # we are in supervisor/, it in payload/
+            # we in supervisor/, it in payload/ (in the thread __main__ started, if it did)
+            dirs = (
+                self.cgroups.result()
+                if self.cgroups
+                else cgroup.split_for_payload(intermediate.pid)
+            )
+            payload_cg = Path(dirs[1])
             if self.definition.boot:
                 userns.chown_cgroup(payload_cg, self.policy.uid_base)
             intermediate.go(
