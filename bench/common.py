@@ -24,9 +24,16 @@ RESULTS = Path(os.environ.get("BENCH_RESULTS", Path(__file__).resolve().parent /
 NSPAWN_SETTINGS = Path("/etc/systemd/nspawn")
 
 
+#: The ``pymachine`` console script next to the interpreter (a venv's, as
+#: dev/setup makes it): what a user runs. Elsewhere ``python3 -m machined``
+#: (runpy costs it ~2.5 ms more), never a ``pymachine`` found on PATH (a pyenv
+#: shim adds ~50 ms of bash).
+SCRIPT = Path(PY).parent / "pymachine"
+
+
 def pymachine(*args: str) -> list[str]:
-    """``python3 -m machined ARGS``: what the ``pymachine`` script runs, minus the
-    console-script wrapper (a pyenv shim here would add ~50 ms of bash)."""
+    if SCRIPT.is_file() and sys.prefix != sys.base_prefix:
+        return [str(SCRIPT), *args]
     return [PY, "-m", "machined", *args]
 
 

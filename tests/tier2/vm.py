@@ -282,7 +282,15 @@ def build_wheels(run_dir: Path, timings: dict[str, float]) -> Path:
         src,
         symlinks=True,
         ignore=shutil.ignore_patterns(
-            ".git", "build", "dist", "*.egg-info", "__pycache__", ".*cache", "tests", "bench"
+            ".git",
+            ".venv",
+            "build",
+            "dist",
+            "*.egg-info",
+            "__pycache__",
+            ".*cache",
+            "tests",
+            "bench",
         ),
     )
     run(
