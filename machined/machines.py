@@ -9,22 +9,23 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, TypeVar
 
 from machined.errors import Conflict, InvalidInput, NotFound, NotRunning, PymachineError
 from machined.names import validate_machine_name
 from machined.paths import ROOT_ENV, Paths, unit_name
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without typing's import (~1.5 ms a call)
 if TYPE_CHECKING:
+    from typing import Any, TypeVar
+
     from machined.definition import MachineDefinition
     from machined.runtime.state import RuntimeState
 
-T = TypeVar("T")
+    T = TypeVar("T")
 
 
 def _definitions():
@@ -186,6 +187,8 @@ class Machines:
             _definitions().save(definition, self.paths)
         except BaseException:
             if created_state:
+                import shutil
+
                 shutil.rmtree(state_dir, ignore_errors=True)
             raise
 
@@ -536,6 +539,8 @@ class Machines:
         if unit_file.exists():
             raise Conflict(f"machine '{name}' is enabled; run 'pymachine disable {name}' first")
         self.paths.definition_file(name).unlink()
+        import shutil  # here: shutil loads bz2 and lzma, which start/stop/list need not pay for
+
         shutil.rmtree(self.paths.machine_state(name), ignore_errors=True)
         shutil.rmtree(self.paths.machine_runtime(name), ignore_errors=True)
         with contextlib.suppress(Exception):
@@ -552,6 +557,8 @@ class Machines:
         """Clean what machines that are not running left behind (a runtime that
         was SIGKILLed, a crash): runtime directories, machined registrations,
         veths, nft rules. Returns a line per thing cleaned."""
+        import shutil
+
         from machined import registry
 
         active = (MachineState.RUNNING, MachineState.STARTING, MachineState.STOPPING)

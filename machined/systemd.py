@@ -8,12 +8,14 @@ arrive before the method reply.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
 
 from machined.dbus import Bus, BusError, encode_properties
 from machined.errors import PymachineError
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without typing's import
 if TYPE_CHECKING:  # not at run time: stop has no properties to send (dataclasses)
+    from typing import Any
+
     from machined.properties import Property
 
 SYSTEMD = "org.freedesktop.systemd1"

@@ -46,17 +46,60 @@ def _verb_groups(verb: str | None) -> list[ModuleType]:
     return modules
 
 
+def terminal_columns() -> int:
+    """The terminal's width as ``shutil.get_terminal_size`` reads it ($COLUMNS,
+    then stdout's terminal, else 80), without importing shutil."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, given the terminal's width: left to itself it
+    imports shutil for it (with bz2, lzma and zlib, ~2 ms), and argparse makes a
+    formatter on every ``add_argument``, so every call paid for it."""
+
+    def __init__(
+        self,
+        prog: str,
+        indent_increment: int = 2,
+        max_help_position: int = 24,
+        width: int | None = None,
+    ) -> None:
+        super().__init__(
+            prog,
+            indent_increment,
+            max_help_position,
+            terminal_columns() - 2 if width is None else width,
+        )
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser with :class:`HelpFormatter`; sub-parsers are of this
+    class too (``add_subparsers`` makes them of its parser's type)."""
+
+    def __init__(self, *args, formatter_class: type = HelpFormatter, **kw) -> None:
+        super().__init__(*args, formatter_class=formatter_class, **kw)
+
+
 def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     """The whole parser; with VERB (the first word of the command line), only
     that verb's group when one declares it: same parsing, usage and errors."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="pymachine",
         description="Manage nspawn-style machines as systemd units.",
     )
     parser.add_argument("--version", action="version", version="pymachine 0.1.0")
     subparsers = parser.add_subparsers(dest="verb", metavar="VERB")
     subparsers.required = True
-    groups = _verb_groups(verb)
+    groups = [] if verb == "--version" else _verb_groups(verb)  # printed before any verb
     for module in groups:
         if verb is not None and verb in getattr(module, "VERBS", ()):
             module.register(subparsers, verb)  # that verb's sub-parser only

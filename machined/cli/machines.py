@@ -8,9 +8,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any
 
 from machined.errors import InvalidInput
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without typing's import (~1.5 ms a call)
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def _add_definition_flags(p: argparse.ArgumentParser) -> None:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Sequence
-from typing import Any
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without typing's import
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def print_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], *, legend: str = "") -> None:
