@@ -19,7 +19,6 @@ from machined.errors import InvalidInput, NotFound
 from machined.names import validate_image_name, validate_machine_name
 from machined.network.config import NetworkConfig, NetworkMode, PortForward
 from machined.paths import Paths
-from machined.properties import format_seconds, parse_resource
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~1.6 ms in the
 if TYPE_CHECKING:  # runtime, which runs without site: nothing there imports it)
@@ -82,7 +81,7 @@ class MachineDefinition:
         validate_machine_name(self.name)
         validate_image_name(self.image)
         for key, value in self.resources.items():
-            parse_resource(key, value)
+            _parse_resource(key, value)
         for var in self.environment:
             _check_env_name(var)
         if self.working_directory is not None and not self.working_directory.startswith("/"):
@@ -156,6 +155,15 @@ def check_seconds(seconds: float, text: object = None, what: str = "duration") -
     return seconds
 
 
+def _parse_resource(key: str, value: str) -> None:
+    """Validate one ``[Resources]`` line. :mod:`machined.properties` (its tables
+    and patterns: ~2 ms) loads only for a definition that has one: the
+    runtime reads every definition and needs none of it."""
+    from machined.properties import parse_resource
+
+    parse_resource(key, value)
+
+
 def _security():
     """``machined.runtime.security`` (ctypes, the seccomp tables: ~4 ms), loaded
     only by a definition with a Capability=, SystemCallFilter= or unusual
@@ -175,6 +183,8 @@ def _fmt_bool(value: bool) -> str:
 
 
 def _fmt_seconds(value: float) -> str:
+    from machined.properties import format_seconds  # see _parse_resource
+
     return format_seconds(value)
 
 
@@ -334,7 +344,7 @@ def from_text(name: str, text: str, path: str = "<string>") -> MachineDefinition
         for entry in entries:
             try:
                 if section == "Resources":
-                    parse_resource(entry.key, entry.value)
+                    _parse_resource(entry.key, entry.value)
                     definition.resources[entry.key] = entry.value
                     continue
                 key = _BY_SECTION_KEY.get((section, entry.key))

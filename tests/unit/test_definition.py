@@ -537,3 +537,20 @@ def test_reading_a_plain_definition_does_not_load_the_security_module() -> None:
     )
     out = subprocess.check_output([sys.executable, "-c", code], text=True)
     assert out.split() == ["no", "False"]
+
+
+def test_reading_a_definition_without_resources_does_not_load_properties() -> None:
+    """The runtime reads the definition on every start and needs no [Resources]
+    parsing (systemd applies those): machined.properties only for that section."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from machined.definition import from_text; "
+        "d = from_text('m', '[Machine]\\nImage=i\\n[Exec]\\nStopTimeoutSec=5\\n'); "
+        "a = 'machined.properties' in sys.modules; "
+        "from_text('m', '[Machine]\\nImage=i\\n[Resources]\\nMemoryMax=1G\\n'); "
+        "print(d.stop_timeout, a, 'machined.properties' in sys.modules)"
+    )
+    out = subprocess.check_output([sys.executable, "-c", code], text=True)
+    assert out.split() == ["5.0", "False", "True"]
