@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass, field
+from collections import namedtuple
 from enum import StrEnum
 
 from machined.errors import InvalidInput
@@ -43,13 +43,22 @@ def _port(text: str, what: str, spec: str) -> int:
     return value
 
 
-@dataclass(frozen=True)
-class PortForward:
+# A namedtuple and a plain class, no dataclasses: every start reads a
+# definition (see machined.definition).
+
+
+class PortForward(namedtuple("PortForward", "protocol host_port container_port")):
     """A ``Port=`` line: protocol, host port, container port."""
 
-    protocol: str
-    host_port: int
-    container_port: int
+    __slots__ = ()
+
+    def __new__(cls, protocol: str, host_port: int, container_port: int) -> PortForward:
+        if protocol not in PROTOCOLS:
+            raise InvalidInput(f"invalid port forward protocol {protocol!r}: tcp or udp")
+        for what, value in (("host", host_port), ("container", container_port)):
+            if not isinstance(value, int) or not 1 <= value <= 65535:
+                raise InvalidInput(f"invalid {what} port {value!r}: not in 1…65535")
+        return super().__new__(cls, protocol, host_port, container_port)
 
     @classmethod
     def parse(cls, text: str) -> PortForward:
@@ -72,13 +81,6 @@ class PortForward:
         container_port = _port(parts[1], "container", text) if len(parts) == 2 else host_port
         return cls(protocol, host_port, container_port)
 
-    def __post_init__(self) -> None:
-        if self.protocol not in PROTOCOLS:
-            raise InvalidInput(f"invalid port forward protocol {self.protocol!r}: tcp or udp")
-        for what, value in (("host", self.host_port), ("container", self.container_port)):
-            if not isinstance(value, int) or not 1 <= value <= 65535:
-                raise InvalidInput(f"invalid {what} port {value!r}: not in 1…65535")
-
     def __str__(self) -> str:
         return f"{self.protocol}:{self.host_port}:{self.container_port}"
 
@@ -99,14 +101,28 @@ def validate_ifname(name: str, what: str = "bridge") -> str:
     return name
 
 
-@dataclass
 class NetworkConfig:
-    """A definition's ``[Network]`` section."""
+    """A definition's ``[Network]`` section (mutable; equal when every attribute is)."""
 
-    mode: NetworkMode = NetworkMode.BRIDGE
-    bridge: str = DEFAULT_BRIDGE
-    address: str = "auto"
-    ports: list[PortForward] = field(default_factory=list)
+    def __init__(
+        self,
+        mode: NetworkMode = NetworkMode.BRIDGE,
+        bridge: str = DEFAULT_BRIDGE,
+        address: str = "auto",
+        ports: list[PortForward] | None = None,
+    ) -> None:
+        self.mode = mode
+        self.bridge = bridge
+        self.address = address
+        self.ports = ports if ports is not None else []
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and vars(other) == vars(self)
+
+    __hash__ = None  # mutable
+
+    def __repr__(self) -> str:
+        return f"NetworkConfig({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
 
     def validate(self) -> None:
         try:
