@@ -40,13 +40,16 @@ import fcntl
 import ipaddress
 import json
 import os
+from collections import namedtuple
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from machined.errors import Conflict, InvalidInput, PymachineError
 from machined.paths import Paths
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without typing's import (~2 ms in the runtime)
+if TYPE_CHECKING:
+    from typing import Any
 
 DEFAULT_POOL = "10.219.0.0/16"
 DEFAULT_PREFIX = 24
@@ -62,13 +65,16 @@ def network_dir(paths: Paths) -> Path:
     return paths.state / "network"
 
 
-@dataclass(frozen=True)
-class BridgeNet:
-    """A bridge's subnets; the gateway is the first host address of each."""
+class BridgeNet(namedtuple("BridgeNet", ("name", "subnet", "subnet6"), defaults=(None,))):
+    """A bridge's subnets (an IPv4Network; an IPv6Network or None); the gateway
+    is the first host address of each. (A namedtuple: a dataclass costs ~0.3 ms
+    to create, paid by every bridged start.)"""
+
+    __slots__ = ()
 
     name: str
     subnet: IPv4Network
-    subnet6: IPv6Network | None = None
+    subnet6: IPv6Network | None
 
     @property
     def gateway(self) -> ipaddress.IPv4Address:
@@ -84,14 +90,16 @@ class BridgeNet:
         return self.subnet6.network_address + (int(address) - int(self.subnet.network_address))
 
 
-@dataclass(frozen=True)
-class Lease:
-    """A machine's persisted addresses on a bridge."""
+class Lease(namedtuple("Lease", ("machine", "bridge", "address", "address6"), defaults=(None,))):
+    """A machine's persisted addresses on a bridge. (A namedtuple: a dataclass
+    costs ~0.3 ms to create, paid by every bridged start.)"""
+
+    __slots__ = ()
 
     machine: str
     bridge: str
     address: str  # "10.219.0.2/24"
-    address6: str | None = None  # "fd..::2/64"
+    address6: str | None  # "fd..::2/64"
 
     @property
     def ip(self) -> str:

@@ -5,14 +5,17 @@ package's docstring (:mod:`machined.network`) for the design."""
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass
+from collections import namedtuple
 from pathlib import Path
-from typing import Any
 
 from machined.names import validate_machine_name
 from machined.network import addresses, etc, state
 from machined.network.config import NetworkConfig, NetworkMode, PortForward
 from machined.paths import Paths
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without typing's import (~2 ms in the runtime)
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = [
     "NetworkConfig",
@@ -30,18 +33,32 @@ __all__ = [
 ]
 
 
-@dataclass
-class NetworkState:
-    """A bridged machine's network as set up: its veth, addresses, bridge, ports."""
+_NETWORK_STATE = (
+    "host_ifname",
+    "host_ifindex",
+    "address",
+    "gateway",
+    "address6",
+    "gateway6",
+    "bridge",
+    "ports",
+)
+
+
+class NetworkState(namedtuple("NetworkState", _NETWORK_STATE, defaults=(None, None, "", ()))):
+    """A bridged machine's network as set up: its veth, addresses, bridge, ports.
+    (A namedtuple: a dataclass costs ~0.3 ms to create, paid by every bridged start.)"""
+
+    __slots__ = ()
 
     host_ifname: str
     host_ifindex: int
     address: str  # with prefix: "10.219.0.2/24"
     gateway: str  # "10.219.0.1"
-    address6: str | None = None  # "fdXX:…::2/64", None without IPv6
-    gateway6: str | None = None
-    bridge: str = ""
-    ports: tuple[str, ...] = ()  # "tcp:8080:80", …
+    address6: str | None  # "fdXX:…::2/64", None without IPv6
+    gateway6: str | None
+    bridge: str
+    ports: tuple[str, ...]  # "tcp:8080:80", …
 
     @classmethod
     def from_record(cls, data: dict[str, Any]) -> NetworkState | None:
@@ -121,7 +138,7 @@ def setup(machine: str, config: NetworkConfig, netns_pid: int, paths: Paths) -> 
             bridge=net.name,
             ports=tuple(str(p) for p in config.ports),
         )
-        record.update(asdict(result))
+        record.update(result._asdict())
         record["ports"] = list(result.ports)
         state.write(paths, machine, record)
     except BaseException:
@@ -207,9 +224,11 @@ def remove_bridge(bridge: str, paths: Paths) -> bool:
     return True
 
 
-@dataclass(frozen=True)
-class LoopbackProxy:
-    """One ``[::1]`` port forward: protocol, where it listens, where it goes."""
+class LoopbackProxy(namedtuple("LoopbackProxy", ("protocol", "listen", "target"))):
+    """One ``[::1]`` port forward: protocol, where it listens, where it goes.
+    (A namedtuple: a dataclass costs ~0.3 ms to create, paid by every bridged start.)"""
+
+    __slots__ = ()
 
     protocol: str  # "tcp"
     listen: str  # "[::1]:8080"

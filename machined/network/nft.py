@@ -43,20 +43,23 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections import namedtuple
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any
 
 from machined.errors import Conflict, PymachineError
 from machined.network import nftlib
 from machined.network.config import PortForward
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without typing's import (~2 ms in the runtime)
+if TYPE_CHECKING:
+    from typing import Any
+
+    Cmd = dict[str, Any]  # one command of a JSON batch
+
 FAMILY = nftlib.FAMILY
 TABLE = nftlib.TABLE
 COMMENT_PREFIX = nftlib.COMMENT_PREFIX
 PORTS_CHAIN = "ports"
-
-Cmd = dict[str, Any]
 
 
 # --- running nft -----------------------------------------------------------------
@@ -274,9 +277,11 @@ def comment_for(machine: str, port: PortForward) -> str:
     return f"{COMMENT_PREFIX}{machine}:{port}"
 
 
-@dataclass(frozen=True)
-class MachineRule:
-    """One machine's rule found in the table (for teardown and gc)."""
+class MachineRule(namedtuple("MachineRule", ("machine", "chain", "handle", "port"))):
+    """One machine's rule found in the table (for teardown and gc).
+    (A namedtuple: a dataclass costs ~0.3 ms to create, paid by every bridged start.)"""
+
+    __slots__ = ()
 
     machine: str
     chain: str

@@ -133,6 +133,13 @@ def test_mac_address_is_stable_local_unicast() -> None:
     assert first & 0x02 and not first & 0x01
 
 
+def test_names_and_macs_are_those_of_earlier_releases() -> None:
+    """The hash is CPython's SHA-256, not OpenSSL's: the same values, so a
+    machine keeps its MAC and veth name across the change (values of 0.1.0)."""
+    assert state.mac_address("web") == "ce:31:a7:d9:02:2f"
+    assert state.host_ifname("a" * 20) == "vh-42492da06234"
+
+
 # --- IPAM -----------------------------------------------------------------------
 
 
