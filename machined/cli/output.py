@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Sequence
 
@@ -27,6 +26,8 @@ def print_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], *, legend
 
 
 def print_json(value: Any) -> None:
+    import json  # here: list and status print tables far more often (~1 ms)
+
     json.dump(value, sys.stdout, indent=2, sort_keys=False)
     sys.stdout.write("\n")
 
