@@ -66,19 +66,11 @@ class HelpFormatter(argparse.HelpFormatter):
     imports shutil for it (with bz2, lzma and zlib, ~2 ms), and argparse makes a
     formatter on every ``add_argument``, so every call paid for it."""
 
-    def __init__(
-        self,
-        prog: str,
-        indent_increment: int = 2,
-        max_help_position: int = 24,
-        width: int | None = None,
-    ) -> None:
-        super().__init__(
-            prog,
-            indent_increment,
-            max_help_position,
-            terminal_columns() - 2 if width is None else width,
-        )
+    def __init__(self, prog: str, *args: object, width: int | None = None, **kw: object) -> None:
+        # (other arguments passed on: later Pythons add some, e.g. 3.14's color)
+        if width is None:
+            width = terminal_columns() - 2  # as argparse does with shutil's
+        super().__init__(prog, *args, width=width, **kw)
 
 
 class ArgumentParser(argparse.ArgumentParser):
