@@ -8,12 +8,15 @@ PID 1 ends by exec'ing ``pymachine-init`` (C, :mod:`machined.runtime.init`).
 The intermediate (still the host's root, so it can read the host's Python
 library and pymachine-init, even under a 0700 /root):
 
-1. opens pymachine-init, waits for :meth:`Intermediate.go`, joins the
-   runtime's mount namespace (the machine's overlay is in it);
-2. creates the user namespace first (the runtime writes its ID maps), then the
-   others (PID, mount, UTS, IPC, net, cgroup), all owned by it;
-3. forks PID 1, reports its host PID and exits (PID 1 is re-parented to the
-   runtime, a subreaper; the runtime sets up the network meanwhile).
+1. waits for :meth:`Intermediate.start`, opens pymachine-init, joins the
+   runtime's mount namespace (where the runtime mounts the machine's overlay);
+2. creates the user namespace first: the runtime writes its ID maps and gives
+   the image and the binds their idmapped mounts through it, then mounts the
+   overlay, while we wait for :meth:`Intermediate.go`;
+3. creates the other namespaces (PID, mount, UTS, IPC, net, cgroup), all owned
+   by the user namespace, forks PID 1, reports its host PID and exits (PID 1 is
+   re-parented to the runtime, a subreaper; the runtime sets up the network
+   meanwhile).
 
 PID 1 becomes root inside, waits for the runtime's message, mounts /proc,
 /sys, /dev… and pivots (:mod:`machined.runtime.container`), confines itself
@@ -43,11 +46,23 @@ class Intermediate:
         self.pid = pid
         self.go_write = go_write
         self.report_read = report_read
+        self._started: bool | None = None  # its answer to start(), once read
 
-    def go(self, flags: int, *, userns: bool, boot: bool) -> None:
-        """Let it create the namespaces (FLAGS: clone flags besides user and PID);
-        BOOT: PID 1 execs the image's init, not pymachine-init."""
-        os.write(self.go_write, f"{flags} {int(userns)} {int(boot)}\n".encode())
+    def start(self, *, userns: bool, boot: bool) -> None:
+        """Let it join our mount namespace and, with USERNS, create the user
+        namespace; BOOT: PID 1 execs the image's init, not pymachine-init."""
+        os.write(self.go_write, f"{int(userns)} {int(boot)}\n".encode())
+
+    def started(self) -> bool:
+        """Wait until it did what :meth:`start` asked (False: it exited)."""
+        if self._started is None:
+            self._started = os.read(self.report_read, 1) == b"U"
+        return self._started
+
+    def go(self, flags: int) -> None:
+        """Once :meth:`started`: let it create the other namespaces (FLAGS: clone
+        flags besides user and PID) and fork PID 1."""
+        os.write(self.go_write, f"{flags}\n".encode())
 
 
 def spawn(*, foreground: bool) -> Intermediate:
@@ -131,22 +146,23 @@ def _intermediate(go_read: int, report_write: int, *, foreground: bool) -> None:
         from machined.runtime import container, linux, restrict  # noqa: F401
 
         linux.prctl(linux.PR_SET_PDEATHSIG, 9)
-        go = read_line(go_read).split()
-        if not go:
+        start = read_line(go_read).split()
+        if not start:
             _exit(1)  # the runtime gave up before the container
-        flags, userns, boot = int(go[0]), go[1] == b"1", go[2] == b"1"
+        userns, boot = start[0] == b"1", start[1] == b"1"
         init_fd = None if boot else init.open_binary()
-        # We may have been forked before the runtime made its mount namespace
-        # (with the machine's overlay in it): join it, so the container's is a copy of it.
+        # We were forked before the runtime made its mount namespace: join it, so
+        # that the container's is a copy of it, with the overlay mounted meanwhile.
         ns = os.open(f"/proc/{os.getppid()}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
         linux.setns(ns, linux.CLONE_NEWNS)
         os.close(ns)
         if userns:
             linux.unshare(linux.CLONE_NEWUSER)
-            os.write(report_write, b"U")
-            if os.read(go_read, 1) != b"m":  # the runtime wrote our UID/GID maps
-                _exit(1)
-        linux.unshare(flags | linux.CLONE_NEWPID)
+        os.write(report_write, b"U")  # one line at a time: go comes only after this
+        go = read_line(go_read).split()  # the ID maps are written, the overlay mounted
+        if not go:
+            _exit(1)
+        linux.unshare(int(go[0]) | linux.CLONE_NEWPID)
         pid1 = os.fork()
         if pid1 == 0:
             _pid1(init_fd, go_read, report_write, userns=userns, foreground=foreground)

@@ -102,6 +102,7 @@ class Supervisor:
         self.intermediate = intermediate  # started early by __main__, or by run()
         self.cgroups = cgroups  # the cgroup split, started with it by __main__, or by run()
         self._bus = None  # machined's connection, from _register on (see _start_loopback_proxies)
+        self._userns_fd: int | None = None  # the container's user namespace (_container_userns)
         self.handed_over = False  # service mode: PID 1 is the unit's main process now
 
     # --- the container side (forked processes) ------------------------------
@@ -126,26 +127,36 @@ class Supervisor:
             self._idmap_binds(binds)
         return binds
 
+    def _container_userns(self, base: int, count: int) -> int:
+        """The container's user namespace (the intermediate made it), once we
+        wrote its ID maps: an fd for the idmapped mounts of the image and binds."""
+        if not self.intermediate.started():
+            raise StartError("the container exited while creating its user namespace")
+        userns.write_maps(self.intermediate.pid, base, count)
+        self._userns_fd = os.open(
+            f"/proc/{self.intermediate.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC
+        )
+        return self._userns_fd
+
     def _idmap_binds(self, binds: list[dict]) -> None:
         staging = self.layers.runtime_dir / "binds"
-        with userns.mapped_userns(self.policy.uid_base, self.policy.uid_count) as fd:
-            for index, bind in enumerate(binds):
-                staged = staging / str(index)
-                staging.mkdir(parents=True, exist_ok=True)
-                if os.path.isdir(bind["source"]):
-                    staged.mkdir(exist_ok=True)
-                else:
-                    staged.touch()
-                try:
-                    userns.idmapped_mount(bind["source"], staged, fd)
-                except OSError as exc:
-                    _log(
-                        f"bind {bind['source']}: no idmapped mount ({exc}); its files show as nobody inside"
-                    )
-                    # Still staged by us, host root: inside the user namespace the
-                    # source's own path may not be reachable (e.g. under /root, 0700).
-                    linux.mount(bind["source"], str(staged), None, linux.MS_BIND | linux.MS_REC)
-                bind["source"] = str(staged)
+        for index, bind in enumerate(binds):
+            staged = staging / str(index)
+            staging.mkdir(parents=True, exist_ok=True)
+            if os.path.isdir(bind["source"]):
+                staged.mkdir(exist_ok=True)
+            else:
+                staged.touch()
+            try:
+                userns.idmapped_mount(bind["source"], staged, self._userns_fd)
+            except OSError as exc:
+                _log(
+                    f"bind {bind['source']}: no idmapped mount ({exc}); its files show as nobody inside"
+                )
+                # Still staged by us, host root: inside the user namespace the
+                # source's own path may not be reachable (e.g. under /root, 0700).
+                linux.mount(bind["source"], str(staged), None, linux.MS_BIND | linux.MS_REC)
+            bind["source"] = str(staged)
 
     def _setup_network(self) -> list[dict]:
         """Configure the child's netns from here; returns extra binds (/etc files)."""
@@ -271,18 +282,23 @@ class Supervisor:
         try:
             if not self.definition.boot and (problem := init.missing()):
                 raise StartError(problem)
-            ids = userns.prepare(self.paths, self.definition, self.layers)
-            self.policy = security.policy_for(self.definition, **ids)
-            security.write_state(self.layers.runtime_dir, self.policy)
-            self.layers.mount()
-            _crash_point("after-overlay")
-            binds = self._binds()
-            flags = self._namespace_flags()
             linux.prctl(linux.PR_SET_CHILD_SUBREAPER, 1)  # PID 1 comes back to us
             intermediate = self.intermediate or leader.spawn(foreground=self.foreground)
             self.intermediate = intermediate
             go_write, report_read = intermediate.go_write, intermediate.report_read
             _protect_from_oom_killer()  # after the fork: the container keeps the default
+            with_userns = userns.spec_of(self.definition).mode != "no"
+            intermediate.start(userns=with_userns, boot=self.definition.boot)
+            ids = userns.prepare(self.paths, self.definition, self.layers, self._container_userns)
+            self.policy = security.policy_for(self.definition, **ids)
+            security.write_state(self.layers.runtime_dir, self.policy)
+            self.layers.mount()
+            _crash_point("after-overlay")
+            binds = self._binds()
+            if self._userns_fd is not None:  # the image and binds have their mounts
+                os.close(self._userns_fd)
+                self._userns_fd = None
+            flags = self._namespace_flags()
             # we in supervisor/, it in payload/ (in the thread __main__ started, if it did)
             dirs = (
                 self.cgroups.result()
@@ -292,18 +308,13 @@ class Supervisor:
             payload_cg = Path(dirs[1])
             if self.definition.boot:
                 userns.chown_cgroup(payload_cg, self.policy.uid_base)
-            intermediate.go(
-                flags, userns=self.policy.uid_base is not None, boot=self.definition.boot
-            )
+            if not intermediate.started():
+                raise StartError("the container exited while creating its namespaces")
+            intermediate.go(flags)
             # while it creates namespaces
             restrictions = security.restrictions(
                 self.policy, security.cache_dir(self.paths.runtime)
             )
-            if self.policy.uid_base is not None:
-                if os.read(report_read, 1) != b"U":
-                    raise StartError("the container exited while creating its user namespace")
-                userns.write_maps(intermediate.pid, self.policy.uid_base, self.policy.uid_count)
-                os.write(go_write, b"m")
             line = leader.read_line(report_read)
             if not line.startswith(b"P"):
                 raise StartError("the container exited while creating its namespaces")

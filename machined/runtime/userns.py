@@ -42,6 +42,7 @@ import json
 import os
 import stat
 from collections import namedtuple
+from collections.abc import Callable
 from pathlib import Path
 
 from machined.runtime import linux
@@ -307,10 +308,17 @@ def own_layer(machine_state: Path, upper: Path, base: int | None, count: int) ->
 # --- the supervisor's side ------------------------------------------------------
 
 
-def prepare(paths, definition, layers) -> dict[str, int | None]:
+def spec_of(definition) -> UsernsSpec:
+    """The definition's ``PrivateUsers=`` (duck-typed, as ``security.policy_for``)."""
+    return parse_spec(str(getattr(definition, "private_users", None) or DEFAULT))
+
+
+def prepare(paths, definition, layers, mapped: Callable[[int, int], int]) -> dict[str, int | None]:
     """Host side, before the overlay is mounted (in the runtime's private mount
-    namespace). Returns ``uid_base``/``uid_count`` for ``security.policy_for``."""
-    spec = parse_spec(str(getattr(definition, "private_users", None) or DEFAULT))
+    namespace). MAPPED(base, count): an fd of a user namespace mapped on the
+    machine's range, for the image's idmapped mount (the container's own: no
+    helper process). Returns ``uid_base``/``uid_count`` for ``security.policy_for``."""
+    spec = spec_of(definition)
     try:
         allocated = allocate(paths.state, definition.name, spec)
     except ValueError as exc:
@@ -326,9 +334,9 @@ def prepare(paths, definition, layers) -> dict[str, int | None]:
     own_layer(state_dir, layers.upper, base, count)
     lower = layers.runtime_dir / "lower"
     lower.mkdir(parents=True, exist_ok=True)
+    fd = mapped(base, count)
     try:
-        with mapped_userns(base, count) as fd:
-            idmapped_mount(layers.image, lower, fd)
+        idmapped_mount(layers.image, lower, fd)
     except OSError as exc:
         raise OSError(
             exc.errno,
