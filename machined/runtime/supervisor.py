@@ -3,11 +3,12 @@ kernel parts.
 
 Order matters (docs/architecture.md, "the path of start"):
 
-1. private mount namespace, overlay root (image = lower, machine = upper);
-2. split the delegated cgroup; the intermediate (forked first thing,
-   :mod:`machined.runtime.leader`) creates the user namespace first (we write
-   its maps), then the others, and forks the container's PID 1, which is
-   re-parented to us (subreaper);
+1. private mount namespace; the intermediate (forked first thing,
+   :mod:`machined.runtime.leader`) joins it and creates the user namespace
+   first (we write its maps, and give the image and binds their idmapped
+   mounts through it); overlay root (image = lower, machine = upper);
+2. split the delegated cgroup; the intermediate creates the other namespaces
+   and forks the container's PID 1, which is re-parented to us (subreaper);
 3. we set up the network for PID 1's netns and send PID 1 a message (marshal);
 4. PID 1 mounts /proc, /sys, /dev…, pivots, confines itself and execs
    ``pymachine-init`` (C) with the payload, or the image's init; the report
