@@ -173,8 +173,9 @@ def allocate(state_dir: Path | str, name: str, spec: UsernsSpec) -> tuple[int, i
                 break
             else:
                 raise ValueError("no free UID range left for PrivateUsers=pick")
-        registry[name] = list(wanted)
-        _write_registry(state_dir, registry)
+        if mine != list(wanted):  # a start of an allocated machine writes nothing
+            registry[name] = list(wanted)
+            _write_registry(state_dir, registry)
         return wanted
 
 
@@ -291,9 +292,9 @@ def own_layer(machine_state: Path, upper: Path, base: int | None, count: int) ->
     shifting it when it was written under another mapping."""
     marker = machine_state / SHIFT_FILE
     try:
-        old = int(marker.read_text())
+        old = recorded = int(marker.read_text())
     except (OSError, ValueError):
-        old = 0
+        old, recorded = 0, None
     new = base or 0
     if old != new and upper.exists():
         shift_tree(upper, old, new, count or DEFAULT_COUNT)
@@ -301,8 +302,9 @@ def own_layer(machine_state: Path, upper: Path, base: int | None, count: int) ->
         st = upper.stat()
         if st.st_uid != new:
             os.chown(upper, new, new)
-    machine_state.mkdir(parents=True, exist_ok=True)
-    marker.write_text(f"{new}\n")
+    if recorded != new:  # the common start: recorded already, nothing to write
+        machine_state.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"{new}\n")
 
 
 # --- the supervisor's side ------------------------------------------------------

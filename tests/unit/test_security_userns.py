@@ -32,6 +32,22 @@ def test_pick_is_stable_and_in_bounds(tmp_path):
     assert allocate(tmp_path, "web", parse_spec("pick")) == first  # kept across restarts
 
 
+def test_a_start_of_an_allocated_machine_writes_nothing(tmp_path, monkeypatch):
+    """Every start allocates: the registry and the layer's marker are only read then."""
+    first = allocate(tmp_path, "web", parse_spec("pick"))
+    layer = tmp_path / "machines" / "web"
+    userns.own_layer(layer, layer / "upper", first[0], first[1])
+
+    def no_write(*args: object) -> None:
+        raise AssertionError("written again")
+
+    monkeypatch.setattr(userns, "_write_registry", no_write)
+    monkeypatch.setattr(Path, "write_text", no_write)
+    assert allocate(tmp_path, "web", parse_spec("pick")) == first
+    userns.own_layer(layer, layer / "upper", first[0], first[1])
+    assert (layer / userns.SHIFT_FILE).read_text() == f"{first[0]}\n"
+
+
 def test_no_means_no_range(tmp_path):
     assert allocate(tmp_path, "web", parse_spec("no")) is None
     assert allocations(tmp_path) == {}
