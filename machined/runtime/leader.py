@@ -151,8 +151,8 @@ def _intermediate(go_read: int, report_write: int, *, foreground: bool) -> None:
             _exit(1)  # the runtime gave up before the container
         userns, boot = start[0] == b"1", start[1] == b"1"
         init_fd = None if boot else init.open_binary()
-        # We were forked before the runtime made its mount namespace: join it, so
-        # that the container's is a copy of it, with the overlay mounted meanwhile.
+        # We may have been forked before the runtime made its mount namespace: join
+        # it, so that the container's is a copy of it (the overlay mounted meanwhile).
         ns = os.open(f"/proc/{os.getppid()}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
         linux.setns(ns, linux.CLONE_NEWNS)
         os.close(ns)
