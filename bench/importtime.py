@@ -11,15 +11,23 @@ from __future__ import annotations
 
 import re
 
-from bench.common import PY, pym_create, pym_remove, run, table
+from bench.common import PY, pym_create, pym_remove, pymachine, run, table
 
 LINE = re.compile(r"import time:\s+(\d+) \|\s+(\d+) \| (\s*)(\S+)")
 
+
+def _cli(*args: str) -> list[str]:
+    """PY's arguments for the CLI as a user runs it (:func:`bench.common.pymachine`:
+    the venv's console script, else ``-m machined``, whose runpy is then counted too)."""
+    argv = pymachine(*args)
+    return argv[1:] if argv[0] == PY else argv
+
+
 VERBS = {
-    "list": ["-m", "machined", "list"],
-    "status M": ["-m", "machined", "status", "bimp"],
-    "start M (running: fails after its checks)": ["-m", "machined", "start", "bimp"],
-    "stop M (not running)": ["-m", "machined", "stop", "bimp"],
+    "list": _cli("list"),
+    "status M": _cli("status", "bimp"),
+    "start M (running: fails after its checks)": _cli("start", "bimp"),
+    "stop M (not running)": _cli("stop", "bimp"),
     # the unit's processes run as python -I -S with the module path given (no site)
     # as machines.RUNTIME_BOOTSTRAP runs it, with the machined client it loads on the way
     "runtime (unit's ExecStart, until the hand-over)": [
