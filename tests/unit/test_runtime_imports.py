@@ -49,3 +49,12 @@ def test_reading_a_definition_imports_no_dataclasses() -> None:
         "[Files]\\nBind=/a:/b:ro\\n[Network]\\nPort=8080:80\\n')"
     )
     assert _loaded(code, ["dataclasses", "inspect", "machined.properties"]) == []
+
+
+def test_a_start_s_unit_settings_import_no_dataclasses() -> None:
+    """The CLI builds the unit's properties on every start (machine_settings)."""
+    code = (
+        "from machined.properties import machine_settings, to_properties; "
+        "to_properties(machine_settings('m', {'MemoryMax': '1G'}, 10.0, ['/bin/true'], {}))"
+    )
+    assert _loaded(code, ["dataclasses", "inspect"]) == []
