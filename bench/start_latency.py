@@ -11,6 +11,11 @@ stop: ``pymachine stop M`` vs ``systemctl stop systemd-nspawn@M.service``
 (both wait for the stop job; ``machinectl stop`` returns before the machine is
 gone).
 
+Unit only: an enabled machine (``pymachine enable``) started and stopped with
+``systemctl`` against ``systemd-nspawn@M.service``: what systemd does at boot
+for ``machines.target``, pymachine's unit against nspawn's with no CLI on
+either side (the CLI's Python start is most of what the rows above add).
+
     python3 -m bench.start_latency [-n REPEATS]
 """
 
@@ -31,6 +36,7 @@ from bench.common import (
     pym_create,
     pym_remove,
     pymachine,
+    run,
     save,
     stats,
     table,
@@ -134,6 +140,37 @@ def service(repeats: int) -> list[dict]:
     return results
 
 
+def unit_only(repeats: int) -> list[dict]:
+    """``systemctl start``/``stop`` of an enabled machine's unit vs nspawn@'s."""
+    results = []
+    for index, (label, flags, users, veth) in enumerate(SERVICE):
+        name, ref_name = f"bun{index}", f"bunn{index}"
+        pym_create(name, *flags, command=["/bin/sleep", "1000000"])
+        run(pymachine("enable", name))
+        nspawn_machine(ref_name, private_users=users, veth=veth)
+        units = (f"pymachine-{name}.service", f"systemd-nspawn@{ref_name}.service")
+        raw: dict[str, list[float]] = {"start": [], "start_ref": [], "stop": [], "stop_ref": []}
+        try:
+            for i in range(repeats + 1):
+                # both units' StartLimitBurst=5 would refuse the sixth start in 10 s
+                run(["systemctl", "reset-failed", *units], check=False)
+                times = {
+                    "start": timed(["systemctl", "start", units[0]]),
+                    "start_ref": timed(["systemctl", "start", units[1]]),
+                    "stop": timed(["systemctl", "stop", units[0]]),
+                    "stop_ref": timed(["systemctl", "stop", units[1]]),
+                }
+                if i:  # the first round warms caches
+                    for key, value in times.items():
+                        raw[key].append(value)
+        finally:
+            run(pymachine("disable", name), check=False)
+            pym_remove(name)
+            nspawn_remove(ref_name)
+        results.append({"label": label, **{k: stats(v) for k, v in raw.items()}, "raw": raw})
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("-n", "--repeats", type=int, default=10)
@@ -142,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     load_start = load()
     fg = foreground(args.repeats)
     sv = service(args.repeats)
+    un = unit_only(args.repeats)
     print(f"\n### Start latency, foreground (n={args.repeats}, load {load_start} → {load()})\n")
     rows = [pair_row(f"run: {r['label']}", r["ours_raw"], r["ref_raw"], r["ref_label"]) for r in fg]
     print(table(PAIR_HEADERS, rows))
@@ -165,9 +203,28 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
     print(table(PAIR_HEADERS, rows))
+    print(f"\n### Unit only: systemctl start/stop of an enabled machine (n={args.repeats})\n")
+    rows = []
+    for r in un:
+        for verb in ("start", "stop"):
+            rows.append(
+                pair_row(
+                    f"systemctl {verb} pymachine-M: {r['label']}",
+                    r["raw"][verb],
+                    r["raw"][f"{verb}_ref"],
+                    f"systemctl {verb} nspawn@",
+                )
+            )
+    print(table(PAIR_HEADERS, rows))
     save(
         "start_latency",
-        {"repeats": args.repeats, "load_start": load_start, "foreground": fg, "service": sv},
+        {
+            "repeats": args.repeats,
+            "load_start": load_start,
+            "foreground": fg,
+            "service": sv,
+            "unit_only": un,
+        },
     )
     return 0
 
