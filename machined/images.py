@@ -89,6 +89,8 @@ class ImageConfig:
 
 @dataclass(frozen=True)
 class ImageInfo:
+    """An image of the store, as ``pymachine images`` shows it."""
+
     name: str
     path: Path
     size: int | None

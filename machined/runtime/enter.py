@@ -37,6 +37,8 @@ FORWARDED = (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP)
 
 @dataclass
 class ExecRequest:
+    """What ``pymachine exec``/``shell`` runs inside a machine, and how."""
+
     argv: list[str]  # empty: the user's shell, as a login shell
     environment: dict[str, str] = field(default_factory=dict)
     user: str | None = None
