@@ -329,7 +329,11 @@ class Machines:
 
         name = definition.name
         clean_up = cleanup.needs_command(
-            name, self.paths, bridged=_bridged(definition), ephemeral=definition.ephemeral
+            name,
+            self.paths,
+            bridged=_bridged(definition),
+            ephemeral=definition.ephemeral,
+            ports=bool(definition.network.ports),
         )
         return machine_settings(
             name,

@@ -98,9 +98,13 @@ def setup(machine: str, config: NetworkConfig, netns_pid: int, paths: Paths) -> 
 
     from machined.network import links, nft, sysctl
 
-    if state.read(paths, machine) is not None:
-        teardown(machine, paths)  # a previous run was killed before it could clean up
     ifname = state.host_ifname(machine)
+    from machined.network.leftover import link_exists
+
+    # A previous run killed before it could clean up; or the veth of the last
+    # run, which the kernel removes with its namespace, asynchronously.
+    if state.read(paths, machine) is not None or link_exists(ifname):
+        teardown(machine, paths)
     try:
         with addresses.locked(paths), links.host() as ipr:
             net = addresses.bridge_network(

@@ -5,11 +5,15 @@ must work from this record alone after the runtime was killed with SIGKILL,
 and a bridged machine's clean-up reads it at every stop (no ``json``,
 ``typing`` or ``contextlib`` there: :mod:`.jsonlite`).
 
-The record is ``paths.runtime / ".network" / NAME.json`` (``/run``, so it goes
-away with a reboot, as do the links and nft rules it describes; the leading dot
-keeps it apart from ``/run/pymachine/NAME/`` since machine names never start
-with a dot). It is written *before* anything is created, so a setup killed
-half-way still leaves a record to clean up from.
+The record is ``network.json`` in the machine's runtime directory
+(``/run/pymachine/NAME/``: gone with a reboot, as are the links and nft rules it
+describes). That directory is the unit's ``RuntimeDirectory=``, which systemd
+removes when the unit stops: a bridged machine without ports leaves nothing
+that needs a clean-up process (its veth dies with its network namespace, and
+the next start deletes one the kernel has not removed yet), so its unit has no
+``ExecStopPost=``. It is written *before* anything is created, so a setup killed
+half-way still leaves a record to clean up from (the clean-up of a machine
+with ports runs before systemd removes the directory).
 """
 
 from __future__ import annotations
@@ -63,12 +67,11 @@ def mac_address(seed: str) -> str:
     return ":".join(f"{b:02x}" for b in digest)
 
 
-def runtime_dir(paths: Paths) -> Path:
-    return paths.runtime / ".network"
+RECORD = "network.json"
 
 
 def state_file(paths: Paths, machine: str) -> Path:
-    return runtime_dir(paths) / f"{machine}.json"
+    return paths.machine_runtime(machine) / RECORD
 
 
 def read(paths: Paths, machine: str) -> dict[str, Any] | None:
@@ -109,7 +112,7 @@ def remove(paths: Paths, machine: str) -> None:
 def machines(paths: Paths) -> list[str]:
     """Machines that have a runtime record (set up and not torn down)."""
     try:
-        entries = list(runtime_dir(paths).iterdir())
+        entries = list(paths.runtime.iterdir())
     except FileNotFoundError:
         return []
-    return sorted(p.stem for p in entries if p.suffix == ".json" and not p.name.startswith("."))
+    return sorted(p.name for p in entries if not p.name.startswith(".") and (p / RECORD).is_file())

@@ -1,9 +1,11 @@
 """The unit's ``ExecStopPost=``: what a stopped machine leaves to tear down.
 
 In service mode the runtime hands the unit over to the container's PID 1 once
-it is up and exits, so this is the one place that tears down after every stop
-(and after a runtime SIGKILLed at any step of start): the veth's lease and nft
-rules, the state file, an ephemeral layer. Mounts need nothing: they live in
+it is up and exits, so this is the one place that tears down after a stop
+(and after a runtime SIGKILLed at any step of start) what systemd and the
+kernel do not: the nft rules of a machine's port forwards, its veth if it
+lingers, the state and record files, an ephemeral layer (:func:`needs_command`
+says which machines need it). Mounts need nothing: they live in
 namespaces that died with the container. The machined registration needs
 nothing either: machined drops a machine whose unit has stopped, and
 ``pymachine stop`` unregisters it at once (so it is gone from ``machinectl
@@ -56,15 +58,19 @@ def runtime_directory(name: str, paths: Paths) -> str | None:
     return f"pymachine/{name}"
 
 
-def needs_command(name: str, paths: Paths, *, bridged: bool, ephemeral: bool) -> bool:
+def needs_command(
+    name: str, paths: Paths, *, bridged: bool, ephemeral: bool, ports: bool = True
+) -> bool:
     """Whether the unit needs an ``ExecStopPost=`` at all. A control process costs
     each stop 15–25 ms (fork, cgroup migration, exec: measured with systemd-run in
-    a tier-1 host), so a machine with neither a bridge nor an ephemeral layer
-    has none when its runtime directory is systemd's to remove: the PID and
-    state files go with it, and machined drops the registration when the unit
-    stops (``pymachine stop`` unregisters at once; a crashed runtime's stale
-    registration is dropped by the next start)."""
-    return bridged or ephemeral or runtime_directory(name, paths) is None
+    a tier-1 host), so a machine with no port forwards (nft rules) and no
+    ephemeral layer has none when its runtime directory is systemd's to remove:
+    the PID, state and network record files go with it, a veth dies with the
+    machine's network namespace (the next start deletes one that lingers), and
+    machined drops the registration when the unit stops (``pymachine stop``
+    unregisters at once; a crashed runtime's stale registration is dropped by
+    the next start)."""
+    return (bridged and ports) or ephemeral or runtime_directory(name, paths) is None
 
 
 def targets(name: str, paths: Paths) -> list[Path]:

@@ -198,3 +198,29 @@ def test_sigkilled_runtime_leaves_nothing_after_gc_and_restarts(net_host):
         rules.count("pymachine:crash1:tcp:8181:80") == 2
     )  # one IPv4 and one IPv6 rule, not doubled
     net_host.pymachine("stop", "crash1")
+
+
+def test_a_bridged_machine_without_ports_stops_with_no_clean_up_and_restarts_at_once(net_host):
+    """No port forwards: no nft rules of its own, so no ExecStopPost= (a control
+    process) at stop. systemd removes the record with the runtime directory, the
+    kernel the veth with the namespace (asynchronously: a start right after a
+    stop deletes the old one first) and the next start gets its address back."""
+    name = "noports"
+    create(net_host, name, SLEEP)
+    try:
+        net_host.pymachine("start", name)
+        first = address(net_host, name)
+        unit = f"pymachine-{name}.service"
+        stop_post = net_host.run(["systemctl", "show", "-p", "ExecStopPost", unit]).stdout
+        assert stop_post.strip() in ("", "ExecStopPost="), stop_post  # none (shown as nothing)
+        for _ in range(5):
+            net_host.pymachine("stop", name)
+            gone = net_host.run(["test", "-e", f"/run/pymachine/{name}"], check=False)
+            assert gone.returncode != 0  # the record too: RuntimeDirectory=
+            net_host.pymachine("start", name)  # the old veth may still be there
+            assert address(net_host, name) == first
+            assert inside(net_host, name, "ip -4 addr show host0").stdout.count(first) == 1
+    finally:
+        net_host.pymachine("stop", name, check=False)
+        net_host.pymachine("remove", name)
+    assert wait_until(lambda: "vm-noports" not in net_host.run(["ip", "-o", "link"]).stdout)

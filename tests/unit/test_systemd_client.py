@@ -14,7 +14,7 @@ from machined.dbus import BusError
 from machined.definition import MachineDefinition
 from machined.errors import Conflict, InvalidInput, NotFound, NotRunning
 from machined.machines import Machines
-from machined.network.config import NetworkMode
+from machined.network.config import NetworkMode, PortForward
 from machined.paths import Paths
 from machined.systemd import JobFailed, Systemd, unit_object_path
 
@@ -152,9 +152,12 @@ def test_start_resets_only_a_loaded_unit(machines) -> None:
     ]
 
 
-def _keys(m: Machines, mode: NetworkMode = NetworkMode.NONE, **kw) -> dict[str, str]:
+def _keys(
+    m: Machines, mode: NetworkMode = NetworkMode.NONE, ports: tuple[str, ...] = (), **kw
+) -> dict[str, str]:
     definition = MachineDefinition(name="web", image="tiny", **kw)
     definition.network.mode = mode
+    definition.network.ports = [PortForward.parse(p) for p in ports]
     return {s.key: s.text for s in m.settings(definition)}
 
 
@@ -164,7 +167,10 @@ def test_a_plain_machine_has_no_exec_stop_post_and_a_runtime_directory(tmp_path:
     assert settings["RuntimeDirectory"] == "pymachine/web"
     assert "ExecStopPost" not in settings
     assert "ExecStopPost" in _keys(m, NetworkMode.HOST, ephemeral=True)
-    assert "ExecStopPost" in _keys(m, NetworkMode.BRIDGE)
+    # bridged: a clean-up for the nft rules of its ports only (the record is in
+    # the runtime directory, the veth dies with the namespace)
+    assert "ExecStopPost" not in _keys(m, NetworkMode.BRIDGE)
+    assert "ExecStopPost" in _keys(m, NetworkMode.BRIDGE, ports=("tcp:8080:80",))
     # another root: no RuntimeDirectory= there, so the shell line cleans up
     other = _keys(Machines(Paths(tmp_path)))
     assert "ExecStopPost" in other and "RuntimeDirectory" not in other
