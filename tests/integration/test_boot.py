@@ -11,19 +11,28 @@ def show(host, unit: str, *props: str) -> dict[str, str]:
 
 
 def wait_booted(host, name: str) -> str:
-    """The machine's `systemctl is-system-running --wait` (running, degraded…)."""
-    return host.pymachine(
-        "exec",
-        name,
-        "--",
-        "timeout",
-        "90",
-        "systemctl",
-        "is-system-running",
-        "--wait",
-        check=False,
-        timeout=120,
-    ).stdout.strip()
+    """The machine's `systemctl is-system-running --wait` (running, degraded…).
+
+    `start` returns once the image's systemd is PID 1 (as nspawn's unit does
+    without --notify-ready): until that systemd listens on its private socket,
+    systemctl answers "offline" at once instead of waiting, so ask again."""
+    deadline = time.monotonic() + 90
+    while True:
+        state = host.pymachine(
+            "exec",
+            name,
+            "--",
+            "timeout",
+            "90",
+            "systemctl",
+            "is-system-running",
+            "--wait",
+            check=False,
+            timeout=120,
+        ).stdout.strip()
+        if state not in ("offline", "unknown", "") or time.monotonic() > deadline:
+            return state
+        time.sleep(0.1)
 
 
 def test_boot_mode_runs_systemd_and_halts_cleanly(systemd_host, debian_image, machine_name):
