@@ -19,6 +19,9 @@ from types import ModuleType  # noqa: E402
 
 from machined.errors import ExitCode, PymachineError  # noqa: E402
 
+#: What pymachine imports that Python does not ship (pyproject.toml's dependencies).
+DEPENDENCIES = frozenset({"pystemd", "jinja2", "pyseccomp", "markupsafe"})
+
 # Verb groups, in the order their verbs appear in --help.
 VERB_MODULES = (
     "machined.cli.machines",
@@ -124,6 +127,15 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.exit_code)
     except KeyboardInterrupt:
         return 130
+    except ModuleNotFoundError as exc:
+        if exc.name not in DEPENDENCIES:
+            raise
+        print(
+            f"pymachine: the Python package '{exc.name}' is missing for {sys.executable}: "
+            "install pymachine with pip (./dev/setup does, into .venv)",
+            file=sys.stderr,
+        )
+        return int(ExitCode.FAILURE)
     except BrokenPipeError:  # `pymachine list | head`: the reader went away
         _discard_stdout()
         return 128 + 13  # what a tool killed by SIGPIPE returns, quietly as it would

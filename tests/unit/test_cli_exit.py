@@ -48,3 +48,18 @@ def test_a_reader_that_leaves_early_ends_it_quietly_as_sigpipe_would(tmp_path):
     lines = result.stdout.splitlines()
     assert lines[0].startswith("NAME") and lines[-1] == "141", result  # 128 + SIGPIPE
     assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr, result
+
+
+def test_a_missing_dependency_is_one_clear_line_and_exit_1() -> None:
+    """Run by an interpreter without pymachine's dependencies (no site-packages)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = (
+        "import sys; sys.path.insert(0, sys.argv.pop(1)); sys.argv[0] = 'pymachine'; "
+        "from machined.cli import run; run()"
+    )
+    result = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", code, root, "list"], capture_output=True, text=True
+    )
+    assert result.returncode == 1, result
+    assert result.stderr.startswith("pymachine: the Python package 'pystemd' is missing"), result
+    assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1
