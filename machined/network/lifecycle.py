@@ -97,10 +97,9 @@ def setup(machine: str, config: NetworkConfig, netns_pid: int, paths: Paths) -> 
         return None
 
     from machined.network import links, nft, sysctl
-
-    ifname = state.host_ifname(machine)
     from machined.network.leftover import link_exists
 
+    ifname = state.host_ifname(machine)
     # A previous run killed before it could clean up; or the veth of the last
     # run, which the kernel removes with its namespace, asynchronously.
     if state.read(paths, machine) is not None or link_exists(ifname):
