@@ -15,6 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 PY = sys.executable  # the interpreter pymachine is installed for (not a pyenv shim)
@@ -59,6 +60,25 @@ def timed(argv: list[str], *, check: bool = True) -> float:
     start = time.perf_counter()
     run(argv, check=check)
     return time.perf_counter() - start
+
+
+def rounds(
+    repeats: int,
+    steps: dict[str, Callable[[], float]],
+    *,
+    before: Callable[[], object] | None = None,
+) -> dict[str, list[float]]:
+    """REPEATS rounds of STEPS, each called in order (BEFORE, untimed, first):
+    every step's seconds per round, after one more round that only warms caches."""
+    raw: dict[str, list[float]] = {key: [] for key in steps}
+    for i in range(repeats + 1):
+        if before is not None:
+            before()
+        times = {key: step() for key, step in steps.items()}
+        if i:  # the first round warms caches
+            for key, value in times.items():
+                raw[key].append(value)
+    return raw
 
 
 def stats(values: list[float]) -> dict[str, float]:

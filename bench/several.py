@@ -24,6 +24,7 @@ from bench.common import (
     pym_create,
     pym_remove,
     pymachine,
+    rounds,
     run,
     save,
     stats,
@@ -42,20 +43,18 @@ def measure(n: int, repeats: int) -> dict:
         pym_create(name, "--network", "none", "--private-users", "no", command=PAYLOAD)
     for name in refs:
         nspawn_machine(name)
-    raw: dict[str, list[float]] = {"start": [], "start_ref": [], "stop": [], "stop_ref": []}
     try:
-        for i in range(repeats + 1):
+        raw = rounds(
+            repeats,
+            {
+                "start": lambda: timed(pymachine("start", *ours)),
+                "start_ref": lambda: timed(["machinectl", "start", *refs]),
+                "stop": lambda: timed(pymachine("stop", *ours)),
+                "stop_ref": lambda: timed(["systemctl", "stop", *services]),
+            },
             # nspawn@'s StartLimitBurst=5 would refuse the sixth start in 10 s
-            run(["systemctl", "reset-failed", *services], check=False)
-            times = {
-                "start": timed(pymachine("start", *ours)),
-                "start_ref": timed(["machinectl", "start", *refs]),
-                "stop": timed(pymachine("stop", *ours)),
-                "stop_ref": timed(["systemctl", "stop", *services]),
-            }
-            if i:  # the first round warms caches
-                for key, value in times.items():
-                    raw[key].append(value)
+            before=lambda: run(["systemctl", "reset-failed", *services], check=False),
+        )
     finally:
         pym_remove(*ours)
         nspawn_remove(*refs)

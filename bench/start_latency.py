@@ -36,6 +36,7 @@ from bench.common import (
     pym_create,
     pym_remove,
     pymachine,
+    rounds,
     run,
     save,
     stats,
@@ -56,18 +57,21 @@ SERVICE = [
 ]
 
 
+def _rounds_of(repeats: int, argvs: dict[str, list[str]]) -> dict[str, list[float]]:
+    """:func:`bench.common.rounds` of commands, each timed as it is."""
+    return rounds(repeats, {key: (lambda argv=argv: timed(argv)) for key, argv in argvs.items()})
+
+
 def foreground(repeats: int) -> list[dict]:
     rootfs = str(IMAGES / IMAGE)
     results = []
     for index, (label, flags, nspawn_flags) in enumerate(FOREGROUND):
         name = f"bfg{index}"
         pym_create(name, *flags, command=["/bin/true"])
-        ours, ref = [], []
-        timed(pymachine("run", name, "--", "/bin/true"))  # warm caches once, both sides
-        timed(["systemd-nspawn", "-q", *nspawn_flags, "-D", rootfs, "/bin/true"])
-        for _ in range(repeats):
-            ours.append(timed(pymachine("run", name, "--", "/bin/true")))
-            ref.append(timed(["systemd-nspawn", "-q", *nspawn_flags, "-D", rootfs, "/bin/true"]))
+        ours_argv = pymachine("run", name, "--", "/bin/true")
+        ref_argv = ["systemd-nspawn", "-q", *nspawn_flags, "-D", rootfs, "/bin/true"]
+        raw = _rounds_of(repeats, {"ours": ours_argv, "ref": ref_argv})
+        ours, ref = raw["ours"], raw["ref"]
         pym_remove(name)
         results.append(
             {
@@ -114,25 +118,29 @@ def _nspawn_start(name: str) -> float:
     return timed(["machinectl", "start", name])
 
 
+def _service_rounds(repeats: int, name: str, ref_name: str) -> dict[str, list[float]]:
+    ref_unit = f"systemd-nspawn@{ref_name}.service"
+    return rounds(
+        repeats,
+        {
+            "start": lambda: timed(pymachine("start", name)),
+            "start_ref": lambda: _nspawn_start(ref_name),
+            "stop": lambda: _settled(timed(pymachine("stop", name))),
+            "stop_ref": lambda: _settled(timed(["systemctl", "stop", ref_unit])),
+        },
+    )
+
+
 def service(repeats: int) -> list[dict]:
     results = []
     for index, (label, flags, users, veth) in enumerate(SERVICE):
         name, ref_name = f"bsv{index}", f"bsn{index}"
         pym_create(name, *flags, command=["/bin/sleep", "1000000"])
         nspawn_machine(ref_name, private_users=users, veth=veth)
-        starts, stops, ref_starts, ref_stops = [], [], [], []
-        for i in range(repeats + 1):
-            a = timed(pymachine("start", name))
-            b = _nspawn_start(ref_name)
-            c = timed(pymachine("stop", name))
-            time.sleep(SETTLE)
-            d = timed(["systemctl", "stop", f"systemd-nspawn@{ref_name}.service"])
-            time.sleep(SETTLE)
-            if i:  # the first round warms caches
-                starts.append(a)
-                ref_starts.append(b)
-                stops.append(c)
-                ref_stops.append(d)
+        raw = _service_rounds(repeats, name, ref_name)
+        starts, ref_starts, stops, ref_stops = (
+            raw[k] for k in ("start", "start_ref", "stop", "stop_ref")
+        )
         pym_remove(name)
         nspawn_remove(ref_name)
         results.append(
@@ -155,6 +163,20 @@ def service(repeats: int) -> list[dict]:
     return results
 
 
+def _unit_rounds(repeats: int, unit: str, ref_unit: str) -> dict[str, list[float]]:
+    return rounds(
+        repeats,
+        {
+            "start": lambda: timed(["systemctl", "start", unit]),
+            "start_ref": lambda: timed(["systemctl", "start", ref_unit]),
+            "stop": lambda: _settled(timed(["systemctl", "stop", unit])),
+            "stop_ref": lambda: _settled(timed(["systemctl", "stop", ref_unit])),
+        },
+        # both units' StartLimitBurst=5 would refuse the sixth start in 10 s
+        before=lambda: run(["systemctl", "reset-failed", unit, ref_unit], check=False),
+    )
+
+
 def unit_only(repeats: int) -> list[dict]:
     """``systemctl start``/``stop`` of an enabled machine's unit vs nspawn@'s."""
     results = []
@@ -164,20 +186,8 @@ def unit_only(repeats: int) -> list[dict]:
         run(pymachine("enable", name))
         nspawn_machine(ref_name, private_users=users, veth=veth)
         units = (f"pymachine-{name}.service", f"systemd-nspawn@{ref_name}.service")
-        raw: dict[str, list[float]] = {"start": [], "start_ref": [], "stop": [], "stop_ref": []}
         try:
-            for i in range(repeats + 1):
-                # both units' StartLimitBurst=5 would refuse the sixth start in 10 s
-                run(["systemctl", "reset-failed", *units], check=False)
-                times = {
-                    "start": timed(["systemctl", "start", units[0]]),
-                    "start_ref": timed(["systemctl", "start", units[1]]),
-                    "stop": _settled(timed(["systemctl", "stop", units[0]])),
-                    "stop_ref": _settled(timed(["systemctl", "stop", units[1]])),
-                }
-                if i:  # the first round warms caches
-                    for key, value in times.items():
-                        raw[key].append(value)
+            raw = _unit_rounds(repeats, *units)
         finally:
             run(pymachine("disable", name), check=False)
             pym_remove(name)
