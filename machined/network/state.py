@@ -102,13 +102,6 @@ def update(paths: Paths, machine: str, **changes: Any) -> None:
     write(paths, machine, data)
 
 
-def remove(paths: Paths, machine: str) -> None:
-    try:  # noqa: SIM105 - contextlib costs ~2 ms of imports here
-        state_file(paths, machine).unlink()
-    except FileNotFoundError:
-        pass
-
-
 def machines(paths: Paths) -> list[str]:
     """Machines that have a runtime record (set up and not torn down)."""
     try:
