@@ -19,6 +19,7 @@ from machined.errors import InvalidInput, NotFound
 from machined.names import validate_image_name, validate_machine_name
 from machined.network.config import NetworkConfig, NetworkMode, PortForward
 from machined.paths import Paths
+from machined.records import Record
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~1.6 ms in the
 if TYPE_CHECKING:  # runtime, which runs without site: nothing there imports it)
@@ -56,7 +57,7 @@ class BindMount(namedtuple("BindMount", "source target read_only", defaults=(Fal
         return f"{self.source}:{self.target}" + (":ro" if self.read_only else "")
 
 
-class MachineDefinition:
+class MachineDefinition(Record):
     """A machine as ``/etc/pymachine/NAME.machine`` defines it (mutable; equal
     when every attribute is)."""
 
@@ -100,14 +101,6 @@ class MachineDefinition:
         self.system_call_filter = system_call_filter if system_call_filter is not None else []
         self.no_new_privileges = no_new_privileges
         self.private_users = private_users
-
-    def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and vars(other) == vars(self)
-
-    __hash__ = None  # mutable
-
-    def __repr__(self) -> str:
-        return f"MachineDefinition({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
 
     def validate(self) -> MachineDefinition:
         validate_machine_name(self.name)

@@ -18,6 +18,7 @@ from collections import namedtuple
 from enum import StrEnum
 
 from machined.errors import InvalidInput
+from machined.records import Record
 
 DEFAULT_BRIDGE = "pymachine0"
 IFNAMSIZ = 16  # including the terminating NUL: at most 15 characters
@@ -101,7 +102,7 @@ def validate_ifname(name: str, what: str = "bridge") -> str:
     return name
 
 
-class NetworkConfig:
+class NetworkConfig(Record):
     """A definition's ``[Network]`` section (mutable; equal when every attribute is)."""
 
     def __init__(
@@ -115,14 +116,6 @@ class NetworkConfig:
         self.bridge = bridge
         self.address = address
         self.ports = ports if ports is not None else []
-
-    def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and vars(other) == vars(self)
-
-    __hash__ = None  # mutable
-
-    def __repr__(self) -> str:
-        return f"NetworkConfig({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
 
     def validate(self) -> None:
         try:
