@@ -455,7 +455,7 @@ class Machines:
 
     def stop(self, name: str, *, timeout: float = 300) -> None:
         self._queue_stop(name, wait=True, timeout=timeout)
-        self._unregister_stopped(name)
+        self._finish_stop(name)
 
     def stop_many(
         self, names: Sequence[str], *, timeout: float = 300
@@ -472,7 +472,7 @@ class Machines:
         for i, error in self._wait_all(jobs, timeout).items():
             errors[i] = error
             if error is None:
-                _attempt(errors, i, self._unregister_stopped, names[i])
+                _attempt(errors, i, self._finish_stop, names[i])
         return errors
 
     def _queue_stop(
@@ -497,16 +497,20 @@ class Machines:
                 raise NotRunning(f"machine '{name}' is not running") from None
             raise
 
-    def _unregister_stopped(self, name: str) -> None:
-        """Gone from ``machinectl list`` when ``stop`` returns: machined drops a
-        stopped unit's machine on its own, a moment later, and the units
-        without an ExecStopPost= do not ask it to (runtime.cleanup.needs_command)."""
+    def _finish_stop(self, name: str) -> None:
+        """Gone from ``machinectl list`` and ``ip link`` when ``stop`` returns:
+        machined drops a stopped unit's machine on its own, and the kernel a
+        bridged machine's veth with its namespace, but both a moment later, and
+        the units without an ExecStopPost= do not wait for either
+        (runtime.cleanup.needs_command)."""
+        from machined.network.leftover import delete_lingering_veth
         from machined.runtime import cleanup
 
         if (cleanup.MACHINED_STATE / name).exists():
             from machined import registry
 
             registry.unregister(self.systemd.bus, name)
+        delete_lingering_veth(name)
 
     def restart(self, name: str) -> None:
         if self.is_running(name):

@@ -24,7 +24,7 @@ import _socket
 import errno
 import os
 
-from machined.network import nftlib, state
+from machined.network import state
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
@@ -45,22 +45,31 @@ def teardown(machine: str, record_path: str) -> None:
     # installs their rules: no ports, no rules (a record without the key, an
     # unreadable one: look in the table anyway).
     if record.get("ports") != []:
+        from machined.network import nftlib  # (ctypes: not for the CLI's veth check)
+
         try:
             nftlib.remove_machine(machine)
         except OSError as exc:
             failed = exc  # the veth still goes; the record stays for gc and the next start
-    ifname = record.get("host_ifname") or state.host_ifname(machine)
-    if link_exists(ifname):  # one ioctl; rtnetlink only for a veth that lingers
-        from machined.network.rtnl import Rtnl
-
-        with Rtnl() as ipr:
-            delete_link(ipr, ifname, machine)
+    delete_lingering_veth(machine, record.get("host_ifname"))
     if failed is not None:
         raise failed
     try:  # noqa: SIM105 - contextlib costs ~2 ms of imports here
         os.unlink(record_path)
     except FileNotFoundError:
         pass
+
+
+def delete_lingering_veth(machine: str, ifname: str | None = None) -> None:
+    """Delete the machine's host-side veth (IFNAME, else the name it gets) if the
+    kernel has not removed it with the machine's namespace yet: one ioctl, and
+    rtnetlink only for a veth that lingers."""
+    ifname = ifname or state.host_ifname(machine)
+    if link_exists(ifname):
+        from machined.network.rtnl import Rtnl
+
+        with Rtnl() as ipr:
+            delete_link(ipr, ifname, machine)
 
 
 def link_exists(ifname: str) -> bool:
