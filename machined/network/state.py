@@ -9,9 +9,9 @@ The record is ``network.json`` in the machine's runtime directory
 (``/run/pymachine/NAME/``: gone with a reboot, as are the links and nft rules it
 describes). That directory is the unit's ``RuntimeDirectory=``, which systemd
 removes when the unit stops: a bridged machine without ports leaves nothing
-that needs a clean-up process (its veth dies with its network namespace, and
-the next start deletes one the kernel has not removed yet), so its unit has no
-``ExecStopPost=``. It is written *before* anything is created, so a setup killed
+that needs a clean-up process (its veth dies with its network namespace;
+``pymachine stop`` and the next start delete one the kernel has not removed
+yet), so its unit has no ``ExecStopPost=``. It is written *before* anything is created, so a setup killed
 half-way still leaves a record to clean up from (the clean-up of a machine
 with ports runs before systemd removes the directory).
 """

@@ -66,10 +66,10 @@ def needs_command(
     a tier-1 host), so a machine with no port forwards (nft rules) and no
     ephemeral layer has none when its runtime directory is systemd's to remove:
     the PID, state and network record files go with it, a veth dies with the
-    machine's network namespace (the next start deletes one that lingers), and
-    machined drops the registration when the unit stops (``pymachine stop``
-    unregisters at once; a crashed runtime's stale registration is dropped by
-    the next start)."""
+    machine's network namespace (``pymachine stop`` and the next start delete
+    one that lingers), and machined drops the registration when the unit stops
+    (``pymachine stop`` unregisters at once; a crashed runtime's stale
+    registration is dropped by the next start)."""
     return (bridged and ports) or ephemeral or runtime_directory(name, paths) is None
 
 
