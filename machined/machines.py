@@ -532,10 +532,30 @@ class Machines:
         return errors
 
     def kill(self, name: str, signal_number: int) -> None:
-        unit, state = self._active_unit(name)
-        if not _running(state):
-            raise NotRunning(f"machine '{name}' is not running")
-        self.systemd.kill_unit(unit, signal_number, "main")
+        """Send the signal to the machine's PID 1 ourselves, queued as sigqueue(3)
+        does, rather than by systemd's KillUnit (kill(2)): pymachine-init passes
+        a queued SIGINT on as the user's interrupt, where a killed one is
+        machinectl's reboot; and a `run` machine's scope has no main process
+        for KillUnit."""
+        from machined.runtime import cgroup, linux
+
+        leader = self.running_state(name)
+        gone = NotRunning(f"machine '{name}' is not running")
+        try:
+            pidfd = os.pidfd_open(leader.leader)
+        except ProcessLookupError:
+            raise gone from None
+        try:
+            # Held by the pidfd, the PID is the leader's as long as it is in the machine's cgroup.
+            where = cgroup.unified_mount() + cgroup.own_cgroup(leader.leader)
+            if f"{where}/".startswith(f"{leader.payload_cgroup}/"):
+                linux.queue_signal(pidfd, signal_number)
+                return
+        except (ProcessLookupError, FileNotFoundError):
+            pass
+        finally:
+            os.close(pidfd)
+        raise gone
 
     def remove(self, name: str) -> None:
         validate_machine_name(name)

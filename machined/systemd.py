@@ -206,9 +206,6 @@ class Systemd:
     def restart_unit(self, unit: str, *, wait: bool = True, timeout: float = 300) -> str:
         return self._job("RestartUnit", unit, "replace", wait, timeout)
 
-    def kill_unit(self, unit: str, signal: int, whom: str = "main") -> None:
-        self._manager("KillUnit", "ssi", [unit, whom, signal])
-
     def reset_failed(self, unit: str) -> None:
         try:
             self._manager("ResetFailedUnit", "s", [unit])

@@ -248,7 +248,11 @@ def _parse_signal(text: str) -> int:
 
 
 def cmd_kill(args: argparse.Namespace) -> int:
+    import signal  # kill only
+
     number = _parse_signal(args.signal)
+    if not 0 < number < signal.NSIG:
+        raise InvalidInput(f"unknown signal {args.signal!r}")
     with _machines() as machines:
         return _each(args.names, lambda name: machines.kill(name, number))
 

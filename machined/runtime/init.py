@@ -2,9 +2,9 @@
 
 The init itself is ``pymachine-init`` (``pymachine-init.c`` beside this file,
 built with the package): it behaves like tini / catatonit / systemd-nspawn's
-stub PID 1, reaps every zombie, forwards signals, follows systemd's power
-signals (poweroff, reboot = restart the payload) and exits with the payload's
-status (128+N when killed by signal N). It is C because it is the one process
+stub PID 1, reaps every zombie, forwards every signal, follows systemd's
+power signals (poweroff, reboot = restart the payload) and exits with the
+payload's status (128+N when killed by signal N). It is C because it is the one process
 kept per running machine; Python sets the container up and confines it, then
 execs it (:func:`command_line`).
 
@@ -20,22 +20,10 @@ import os
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 BINARY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pymachine-init")
 
-RT = signal.SIGRTMIN
-#: What the init waits for; blocked before it is exec'd, so none is lost on the way.
-WATCHED = {
-    signal.SIGTERM,
-    signal.SIGINT,
-    signal.SIGHUP,
-    signal.SIGQUIT,
-    signal.SIGUSR1,
-    signal.SIGUSR2,
-    signal.SIGWINCH,
-    signal.SIGCONT,
-    signal.SIGTSTP,
-    signal.SIGCHLD,
-    signal.SIGALRM,
-    *(RT + offset for offset in (3, 4, 5, 6, 13, 14, 15, 16)),
-}
+#: Blocked before the init is exec'd, so that none is lost on the way: all of
+#: them. The init waits for every signal but the synchronous ones, which it
+#: unblocks; which signal means what is its business alone (pymachine-init.c).
+WATCHED = signal.valid_signals()
 
 
 def missing() -> str | None:

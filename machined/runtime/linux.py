@@ -186,3 +186,31 @@ def move_mount(tree: int, target: str | os.PathLike) -> None:
         ),
         f"move_mount to {os.fspath(target)}",
     )
+
+
+# --- signals ---------------------------------------------------------------
+_SYS_PIDFD_SEND_SIGNAL = 424  # the same on every architecture
+SI_QUEUE = -1
+SI_KERNEL = 0x80
+
+
+def queue_signal(pidfd: int, sig: int) -> None:
+    """Send SIG to the process of PIDFD as sigqueue(3) does (``si_code`` SI_QUEUE),
+    which pymachine-init tells from kill(2): a queued SIGINT is a user's
+    interrupt, a killed one machinectl's reboot. (Python's
+    ``signal.pidfd_send_signal`` takes no siginfo.)"""
+    # siginfo_t: si_signo, si_errno, si_code, then (aligned as a pointer) si_pid, si_uid, si_value
+    info = (ctypes.c_int * 32)()
+    info[0], info[2] = sig, SI_QUEUE
+    at = 4 if ctypes.sizeof(ctypes.c_void_p) == 8 else 3
+    info[at], info[at + 1] = os.getpid(), os.getuid()
+    check(
+        _libc.syscall(
+            ctypes.c_long(_SYS_PIDFD_SEND_SIGNAL),
+            ctypes.c_int(pidfd),
+            ctypes.c_int(sig),
+            info,
+            ctypes.c_uint(0),
+        ),
+        f"signal {sig}",
+    )

@@ -3,15 +3,32 @@
  *
  * Behaves like systemd-nspawn's stub PID 1 (nspawn-stub-pid1.c), tini and
  * catatonit: starts the payload, reaps every zombie, forwards signals to the
- * payload and exits with its status (128+N when signal N killed it). When the
- * payload exits, whatever is left gets SIGTERM, then SIGKILL after the stop
- * timeout.
+ * payload's main process and exits with its status (128+N when signal N
+ * killed it). When the payload exits, whatever is left gets SIGTERM, then
+ * SIGKILL after the stop timeout.
  *
- * Power signals follow systemd's conventions (what machinectl sends):
- * SIGRTMIN+3/+4/+13/+14 halt/power off; SIGRTMIN+5/+6/+15/+16 reboot, and so
- * does SIGINT when no terminal is attached (machinectl reboot sends SIGINT;
- * with a terminal, SIGINT is the user's Ctrl-C and is forwarded). Reboot
- * restarts the payload inside the same container.
+ * Signals: we wait for every signal (the kernel drops a signal that a PID 1
+ * neither blocks nor handles), but SIGKILL and SIGSTOP (which nobody can
+ * catch), the C library's two internal ones (32 and 33) and the synchronous
+ * ones (a fault of ours, not a message). Each is forwarded, real-time ones
+ * included, except:
+ * - SIGCHLD: ours, to reap;
+ * - the power signals, systemd's conventions (what machinectl sends):
+ *   SIGRTMIN+3/+4/+13/+14 halt/power off, SIGRTMIN+5/+6/+15/+16 reboot =
+ *   restart the payload inside the same container;
+ * - SIGINT sent by kill(2) (machinectl reboot, systemctl kill): a reboot, as
+ *   for any container's PID 1. A user's interrupt reaches us otherwise: from
+ *   the terminal (the kernel's, SI_KERNEL) or queued (SI_QUEUE) by `pymachine
+ *   run` and `pymachine kill`, and is forwarded;
+ * - SIGTSTP/SIGTTIN/SIGTTOU: the payload has no terminal job control (its own
+ *   session: an orphaned process group), so the kernel would discard their
+ *   default action, to stop. A payload that leaves the signal at its default
+ *   gets SIGSTOP instead; one that catches or ignores it gets the signal;
+ * - with --terminal (`pymachine run` on a terminal), the signals the terminal
+ *   itself sends (Ctrl-C, Ctrl-Z, a resize) are not forwarded: the payload,
+ *   in the terminal's foreground process group with us, has them already.
+ * A SIGTERM is followed by a SIGCONT, as systemd does, so that a stopped
+ * payload hears it.
  *
  * Why C, in a Python project: this is the one process pymachine keeps per
  * running machine, for as long as it runs. Python sets the container up,
@@ -34,6 +51,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <grp.h>
 #include <signal.h>
 #include <stdio.h>
@@ -68,9 +86,8 @@ struct payload {
  * no grace needed then, the stop must not wait for it. */
 static int stop_requested;
 
-static const int forwarded[] = {
-    SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGWINCH, SIGCONT, SIGTSTP,
-};
+/* A fault of the process that gets them: never blocked, never forwarded. */
+static const int synchronous[] = {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGTRAP, SIGSYS, SIGABRT};
 static const int poweroff_offsets[] = {3, 4, 13, 14};
 static const int reboot_offsets[] = {5, 6, 15, 16};
 
@@ -103,16 +120,12 @@ static int in_offsets(int sig, const int *offsets, size_t n) {
 static int is_poweroff(int sig) { return in_offsets(sig, poweroff_offsets, 4); }
 static int is_reboot(int sig) { return in_offsets(sig, reboot_offsets, 4); }
 
+/* All signals but the synchronous ones (sigfillset leaves out the C library's
+ * own; SIGKILL and SIGSTOP cannot be blocked). */
 static void watched_signals(sigset_t *set) {
-    sigemptyset(set);
-    for (size_t i = 0; i < sizeof(forwarded) / sizeof(forwarded[0]); i++)
-        sigaddset(set, forwarded[i]);
-    for (size_t i = 0; i < 4; i++) {
-        sigaddset(set, SIGRTMIN + poweroff_offsets[i]);
-        sigaddset(set, SIGRTMIN + reboot_offsets[i]);
-    }
-    sigaddset(set, SIGCHLD);
-    sigaddset(set, SIGALRM);
+    sigfillset(set);
+    for (size_t i = 0; i < sizeof(synchronous) / sizeof(synchronous[0]); i++)
+        sigdelset(set, synchronous[i]);
 }
 
 static int exit_status(int wait_status) {
@@ -174,6 +187,51 @@ static int reap(pid_t main_pid, int *main_status) {
 
 static void signal_quietly(pid_t pid, int sig) {
     (void)kill(pid, sig); /* ESRCH: it is gone already, fine */
+}
+
+/* A SIGINT is a user's interrupt when the terminal (the kernel) or a queue
+ * (pymachine run and kill) sent it; kill(2), what machinectl reboot uses, asks
+ * for a reboot. */
+static int is_interrupt(const siginfo_t *info) {
+    return info->si_code == SI_KERNEL || info->si_code == SI_QUEUE;
+}
+
+static int is_job_stop(int sig) { return sig == SIGTSTP || sig == SIGTTIN || sig == SIGTTOU; }
+
+/* The hexadecimal mask after LABEL in /proc/PID/status ("SigCgt:"...), 0 if absent. */
+static unsigned long long status_mask(const char *status, const char *label) {
+    const char *at = strstr(status, label);
+    return at ? strtoull(at + strlen(label), NULL, 16) : 0;
+}
+
+/* Whether PID leaves SIG at its default action: neither caught nor ignored.
+ * Unreadable (no /proc): assume it does. */
+static int takes_default(pid_t pid, int sig) {
+    char path[32], status[4096];
+    snprintf(path, sizeof(path), "/proc/%d/status", (int)pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 1;
+    size_t size = 0;
+    ssize_t n;
+    while (size < sizeof(status) - 1 &&
+           ((n = read(fd, status + size, sizeof(status) - 1 - size)) > 0 ||
+            (n < 0 && errno == EINTR)))
+        size += n > 0 ? (size_t)n : 0;
+    close(fd);
+    status[size] = '\0';
+    unsigned long long handled = status_mask(status, "\nSigIgn:") | status_mask(status, "\nSigCgt:");
+    return !(handled & (1ULL << (sig - 1)));
+}
+
+/* Pass SIG on to the payload. A job-control stop becomes SIGSTOP when the
+ * payload would take the default action that the kernel discards for it. */
+static void forward(pid_t main_pid, int sig) {
+    if (is_job_stop(sig) && takes_default(main_pid, sig))
+        sig = SIGSTOP;
+    signal_quietly(main_pid, sig);
+    if (sig == SIGTERM)
+        signal_quietly(main_pid, SIGCONT); /* a stopped payload must hear it */
 }
 
 /* SIGTERM everything left, SIGKILL after GRACE seconds, reap it all. Processes
@@ -257,7 +315,9 @@ static int supervise(const struct payload *p, const sigset_t *watched) {
             stopping_since = -1;
             continue;
         }
-        if (is_poweroff(sig) || is_reboot(sig) || (sig == SIGINT && !p->terminal)) {
+        if (p->terminal && info.si_code == SI_KERNEL)
+            continue; /* the terminal's own: the payload has it too */
+        if (is_poweroff(sig) || is_reboot(sig) || (sig == SIGINT && !is_interrupt(&info))) {
             stop_requested = 1;
             rebooting = !is_poweroff(sig);
             stopping_since = now();
@@ -269,14 +329,16 @@ static int supervise(const struct payload *p, const sigset_t *watched) {
             stopping_since = now();
             stop_requested = 1;
         }
-        signal_quietly(main_pid, sig);
+        forward(main_pid, sig);
     }
 }
 
 static int run(const struct payload *p) {
     sigset_t watched;
     watched_signals(&watched);
-    sigprocmask(SIG_BLOCK, &watched, NULL); /* pending signals wait for us, none is lost */
+    /* Pending signals wait for us, none is lost (the runtime blocked them all
+     * before it exec'd us: this unblocks the synchronous ones). */
+    sigprocmask(SIG_SETMASK, &watched, NULL);
     double adopted = p->handover_fd >= 0 ? wait_for_handover(p->handover_fd) : -1;
     int status = supervise(p, &watched);
     if (adopted >= 0 && !stop_requested)

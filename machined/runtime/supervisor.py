@@ -255,27 +255,10 @@ class Supervisor:
             (self.layers.runtime_dir / state.STATE_FILE).unlink()
         self.layers.cleanup()
 
-    def _forward(self, sig: int) -> None:
-        if self.child:
-            target = HALT if (sig == signal.SIGTERM and self.definition.boot) else sig
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.child, target)
-
     def run(self) -> int:
-        forwarded = {
-            signal.SIGTERM,
-            signal.SIGINT,
-            signal.SIGHUP,
-            signal.SIGQUIT,
-            signal.SIGUSR1,
-            signal.SIGUSR2,
-            signal.SIGWINCH,
-            signal.SIGRTMIN + 3,
-            signal.SIGRTMIN + 4,
-            signal.SIGRTMIN + 5,
-            signal.SIGRTMIN + 6,
-        }
-        watched = forwarded | {signal.SIGCHLD}
+        # Every signal waits for _wait (foreground), which passes it on: `run`
+        # dies of none before the container has heard of it.
+        watched = signal.valid_signals()
         signal.pthread_sigmask(signal.SIG_BLOCK, watched)
         linux.unshare(linux.CLONE_NEWNS)
         linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
@@ -407,20 +390,25 @@ class Supervisor:
         we also reap the container's set-up child (re-parented to us when the
         intermediate exited): a zombie in the container's PID namespace would
         keep PID 1 waiting for it when it drains."""
-        while True:
-            info = signal.sigwaitinfo(watched)
-            if info.si_signo != signal.SIGCHLD:
-                self._forward(info.si_signo)
-                continue
+        pidfd = os.pidfd_open(self.child)  # our child: no other process can take its PID
+        relay = Relay.for_leader(self.child, boot=self.definition.boot)
+        try:
             while True:
-                try:
-                    pid, status = os.waitpid(-1, os.WNOHANG)
-                except ChildProcessError:
-                    return 1
-                if pid == 0:
-                    break
-                if pid == self.child:
-                    return self._exit_status(status)
+                info = signal.sigwaitinfo(watched)
+                if info.si_signo != signal.SIGCHLD:
+                    relay.handle(info, pidfd)
+                    continue
+                while True:
+                    try:
+                        pid, status = os.waitpid(-1, os.WNOHANG)
+                    except ChildProcessError:
+                        return 1
+                    if pid == 0:
+                        break
+                    if pid == self.child:
+                        return self._exit_status(status)
+        finally:
+            os.close(pidfd)
 
     def _exit_status(self, wait_status: int) -> int:
         """The container's status, passed on as the unit's. In a container,
@@ -434,6 +422,70 @@ class Supervisor:
             if sig == signal.SIGHUP:
                 return REBOOT_EXIT_STATUS
         return init.exit_status(wait_status)
+
+
+JOB_STOPS = (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
+
+
+class Relay:
+    """What ``pymachine run`` does with a signal it gets (but SIGCHLD): pass
+    it on to the container's PID 1, queued (pymachine-init takes a queued
+    SIGINT for a user's interrupt, a killed one for machinectl's reboot),
+    unless it is not the outside's: our own (SIGPIPE of a write of ours), one
+    a container process sent to its process group (we are in it on a
+    terminal), or the terminal's (Ctrl-C, a resize: SI_KERNEL) when PID 1 is
+    in our process group and got it too. A booted machine halts on SIGTERM
+    and SIGINT, as under systemd-nspawn. A job-control stop stops us as well,
+    as it does any program, so that the shell sees the job stopped; SIGCONT
+    wakes us and is passed on."""
+
+    def __init__(self, leader_pidns: int | None, leader_in_our_group: bool, *, boot: bool) -> None:
+        self.leader_pidns = leader_pidns
+        self.leader_in_our_group = leader_in_our_group
+        self.boot = boot
+
+    @classmethod
+    def for_leader(cls, leader: int, *, boot: bool) -> Relay:
+        return cls(_pid_namespace(leader), _process_group(leader) == os.getpgrp(), boot=boot)
+
+    def handle(self, info, pidfd: int) -> None:
+        """Act on a signal from sigwaitinfo (a ``struct_siginfo``)."""
+        outside = not self._from_container(info.si_pid)
+        if outside and self.passes_on(info.si_code, info.si_pid):
+            with contextlib.suppress(ProcessLookupError):
+                linux.queue_signal(pidfd, self.translated(info.si_signo))
+        if outside and info.si_signo in JOB_STOPS:
+            os.kill(os.getpid(), signal.SIGSTOP)
+
+    def passes_on(self, code: int, sender: int) -> bool:
+        """Whether a signal from outside the container goes on to PID 1."""
+        if code == linux.SI_KERNEL:
+            return not self.leader_in_our_group
+        return sender != os.getpid()
+
+    def translated(self, sig: int) -> int:
+        return HALT if self.boot and sig in (signal.SIGTERM, signal.SIGINT) else sig
+
+    def _from_container(self, sender: int) -> bool:
+        return (
+            sender > 0
+            and self.leader_pidns is not None
+            and _pid_namespace(sender) == self.leader_pidns
+        )
+
+
+def _process_group(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
+def _pid_namespace(pid: int) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}/ns/pid").st_ino
+    except OSError:
+        return None
 
 
 CRASH_ENV = "PYMACHINE_TEST_CRASH_AT"  # fault-injection for tests: a step name below
