@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import signal
 import subprocess
@@ -242,6 +243,38 @@ def test_ctrl_c_on_a_terminal_interrupts_run(systemd_host, make_machine, machine
         assert wait_until(lambda: "run-exit=" in screen(), 20), screen()
         assert f"run-exit={128 + signal.SIGINT}" in screen()
         assert screen().count("start-42") == 1  # not restarted
+    finally:
+        systemd_host.run(["tmux", "kill-session", "-t", session], check=False)
+        systemd_host.pymachine("stop", name, check=False)
+
+
+@pytest.mark.parametrize("stdin", ["terminal", "redirected"])
+def test_ctrl_z_suspends_run_and_its_payload_and_fg_resumes_them(
+    systemd_host, make_machine, machine_name, stdin
+):
+    """In an interactive shell, as for any command: the shell shows the job
+    stopped, the payload is stopped, `fg` resumes both."""
+    name = make_machine(machine_name, start=False)
+    session = f"tstp-{machine_name}"[:30]
+    redirect = " </dev/null" if stdin == "redirected" else ""
+    payload = f"/bin/sh -c 'echo start-$((40+2)); {LOOP}'"
+    args = f"/bin/sh -c echo start-$((40+2)); {LOOP}"
+    _tmux(systemd_host, session, "bash --norc --noprofile -i")
+    screen = lambda: systemd_host.run(["tmux", "capture-pane", "-p", "-t", session]).stdout  # noqa: E731
+    keys = lambda *k: systemd_host.run(["tmux", "send-keys", "-t", session, *k])  # noqa: E731
+    state = lambda: payload_state(systemd_host, name, args)  # noqa: E731
+    try:
+        keys(f"{sys.executable} -m machined run {name} -- {payload}{redirect}", "Enter")
+        assert wait_until(lambda: "start-42" in screen(), 30), screen()
+        keys("C-z")
+        assert wait_until(lambda: "Stopped" in screen(), 20), screen()
+        assert wait_until(lambda: state().startswith("T")), state()
+        keys("fg", "Enter")
+        assert wait_until(lambda: not state().startswith("T")), state()
+        keys("C-c")
+        keys("echo run-exit-$?-", "Enter")  # the status shows as run-exit-N-
+        assert wait_until(lambda: re.search(r"run-exit-\d+-", screen()), 20), screen()
+        assert f"run-exit-{128 + signal.SIGINT}-" in screen()
     finally:
         systemd_host.run(["tmux", "kill-session", "-t", session], check=False)
         systemd_host.pymachine("stop", name, check=False)
