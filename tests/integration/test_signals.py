@@ -109,6 +109,45 @@ def test_kill_refuses_an_unknown_signal_number(systemd_host, make_machine, machi
     assert unit_show(systemd_host, f"pymachine-{name}.service")["ActiveState"] == "active"
 
 
+def test_kill_of_a_stopped_or_unknown_machine_says_so(systemd_host, make_machine, machine_name):
+    name = make_machine(machine_name, start=False)
+    stopped = systemd_host.pymachine("kill", name, "-s", "USR1", check=False)
+    assert stopped.returncode == 3 and "not running" in stopped.stderr
+    assert systemd_host.pymachine("kill", "no-such-machine", check=False).returncode == 4
+
+
+def test_kill_never_signals_a_process_outside_the_machine(systemd_host, make_machine, machine_name):
+    """A stale state file whose PID 1 is gone and whose PID now belongs to
+    another process (here: a host `sleep`) must not make `kill` signal it."""
+    name = make_machine(machine_name, start=False)
+    bystander = systemd_host.popen(["sleep", "301"])
+    try:
+        pid = systemd_host.run(["pgrep", "-n", "-f", "^sleep 301$"]).stdout.split()[0]
+        cgroup = f"/sys/fs/cgroup/unified/system.slice/pymachine-{name}.service/payload"
+        record = json.dumps(
+            {
+                "name": name,
+                "leader": int(pid),
+                "supervisor": int(pid),
+                "payload_cgroup": cgroup,
+                "root": "/",
+                "boot": False,
+                "started": 0,
+            }
+        )
+        state = f"/run/pymachine/{name}/{STATE_FILE}"
+        systemd_host.run(
+            ["sh", "-c", f"mkdir -p /run/pymachine/{name} && cat > {state}"], input=record
+        )
+        result = systemd_host.pymachine("kill", name, "-s", "TERM", check=False)
+        assert result.returncode == 3, result.stderr
+        assert systemd_host.run(["kill", "-0", pid], check=False).returncode == 0  # alive
+    finally:
+        systemd_host.run(["rm", "-rf", f"/run/pymachine/{name}"], check=False)
+        bystander.kill()
+        bystander.wait(10)
+
+
 # --- pymachine run ------------------------------------------------------------
 
 
