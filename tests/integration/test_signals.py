@@ -122,7 +122,9 @@ def test_kill_never_signals_a_process_outside_the_machine(systemd_host, make_mac
     name = make_machine(machine_name, start=False)
     bystander = systemd_host.popen(["sleep", "301"])
     try:
-        pid = systemd_host.run(["pgrep", "-n", "-f", "^sleep 301$"]).stdout.split()[0]
+        found = lambda: systemd_host.run(["pgrep", "-n", "-f", "^sleep 301$"], check=False).stdout  # noqa: E731
+        assert wait_until(found)
+        pid = found().split()[0]
         cgroup = f"/sys/fs/cgroup/unified/system.slice/pymachine-{name}.service/payload"
         record = json.dumps(
             {
