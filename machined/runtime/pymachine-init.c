@@ -22,8 +22,9 @@
  *   run` and `pymachine kill`, and is forwarded;
  * - SIGTSTP/SIGTTIN/SIGTTOU: the payload has no terminal job control (its own
  *   session: an orphaned process group), so the kernel would discard their
- *   default action, to stop. A payload that leaves the signal at its default
- *   gets SIGSTOP instead; one that catches or ignores it gets the signal;
+ *   default action, to stop. When the payload leaves the signal at its
+ *   default, its whole job (process group) gets SIGSTOP instead, and SIGCONT
+ *   goes to the whole job; a payload that catches or ignores it gets the signal;
  * - with --terminal (`pymachine run` on a terminal), the signals the terminal
  *   itself sends (Ctrl-C, Ctrl-Z, a resize) are not forwarded: the payload,
  *   in the terminal's foreground process group with us, has them already.
@@ -224,14 +225,27 @@ static int takes_default(pid_t pid, int sig) {
     return !(handled & (1ULL << (sig - 1)));
 }
 
-/* Pass SIG on to the payload. A job-control stop becomes SIGSTOP when the
- * payload would take the default action that the kernel discards for it. */
+/* SIG to the payload's process group (a session of its own: its whole job),
+ * or to the main process alone when it has none (--terminal: it is ours). */
+static void signal_job(pid_t main_pid, int sig) {
+    if (kill(-main_pid, sig) < 0)
+        signal_quietly(main_pid, sig);
+}
+
+/* Pass SIG on to the payload's main process. A job-control stop it would
+ * take the default action of (which the kernel discards for it) stops its
+ * whole job with SIGSTOP, as a terminal's Ctrl-Z would; SIGCONT resumes the
+ * whole job. A SIGTERM is followed by a SIGCONT: a stopped payload hears it. */
 static void forward(pid_t main_pid, int sig) {
-    if (is_job_stop(sig) && takes_default(main_pid, sig))
-        sig = SIGSTOP;
-    signal_quietly(main_pid, sig);
-    if (sig == SIGTERM)
-        signal_quietly(main_pid, SIGCONT); /* a stopped payload must hear it */
+    if (is_job_stop(sig) && takes_default(main_pid, sig)) {
+        signal_job(main_pid, SIGSTOP);
+    } else if (sig == SIGCONT) {
+        signal_job(main_pid, SIGCONT);
+    } else {
+        signal_quietly(main_pid, sig);
+        if (sig == SIGTERM)
+            signal_job(main_pid, SIGCONT);
+    }
 }
 
 /* SIGTERM everything left, SIGKILL after GRACE seconds, reap it all. Processes
@@ -321,8 +335,7 @@ static int supervise(const struct payload *p, const sigset_t *watched) {
             stop_requested = 1;
             rebooting = !is_poweroff(sig);
             stopping_since = now();
-            signal_quietly(main_pid, SIGTERM);
-            signal_quietly(main_pid, SIGCONT);
+            forward(main_pid, SIGTERM);
             continue;
         }
         if (sig == SIGTERM && stopping_since < 0) {

@@ -75,9 +75,9 @@ class Pid1:
             stdin=subprocess.DEVNULL,
             text=True,
         )
-        self.init = self._child_of(self.proc.pid)
+        self.init = self.child_of(self.proc.pid)
 
-    def _child_of(self, pid: int) -> int:
+    def child_of(self, pid: int) -> int:
         children = Path(f"/proc/{pid}/task/{pid}/children")
         for _ in range(1000):
             if found := children.read_text().split():
@@ -86,7 +86,7 @@ class Pid1:
         raise AssertionError(f"process {pid} started no child")
 
     def payload(self) -> int:
-        return self._child_of(self.init)
+        return self.child_of(self.init)
 
     def line(self, timeout: float = 10) -> str:
         """The payload's next line of output ('' if none came in TIMEOUT seconds)."""
@@ -154,14 +154,19 @@ def test_every_signal_but_the_power_ones_reaches_the_payload(pid1) -> None:
 @pytest.mark.parametrize("sig", ["SIGTSTP", "SIGTTIN", "SIGTTOU"])
 def test_a_job_control_stop_stops_a_payload_that_does_not_catch_it(pid1, sig) -> None:
     """The kernel discards their default action in the payload's own session
-    (an orphaned process group): the init stops it with SIGSTOP instead."""
-    machine = pid1(["sh", "-c", LOOP])
+    (an orphaned process group): the init stops its whole job with SIGSTOP
+    instead, as Ctrl-Z would, and SIGCONT resumes all of it."""
+    # no fork after the start (dash's vfork would hold a stopped parent in D)
+    machine = pid1(["sh", "-c", "sleep 1000 & echo start; exec sleep 1000"])
     assert machine.line() == "start"
     payload = machine.payload()
+    job = [payload, machine.child_of(payload)]
     machine.kill(signal.Signals[sig])
-    assert wait_for_state(payload, True), f"{sig}: the payload is {state_of(payload)}"
+    for pid in job:
+        assert wait_for_state(pid, True), f"{sig}: {pid} is {state_of(pid)}"
     machine.kill(signal.SIGCONT)
-    assert wait_for_state(payload, False), f"SIGCONT: the payload is {state_of(payload)}"
+    for pid in job:
+        assert wait_for_state(pid, False), f"SIGCONT: {pid} is {state_of(pid)}"
 
 
 def test_a_payload_that_catches_sigtstp_gets_it_and_goes_on(pid1) -> None:
