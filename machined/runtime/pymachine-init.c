@@ -221,7 +221,8 @@ static int takes_default(pid_t pid, int sig) {
         size += n > 0 ? (size_t)n : 0;
     close(fd);
     status[size] = '\0';
-    unsigned long long handled = status_mask(status, "\nSigIgn:") | status_mask(status, "\nSigCgt:");
+    unsigned long long handled = status_mask(status, "\nSigIgn:");
+    handled |= status_mask(status, "\nSigCgt:");
     return !(handled & (1ULL << (sig - 1)));
 }
 
