@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from machined.errors import Conflict, NotFound, PymachineError
+from machined.errors import Conflict, InvalidInput, NotFound, PymachineError
 from machined.names import validate_image_name
 from machined.paths import Paths
 
@@ -78,12 +78,25 @@ class ImageConfig:
     def from_json(cls, data: dict[str, Any] | None) -> ImageConfig:
         if not data:
             return cls()
+
+        def words(key: str) -> tuple[str, ...]:
+            value = data.get(key) or []
+            if not isinstance(value, list | tuple) or not all(isinstance(w, str) for w in value):
+                raise InvalidInput(f"image config: {key} is not a list of strings: {value!r}")
+            return tuple(value)
+
+        def text(key: str) -> str | None:
+            value = data.get(key) or None
+            if value is not None and not isinstance(value, str):
+                raise InvalidInput(f"image config: {key} is not a string: {value!r}")
+            return value
+
         return cls(
-            entrypoint=tuple(data.get("entrypoint") or ()),
-            cmd=tuple(data.get("cmd") or ()),
-            environment=tuple(data.get("environment") or ()),
-            working_directory=data.get("working_directory") or None,
-            user=data.get("user") or None,
+            entrypoint=words("entrypoint"),
+            cmd=words("cmd"),
+            environment=words("environment"),
+            working_directory=text("working_directory"),
+            user=text("user"),
         )
 
 

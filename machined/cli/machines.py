@@ -144,13 +144,18 @@ def _build_definition(name: str, args: argparse.Namespace, command: list[str]):
 
 
 def _apply_image_defaults(definition) -> None:
-    """An imported OCI image brings its Entrypoint/Cmd/Env/WorkingDir along."""
-    try:
-        from machined.images import ImageStore
+    """An imported OCI image brings its Entrypoint/Cmd/Env/WorkingDir/User
+    along: these values and no others (each is checked as if typed by hand,
+    so a hostile config is refused, never written as another key)."""
+    from machined.errors import NotFound
+    from machined.images import ImageStore
 
+    try:
         config = ImageStore().config(definition.image)
-    except Exception:
-        return
+    except NotFound:
+        return  # create reports the missing image itself
+    except InvalidInput as exc:
+        raise InvalidInput(f"image '{definition.image}': {exc}") from None
     definition.command = list(config.command)
     definition.environment = {**config.environment_dict, **definition.environment}
     definition.working_directory = definition.working_directory or config.working_directory

@@ -36,7 +36,7 @@ class NetworkMode(StrEnum):
 
 
 def _port(text: str, what: str, spec: str) -> int:
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):  # str.isdigit() alone takes '²' and '٣'
         raise InvalidInput(f"invalid port forward {spec!r}: {what} port {text!r} is not a number")
     value = int(text)
     if not 1 <= value <= 65535:
@@ -64,7 +64,7 @@ class PortForward(namedtuple("PortForward", "protocol host_port container_port")
     @classmethod
     def parse(cls, text: str) -> PortForward:
         """``[tcp|udp:]HOST[:CONTAINER]``: ``8080:80``, ``udp:53:5353``, ``tcp:22``."""
-        spec = text.strip()
+        spec = text.strip(" \t")
         parts = spec.split(":")
         protocol = "tcp"
         if parts and parts[0].lower() in PROTOCOLS:
