@@ -233,31 +233,34 @@ class _Extractor:
         def refuse(why: str) -> UnsafeEntry:
             return UnsafeEntry(f"refusing hard link {member.name!r} -> {member.linkname!r}: {why}")
 
-        try:
-            with self.root.locate(member_path(member.linkname)) as target:
-                st = target.lstat()
-                if st is None or stat.S_ISDIR(st.st_mode):
-                    raise refuse("its target is missing or a directory")
-                if stat.S_ISLNK(st.st_mode):
-                    pointing = os.readlink(target.name, dir_fd=target.dir_fd)
-                    if symlink_escapes(at.rel, pointing):
-                        raise refuse(f"the symlink ({pointing!r}) would point outside from there")
-                mine = at.lstat()
-                if mine is not None and (mine.st_dev, mine.st_ino) == (st.st_dev, st.st_ino):
-                    return  # already that very file
-                remove_at(at.dir_fd, at.name)
-                os.link(
-                    target.name,
-                    at.name,
-                    src_dir_fd=target.dir_fd,
-                    dst_dir_fd=at.dir_fd,
-                    follow_symlinks=False,
-                )
-        except (FileNotFoundError, NotADirectoryError) as exc:
-            raise refuse("its target is missing") from exc
+        with contextlib.ExitStack() as stack:
+            try:
+                target = stack.enter_context(self.root.locate(member_path(member.linkname)))
+            except (FileNotFoundError, NotADirectoryError, UnsafeEntry) as exc:
+                raise refuse("its target is missing") from exc
+            st = target.lstat()
+            if st is None or stat.S_ISDIR(st.st_mode):
+                raise refuse("its target is missing or a directory")
+            if stat.S_ISLNK(st.st_mode):
+                pointing = os.readlink(target.name, dir_fd=target.dir_fd)
+                if symlink_escapes(at.rel, pointing):
+                    raise refuse(f"the symlink ({pointing!r}) would point outside from there")
+            mine = at.lstat()
+            if mine is not None and (mine.st_dev, mine.st_ino) == (st.st_dev, st.st_ino):
+                return  # already that very file
+            remove_at(at.dir_fd, at.name)
+            os.link(
+                target.name,
+                at.name,
+                src_dir_fd=target.dir_fd,
+                dst_dir_fd=at.dir_fd,
+                follow_symlinks=False,
+            )
         self._advance(0)  # metadata is the target's
 
     def _file(self, archive: tarfile.TarFile, at: Located, member: tarfile.TarInfo) -> None:
+        sparse = member.sparse
+        self.budget.charge(member.size if sparse is None else sum(n for _, n in sparse))
         remove_at(at.dir_fd, at.name)
         source = archive.extractfile(member)
         assert source is not None
@@ -283,7 +286,6 @@ class _Extractor:
         for offset, size in segments:
             if offset < end or offset + size > member.size:
                 raise UnsafeEntry(f"refusing {member.name!r}: broken sparse map")
-            self.budget.charge(size)
             if member.sparse is not None:
                 raw.seek(offset)
             position = offset
