@@ -25,6 +25,9 @@ from dataclasses import dataclass
 from machined.errors import InvalidInput
 
 MAX_SYMLINKS = 40
+# Directory levels below the root: each holds an fd while a path is walked, and
+# tools that recurse (rmtree, cp) must still get through the tree.
+MAX_DEPTH = 256
 _PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 DIR_NOFOLLOW = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -119,6 +122,8 @@ class Root:
             mode = os.fstat(fd).st_mode
             if stat.S_ISDIR(mode):
                 stack.append((fd, part))
+                if len(stack) > MAX_DEPTH:
+                    raise UnsafeEntry(f"refusing {rel!r}: more than {MAX_DEPTH} directories deep")
                 continue
             os.close(fd)
             if not stat.S_ISLNK(mode):

@@ -28,7 +28,7 @@ import pytest
 from bootstrap.oci import import_oci
 from bootstrap.progress import Progress
 from bootstrap.space import NoSpace, SpaceBudget
-from bootstrap.tarimport import UnsafeEntry, extract, import_tar, symlink_escapes
+from bootstrap.tarimport import UnsafeEntry, export_tar, extract, import_tar, symlink_escapes
 from machined.images import ImageStore
 from machined.paths import Paths
 from tests.harness import skip_or_fail
@@ -167,7 +167,16 @@ def test_oci_layer_dir_then_symlink_leaves_host_alone(tmp_path, host):
     before = snapshot(host)
     layout = LayoutBuilder(tmp_path / "layout")
     first = tar_bytes([E("x", "dir", mode=0o6777), E("y", "dir", mode=0o6777)], gz=True)
-    second = tar_bytes([E(".wh.y"), E("y", "sym", str(host / "dir")), E("x", "sym", str(host))])
+    second = tar_bytes(
+        [
+            E(".wh.y"),
+            E("y", "sym", str(host / "dir")),
+            E("z", "dir", mode=0o6777),  # a dir and the link replacing it in one layer
+            E("z", "sym", str(host / "file")),
+            E("x/.wh..wh..opq"),
+            E("x", "sym", str(host)),
+        ]
+    )
     layout.index([layout.image([first, second], {})])
     store = ImageStore(Paths(tmp_path / "state"))
     path = import_oci(layout.root, "img", store=store, progress=quiet())
@@ -409,3 +418,45 @@ def test_cli_import_on_a_small_file_system(tmp_path):
     assert out[1] == "rc=1"  # refused, exit 1 …
     assert out[2:] == ["holes"]  # … and nothing of it left in the store
     assert "not enough space" in error_line(result)
+
+
+# --- export-tar and image clone of a hostile image ------------------------------
+
+
+def hostile_image(store: ImageStore, host: Path) -> None:
+    """An image whose links aim at the host every way (as any tool might have made it)."""
+    with store.staging("evil") as tmp:
+        (tmp / "d").mkdir()
+        os.symlink(str(host / "dir"), tmp / "etc")
+        os.symlink(str(host / "file"), tmp / "d/file")
+        os.symlink("../../../../../../../..", tmp / "d/up")
+        os.symlink(os.path.relpath(host / "file", tmp / "d"), tmp / "d/rel")
+        (tmp / "own").write_text("image file\n")
+        os.link(tmp / "own", tmp / "d/own-link")
+        store.commit("evil", tmp)
+
+
+def test_export_and_clone_of_a_hostile_image_keep_links_as_links(tmp_path, host):
+    store = ImageStore(Paths(tmp_path / "pm"))
+    hostile_image(store, host)
+    before = snapshot(host)
+    archive = tmp_path / "evil.tar"
+    export_tar("evil", archive, store=store, progress=quiet())
+    with tarfile.open(archive) as t:
+        members = {m.name: m for m in t.getmembers()}
+        assert all(m.isdir() or m.issym() or m.islnk() or m.name == "own" for m in t)
+        assert members["etc"].linkname == str(host / "dir")
+        assert members["d/up"].issym() and members["d/file"].issym()
+        assert t.extractfile("own").read() == b"image file\n"
+    assert b"host secret" not in archive.read_bytes()
+    store.clone("evil", "copy")
+    copy = store.path("copy")
+    assert os.readlink(copy / "etc") == str(host / "dir")
+    assert os.readlink(copy / "d/up") == "../../../../../../../.."
+    assert snapshot(host) == before
+
+
+def test_too_deep_is_a_refusal(tmp_path):
+    """Deep trees would exhaust fds and the recursion of rmtree when a failed import is removed."""
+    with pytest.raises(UnsafeEntry, match="deep"):
+        unpack(tar_bytes([E("d/" * 300 + "f")]), tmp_path / "r")
