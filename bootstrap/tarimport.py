@@ -124,8 +124,9 @@ def _entry_error(name: str, exc: OSError) -> PymachineError:
     """One line for a file system error while extracting ``name``."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return NoSpace(f"no space left while extracting {name!r}: {exc.strerror}")
-    message = f"cannot extract {name!r}: {exc.strerror or exc}"
-    return PymachineError(message) if exc.errno in HOST_ERRNOS else UnsafeEntry(message)
+    if exc.errno in HOST_ERRNOS:
+        return PymachineError(f"cannot extract {name!r}: {exc.strerror or exc}")
+    return UnsafeEntry(f"refusing {name!r}: {exc.strerror or exc}")
 
 
 # --- extraction ------------------------------------------------------------------
