@@ -196,7 +196,7 @@ class _Extractor:
                 return
             raise UnsafeEntry(f"refusing non-directory entry for the image root: {member.name!r}")
 
-        self.budget.charge(0, inodes=1)
+        self.budget.charge(self.budget.block if member.isdir() else 0, inodes=1)
         with self.root.locate(rel, create=True) as at:
             self._touch(at.rel)
             self.stats.entries += 1
