@@ -397,7 +397,13 @@ class _Extractor:
             with contextlib.suppress(OSError):
                 os.setxattr(path, name, raw, follow_symlinks=False)
         if not member.issym():
-            os.chmod(at.name, member.mode & 0o7777, dir_fd=at.dir_fd, follow_symlinks=False)
+            try:
+                os.chmod(at.name, member.mode & 0o7777, dir_fd=at.dir_fd, follow_symlinks=False)
+            except NotImplementedError as exc:  # glibc does this through /proc/self/fd
+                raise PymachineError(
+                    f"cannot set the mode of {member.name!r} without following links: "
+                    "is /proc mounted?"
+                ) from exc
         with contextlib.suppress(OSError):
             os.utime(at.name, (member.mtime, member.mtime), dir_fd=at.dir_fd, follow_symlinks=False)
 
