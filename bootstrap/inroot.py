@@ -128,10 +128,10 @@ class Root:
             os.close(fd)
             if not stat.S_ISLNK(mode):
                 where = "/".join([*(name for _, name in stack), part])
-                raise UnsafeEntry(f"cannot resolve {rel!r}: {where} is not a directory")
+                raise UnsafeEntry(f"refusing {rel!r}: {where} is not a directory")
             followed += 1
             if followed > MAX_SYMLINKS:
-                raise UnsafeEntry(f"too many levels of symbolic links resolving {rel!r}")
+                raise UnsafeEntry(f"refusing {rel!r}: too many levels of symbolic links")
             target = os.readlink(part, dir_fd=here)
             if target.startswith("/"):
                 while stack:

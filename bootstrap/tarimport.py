@@ -249,6 +249,8 @@ class _Extractor:
             mine = at.lstat()
             if mine is not None and (mine.st_dev, mine.st_ino) == (st.st_dev, st.st_ino):
                 return  # already that very file
+            if target.rel.startswith(at.rel + "/"):
+                raise refuse("its target is inside what it would replace")
             remove_at(at.dir_fd, at.name)
             os.link(
                 target.name,
