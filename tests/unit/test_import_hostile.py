@@ -248,12 +248,26 @@ def test_writes_through_links_stay_inside(tmp_path, host):
         [E("f", data=b"x"), E("h", "hard", "f/x")],
         [E("h", "hard", "missing")],
         [E("d", "dir", mode=0o755), E("h", "hard", "d")],
+        [E("a/b/c", data=b"x"), E("a", "hard", "a/b/c")],
     ],
-    ids=["through-dangling-dir-link", "through-a-file", "missing", "to-a-directory"],
+    ids=["through-dangling-dir-link", "through-a-file", "missing", "to-a-directory", "own-parent"],
 )
 def test_bad_hard_links_are_refusals(tmp_path, entries):
     with pytest.raises(UnsafeEntry, match="hard link"):
         unpack(tar_bytes(entries), tmp_path / "r")
+
+
+def test_overlayfs_xattrs_are_not_set(tmp_path):
+    """The image is an overlay lower layer: its own overlay xattrs would steer the mount."""
+    xattrs = (("trusted.overlay.redirect", "/etc"), ("user.overlay.opaque", "y"), ("user.k", "v"))
+    unpack(
+        tar_bytes([E("d", "dir", mode=0o755, xattrs=xattrs), E("f", xattrs=xattrs)]), tmp_path / "r"
+    )
+    for name in ("d", "f"):
+        try:
+            assert os.listxattr(tmp_path / "r" / name) == ["user.k"]
+        except OSError:  # a file system without user xattrs
+            skip_or_fail("no user xattrs on the test file system")
 
 
 def test_file_below_a_file_is_a_refusal(tmp_path):
