@@ -551,8 +551,9 @@ def write_tar(
                     info.pax_headers[XATTR_PREFIX + xattr] = value.decode(
                         "utf-8", "surrogateescape"
                     )
-            if info.isreg():
-                with open(path, "rb") as f:
+            if info.isreg():  # lstat said so; O_NOFOLLOW keeps it so
+                flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+                with os.fdopen(os.open(path, flags), "rb") as f:
                     archive.addfile(info, f)
             else:
                 archive.addfile(info)
