@@ -284,7 +284,11 @@ def import_oci(
     started = time.monotonic()
     layout = Layout(source)
     try:
-        resolved = resolve(layout, platform)
+        try:
+            resolved = resolve(layout, platform)
+        except (KeyError, TypeError, AttributeError, IndexError) as exc:
+            # A hostile or broken layout: one line, exit 2, not a traceback.
+            raise InvalidInput(f"{source}: malformed image metadata ({exc!r})") from exc
         with store.staging(name) as staging:
             apply_layers(
                 layout, resolved.layers, staging, allow_devices=allow_devices, progress=progress

@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import json
 import os
 import random
 import shutil
@@ -29,6 +30,7 @@ from bootstrap.oci import import_oci
 from bootstrap.progress import Progress
 from bootstrap.space import NoSpace, SpaceBudget
 from bootstrap.tarimport import UnsafeEntry, export_tar, extract, import_tar, symlink_escapes
+from machined.errors import InvalidInput
 from machined.images import ImageStore
 from machined.paths import Paths
 from tests.harness import skip_or_fail
@@ -474,3 +476,21 @@ def test_too_deep_is_a_refusal(tmp_path):
     """Deep trees would exhaust fds and the recursion of rmtree when a failed import is removed."""
     with pytest.raises(UnsafeEntry, match="deep"):
         unpack(tar_bytes([E("d/" * 300 + "f")]), tmp_path / "r")
+
+
+@pytest.mark.parametrize(
+    "index",
+    [
+        {"manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json"}]},
+        {"manifests": [{"digest": 7}]},
+        {"manifests": "nope"},
+    ],
+    ids=["no-digest", "digest-not-a-string", "manifests-not-a-list"],
+)
+def test_malformed_oci_layout_is_a_refusal(tmp_path, index):
+    layout = LayoutBuilder(tmp_path / "layout")
+    (layout.root / "index.json").write_text(json.dumps(index))
+    store = ImageStore(Paths(tmp_path / "state"))
+    with pytest.raises(InvalidInput):
+        import_oci(layout.root, "img", store=store, progress=quiet())
+    assert not store.directory.exists() or os.listdir(store.directory) == []
