@@ -167,6 +167,8 @@ class _Extractor:
                 self._member(archive, member)
             except OSError as exc:
                 raise _entry_error(member.name, exc) from exc
+            except (OverflowError, ValueError) as exc:  # an owner, time or device number
+                raise UnsafeEntry(f"refusing {member.name!r}: value out of range ({exc})") from exc
         # Directories last, deepest first: their mtimes and read-only modes
         # must not be disturbed by the entries created inside them.
         for d in sorted(self._dirs, key=lambda d: len(d.rel), reverse=True):
@@ -174,6 +176,10 @@ class _Extractor:
                 self._dir_metadata(d)
             except OSError as exc:
                 raise _entry_error(d.member.name, exc) from exc
+            except (OverflowError, ValueError) as exc:
+                raise UnsafeEntry(
+                    f"refusing {d.member.name!r}: value out of range ({exc})"
+                ) from exc
         return self.stats
 
     def _member(self, archive: tarfile.TarFile, member: tarfile.TarInfo) -> None:

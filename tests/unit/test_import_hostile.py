@@ -494,3 +494,26 @@ def test_malformed_oci_layout_is_a_refusal(tmp_path, index):
     with pytest.raises(InvalidInput):
         import_oci(layout.root, "img", store=store, progress=quiet())
     assert not store.directory.exists() or os.listdir(store.directory) == []
+
+
+@pytest.mark.parametrize("kind", ["file", "dir", "sym", "chr"])
+@pytest.mark.parametrize(
+    "header",
+    [{"mtime": "1e400"}, {"mtime": "-1e30"}, {"uid": str(2**70)}, {"gid": str(2**40)}],
+    ids=["mtime-huge", "mtime-negative", "uid-huge", "gid-huge"],
+)
+def test_out_of_range_header_values_are_refusals(tmp_path, kind, header):
+    """PAX headers carry numbers of any size: one line (exit 2), not an OverflowError."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        info = tarfile.TarInfo("x")
+        info.pax_headers = dict(header)
+        if kind == "dir":
+            info.type = tarfile.DIRTYPE
+        elif kind == "sym":
+            info.type, info.linkname = tarfile.SYMTYPE, "y"
+        elif kind == "chr":
+            info.type, info.devmajor, info.devminor = tarfile.CHRTYPE, 1, 3
+        t.addfile(info, io.BytesIO(b"") if kind == "file" else None)
+    with pytest.raises(UnsafeEntry, match="out of range"):
+        unpack(buf.getvalue(), tmp_path / "r", allow_devices=True)
