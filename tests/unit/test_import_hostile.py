@@ -333,32 +333,28 @@ def test_cli_import_of_dir_then_symlink_leaves_host_alone(tmp_path, host, store_
 # --- issue 15.7: sparse bombs and the space check ------------------------------
 
 
-def sparse_tar(size: int, *, fmt: int = tarfile.PAX_FORMAT) -> bytes:
+def sparse_tar(work: Path, size: int, *, fmt: int = tarfile.PAX_FORMAT) -> bytes:
     """A tar (made by GNU tar, which writes sparse members) with one ``size``-byte hole file."""
-    work = Path(os.environ.get("TMPDIR", "/tmp"))
-    src = work / f"sparse-{os.getpid()}-{fmt}"
-    shutil.rmtree(src, ignore_errors=True)
+    src = work / f"sparse-src-{fmt}"
     src.mkdir()
-    try:
-        with open(src / "hole", "wb") as f:
-            f.truncate(size)
-            f.seek(size // 2)
-            f.write(b"data in the middle")
-        out = src / "out.tar"
-        form = "pax" if fmt == tarfile.PAX_FORMAT else "gnu"
-        subprocess.run(
-            ["tar", "--sparse", f"--format={form}", "-C", str(src), "-cf", str(out), "hole"],
-            check=True,
-        )
-        return out.read_bytes()
-    finally:
-        shutil.rmtree(src, ignore_errors=True)
+    with open(src / "hole", "wb") as f:
+        f.truncate(size)
+        f.seek(size // 2)
+        f.write(b"data in the middle")
+    out = work / f"sparse-{fmt}.tar"
+    form = "pax" if fmt == tarfile.PAX_FORMAT else "gnu"
+    subprocess.run(
+        ["tar", "--sparse", f"--format={form}", "-C", str(src), "-cf", str(out), "hole"],
+        check=True,
+    )
+    shutil.rmtree(src)
+    return out.read_bytes()
 
 
 @pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT], ids=["pax", "gnu"])
 def test_sparse_member_is_written_sparsely(tmp_path, fmt):
     size = 256 << 20
-    data = sparse_tar(size, fmt=fmt)
+    data = sparse_tar(tmp_path, size, fmt=fmt)
     assert len(data) < 64 << 10
     unpack(data, tmp_path / "r")
     hole = tmp_path / "r/hole"
@@ -417,7 +413,7 @@ def test_cli_import_on_a_small_file_system(tmp_path):
     paths = Paths(tmp_path / "pm")
     env = {**os.environ, "PYMACHINE_ROOT": str(paths.root)}
     sparse = tmp_path / "sparse.tar"
-    sparse.write_bytes(sparse_tar(256 << 20))
+    sparse.write_bytes(sparse_tar(tmp_path, 256 << 20))
     big = tmp_path / "big.tar.gz"
     big.write_bytes(tar_bytes([E("random", data=random.Random(1).randbytes(12 << 20))], gz=True))
     cli = f"{sys.executable} -m machined"
