@@ -16,7 +16,7 @@ from enum import StrEnum
 
 from machined.errors import Conflict, InvalidInput, NotFound, NotRunning, PymachineError
 from machined.names import validate_machine_name
-from machined.paths import ROOT_ENV, Paths, unit_name
+from machined.paths import ROOT_ENV, Paths, private_dirs, unit_name
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without typing's import (~1.5 ms a call)
 if TYPE_CHECKING:
@@ -182,6 +182,7 @@ class Machines:
         state_dir = self.paths.machine_state(definition.name)
         created_state = not state_dir.exists()
         try:
+            private_dirs(self.paths.state, self.paths.images, state_dir.parent, state_dir)
             (state_dir / "upper").mkdir(parents=True, exist_ok=True)
             (state_dir / "work").mkdir(parents=True, exist_ok=True)
             _definitions().save(definition, self.paths)

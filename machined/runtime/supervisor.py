@@ -35,7 +35,7 @@ from pathlib import Path
 
 from machined.definition import MachineDefinition
 from machined.network.config import NetworkMode
-from machined.paths import Paths
+from machined.paths import SEARCH_ONLY, Paths, private_dirs
 from machined.runtime import cgroup, cleanup, init, leader, linux, security, state, userns
 
 HALT = signal.SIGRTMIN + 3  # what systemd as PID 1 takes as "halt"
@@ -279,7 +279,12 @@ class Supervisor:
         signal.pthread_sigmask(signal.SIG_BLOCK, watched)
         linux.unshare(linux.CLONE_NEWNS)
         linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
-        self.layers.runtime_dir.mkdir(parents=True, exist_ok=True)
+        # Closed to host users before anything of the machine lands in them (and
+        # closed again if an older install or systemd's RuntimeDirectory= opened them).
+        private_dirs(self.paths.state, self.paths.images)
+        private_dirs(self.paths.runtime, self.layers.runtime_dir, mode=SEARCH_ONLY)
+        if self.layers.ephemeral:
+            private_dirs(self.layers.upper.parent)
         try:
             if not self.definition.boot and (problem := init.missing()):
                 raise StartError(problem)

@@ -9,8 +9,6 @@ from __future__ import annotations
 import shlex
 import sys
 
-import pytest
-
 PM = shlex.join([sys.executable, "-m", "machined"])
 # The fds of the payload's shell itself (ls would list its own directory fd too,
 # and a pipeline's pipes are the shell's for a moment), then its cwd.
@@ -103,3 +101,91 @@ def test_a_started_machine_has_only_stdio(systemd_host, make_machine, machine_na
     assert lines[-1] == "/"
     init_fds = systemd_host.pymachine("exec", name, "--", "ls", "/proc/1/fd").stdout.split()
     assert sorted(init_fds, key=int) == ["0", "1", "2"]
+
+
+# --- item 5: the state directories stay closed ----------------------------------------
+
+PRIVATE_DIRS = ("/var/lib/pymachine", "/var/lib/machines", "/var/cache/pymachine")
+RUNTIME_DIR = "/run/pymachine"  # search-only: a machine's PID 1 resolves its root there
+
+
+def _modes(host, paths) -> dict[str, str]:
+    out = host.run(["stat", "-c", "%n %a", *paths]).stdout
+    return dict(line.rsplit(" ", 1) for line in out.splitlines())
+
+
+def _open_to_others(host, private=(), runtime=()) -> dict[str, str]:
+    """Of the PRIVATE directories, those a host user may enter or read (any group
+    or other bit); of the RUNTIME ones, those a host user may list or write."""
+    found = {p: m for p, m in _modes(host, private).items() if int(m, 8) & 0o077} if private else {}
+    if runtime:
+        found |= {p: m for p, m in _modes(host, runtime).items() if int(m, 8) & 0o066}
+    return found
+
+
+def _open_all(host) -> None:
+    """What an older install left: every state directory 0755."""
+    host.run(["mkdir", "-p", *PRIVATE_DIRS, RUNTIME_DIR])
+    host.run(["chmod", "0755", *PRIVATE_DIRS, RUNTIME_DIR])
+
+
+def test_state_directories_are_root_s_and_an_older_install_s_are_closed(
+    systemd_host, make_machine, machine_name, tiny_image
+):
+    """What root inside makes (writable layers, images, imports) lies below
+    these: a set-user-ID file there would run, for a host user, as the
+    machine's root UID (host root without a user namespace). An older install
+    made them 0755: the next use closes them."""
+    name = make_machine(machine_name, start=False)
+    _open_all(systemd_host)
+    systemd_host.pymachine("start", name)
+    state = f"/var/lib/pymachine/machines/{name}"
+    assert (
+        _open_to_others(
+            systemd_host, (*PRIVATE_DIRS[:2], state), (RUNTIME_DIR, f"{RUNTIME_DIR}/{name}")
+        )
+        == {}
+    )
+
+    _open_all(systemd_host)
+    created = make_machine(f"{machine_name}-c", start=False)
+    state = f"/var/lib/pymachine/machines/{created}"
+    assert _open_to_others(systemd_host, (*PRIVATE_DIRS[:2], state)) == {}
+
+    _open_all(systemd_host)
+    archive = f"/tmp/{machine_name}.tar"
+    systemd_host.pymachine("export-tar", tiny_image, archive)
+    systemd_host.pymachine("import-tar", archive, f"{machine_name}-i")
+    assert _open_to_others(systemd_host, PRIVATE_DIRS[:2]) == {}
+    _open_all(systemd_host)
+    systemd_host.pymachine("bootstrap", "--distro", "busybox", f"{machine_name}-b")
+    try:
+        assert _open_to_others(systemd_host, PRIVATE_DIRS) == {}
+    finally:
+        for image in (f"{machine_name}-i", f"{machine_name}-b"):
+            systemd_host.pymachine("image", "remove", image, check=False)
+        systemd_host.run(["rm", "-f", archive])
+
+
+def test_an_ephemeral_machine_s_layer_is_root_s(systemd_host, make_machine, machine_name):
+    """Its writable layer is in the (search-only) runtime directory: the layer's
+    own directory is closed."""
+    name = make_machine(machine_name, "--ephemeral")
+    layer = f"{RUNTIME_DIR}/{name}/ephemeral"
+    assert _modes(systemd_host, [layer]) == {layer: "700"}
+
+
+def test_a_set_user_id_file_made_inside_is_out_of_a_host_user_s_reach(
+    systemd_host, make_machine, machine_name
+):
+    """The issue's attack: root inside makes a set-user-ID file in its writable
+    layer (busybox, which drops the privilege itself; a binary of the
+    attacker's would not) and a host user (nobody) runs it: no longer reachable."""
+    name = make_machine(machine_name, "--private-users", "no")
+    systemd_host.pymachine("exec", name, "--", "sh", "-c", "cp /bin/busybox /id && chmod 4755 /id")
+    upper = f"/var/lib/pymachine/machines/{name}/upper/id"
+    assert systemd_host.run(["stat", "-c", "%a %u", upper]).stdout == "4755 0\n"
+    as_nobody = "import os, sys; os.setgroups([]); os.setgid(65534); os.setuid(65534); "
+    as_nobody += "os.execv(sys.argv[1], sys.argv[1:])"
+    tried = systemd_host.run([sys.executable, "-c", as_nobody, upper, "-u"], check=False)
+    assert tried.returncode != 0 and "PermissionError" in tried.stderr, tried
