@@ -96,9 +96,9 @@ def test_a_started_machine_has_only_stdio(systemd_host, make_machine, machine_na
     )
     unit = f"pymachine-{name}.service"
     journal = systemd_host.wait_for_journal(unit, "\n/")
-    lines = journal.splitlines()  # systemd's lines about the unit, then the payload's
+    lines = journal.splitlines()  # the payload's among systemd's lines about the unit
     assert [line for line in lines if line.isdigit()] == ["0", "1", "2"], journal
-    assert lines[-1] == "/"
+    assert "/" in lines
     init_fds = systemd_host.pymachine("exec", name, "--", "ls", "/proc/1/fd").stdout.split()
     assert sorted(init_fds, key=int) == ["0", "1", "2"]
 
