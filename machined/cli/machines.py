@@ -174,6 +174,13 @@ def cmd_create(args: argparse.Namespace) -> int:
     definition = _build_definition(args.name, args, _command(args))
     with _machines() as machines:
         machines.create(definition)
+        shared = machines.port_sharers(definition)
+    for port, other in shared:
+        print(
+            f"pymachine: warning: host port {port.protocol}:{port.host_port} is also forwarded "
+            f"to machine '{other}': only one of them can run at a time",
+            file=sys.stderr,
+        )
     if not args.quiet:
         print(f"Created machine {definition.name} from image {definition.image}.")
     return 0

@@ -352,6 +352,26 @@ def port_rules(
     return cmds
 
 
+def check_ports_free(
+    machine: str, ports: Iterable[PortForward], rules: Iterable[MachineRule]
+) -> None:
+    """A :class:`Conflict` if a host port of PORTS is forwarded to another machine
+    by one of RULES (:func:`machine_rules`): the first DNAT rule would win
+    silently. ``start`` asks before it starts anything (:func:`ports_in_use`),
+    the runtime again under the network lock, as the last line of defence."""
+    taken = {
+        (r.port.protocol, r.port.host_port): r.machine
+        for r in rules
+        if r.machine != machine and r.port is not None
+    }
+    for port in ports:
+        owner = taken.get((port.protocol, port.host_port))
+        if owner is not None:
+            raise Conflict(
+                f"host port {port.protocol}:{port.host_port} is already forwarded to machine {owner!r}"
+            )
+
+
 def install_machine(
     machine: str,
     ports: list[PortForward],
@@ -365,17 +385,7 @@ def install_machine(
     is a :class:`Conflict` (the first DNAT rule would win silently otherwise).
     """
     existing = machine_rules(list_table())
-    taken = {
-        (r.port.protocol, r.port.host_port): r.machine
-        for r in existing
-        if r.machine != machine and r.port is not None
-    }
-    for port in ports:
-        owner = taken.get((port.protocol, port.host_port))
-        if owner is not None:
-            raise Conflict(
-                f"host port {port.protocol}:{port.host_port} is already forwarded to machine {owner!r}"
-            )
+    check_ports_free(machine, ports, existing)
     stale = [_delete(r) for r in existing if r.machine == machine]
     run(skeleton() + bridge_cmds + stale + port_rules(machine, ports, address, address6))
 

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 from machined.definition import MachineDefinition
+from machined.errors import PymachineError
 from machined.network.config import NetworkMode
 from machined.paths import SEARCH_ONLY, Paths, private_dirs
 from machined.runtime import cgroup, cleanup, init, leader, linux, security, state, userns
@@ -359,7 +360,7 @@ class Supervisor:
                 return 0
             linux.set_process_name("pymachine-rt")
             return self._wait(watched)
-        except (StartError, OSError) as exc:
+        except (StartError, OSError, PymachineError) as exc:  # one line, never a traceback
             _log(f"cannot start machine {self.definition.name}: {exc}")
             if self.child:
                 try:
@@ -367,7 +368,7 @@ class Supervisor:
                     os.waitpid(self.child, 0)
                 except (ProcessLookupError, ChildProcessError):
                     pass
-            return 1
+            return int(exc.exit_code) if isinstance(exc, PymachineError) else 1  # 5: a conflict
         finally:
             if not self.handed_over:
                 self._teardown()

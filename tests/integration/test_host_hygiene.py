@@ -9,6 +9,8 @@ from __future__ import annotations
 import shlex
 import sys
 
+import pytest
+
 PM = shlex.join([sys.executable, "-m", "machined"])
 # The fds of the payload's shell itself (ls would list its own directory fd too,
 # and a pipeline's pipes are the shell's for a moment), then its cwd.
@@ -189,3 +191,81 @@ def test_a_set_user_id_file_made_inside_is_out_of_a_host_user_s_reach(
     as_nobody += "os.execv(sys.argv[1], sys.argv[1:])"
     tried = systemd_host.run([sys.executable, "-c", as_nobody, upper, "-u"], check=False)
     assert tried.returncode != 0 and "PermissionError" in tried.stderr, tried
+
+
+# --- item 10: a host port forwarded twice ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def net_host(tmp_path_factory):
+    """A systemd host with a network of its own: bridges and nft rules stay in it."""
+    from tests.harness import require_tier1
+    from tests.harness.systemd_host import private_network_host
+
+    require_tier1()
+    with private_network_host(tmp_path_factory.mktemp("ports-host"), "pymports") as host:
+        host.pymachine("bootstrap", "--distro", "busybox", "tiny")
+        yield host
+
+
+def _create(host, name: str, *flags: str):
+    return host.pymachine(
+        "create", name, "--image", "tiny", *flags, "--", "/bin/sh", "-c", "exec sleep 1000"
+    )
+
+
+def _units(host, name: str) -> str:
+    """Every unit systemd knows of the machine (a failed one included)."""
+    return host.run(
+        ["systemctl", "list-units", "--all", "--no-legend", "--plain", f"pymachine-{name}*"]
+    ).stdout
+
+
+def test_a_host_port_forwarded_to_another_machine_is_refused_before_anything_starts(net_host):
+    """``create`` warns (podman creates both too); ``start``, ``start A B`` and
+    ``run`` refuse with exit 5 and one line, and leave no unit, failed or not,
+    and no runtime directory."""
+    _create(net_host, "porta", "--port", "tcp:18080:80")
+    second = _create(net_host, "portb", "--port", "tcp:18080:8080", "--port", "udp:18080")
+    assert second.stderr.splitlines() == [
+        "pymachine: warning: host port tcp:18080 is also forwarded to machine 'porta': "
+        "only one of them can run at a time"
+    ]
+    refusal = ["pymachine: host port tcp:18080 is already forwarded to machine 'porta'"]
+    try:
+        both = net_host.pymachine("start", "porta", "portb", check=False)
+        assert (both.returncode, both.stderr.splitlines()) == (5, refusal)
+        for verb in ("start", "run"):
+            refused = net_host.pymachine(verb, "portb", check=False)
+            assert (refused.returncode, refused.stderr.splitlines()) == (5, refusal), verb
+        assert _units(net_host, "portb") == ""
+        assert net_host.run(["test", "-e", "/run/pymachine/portb"], check=False).returncode == 1
+        assert net_host.run(["systemctl", "--failed", "--no-legend"]).stdout == ""
+    finally:
+        for name in ("porta", "portb"):
+            net_host.pymachine("stop", name, check=False)
+            net_host.pymachine("remove", name, check=False)
+
+
+def test_the_runtime_s_own_port_check_is_one_line(net_host):
+    """A start that bypasses the CLI (``systemctl start`` of an enabled
+    machine, as at boot) meets the runtime's check: one line, no traceback."""
+    _create(net_host, "portc", "--port", "tcp:18081:80")
+    _create(net_host, "portd", "--port", "tcp:18081:80")
+    try:
+        net_host.pymachine("start", "portc")
+        net_host.pymachine("enable", "portd")
+        unit = "pymachine-portd.service"
+        assert net_host.run(["systemctl", "start", unit], check=False).returncode != 0
+        journal = net_host.journal(unit)
+        assert (
+            "cannot start machine portd: host port tcp:18081 is already forwarded to "
+            "machine 'portc'" in journal
+        )
+        assert "Traceback" not in journal
+    finally:
+        net_host.pymachine("disable", "portd", check=False)
+        for name in ("portc", "portd"):
+            net_host.pymachine("stop", name, check=False)
+            net_host.pymachine("remove", name, check=False)
+        net_host.run(["systemctl", "reset-failed"], check=False)
