@@ -416,12 +416,9 @@ def _check_preserved_fds(args: argparse.Namespace) -> int:
     count = getattr(args, "preserve_fds", 0)
     if count < 0:
         raise InvalidInput("--preserve-fds needs a number of file descriptors, 0 or more")
-    missing = fds.unopened(count)
-    if missing:
-        raise InvalidInput(
-            f"--preserve-fds {count}: file descriptor {missing[0]} is not open "
-            f"(fds {fds.FIRST} to {fds.FIRST + count - 1} must be)"
-        )
+    missing = fds.first_unopened(count)
+    if missing is not None:
+        raise InvalidInput(f"--preserve-fds {count}: file descriptor {missing} is not open")
     return count
 
 

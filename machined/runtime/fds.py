@@ -21,16 +21,15 @@ FIRST = 3  # after stdin, stdout, stderr
 _END = 2**31 - 1  # os.closerange's bound: close_range(2) up to the largest fd
 
 
-def unopened(preserved: int) -> list[int]:
-    """Of the PRESERVED descriptors (3 … 3+N-1), those that are not open:
-    ``--preserve-fds`` hands over what its caller opened, never one of ours."""
-    missing = []
+def first_unopened(preserved: int) -> int | None:
+    """The first of the PRESERVED descriptors (3 … 3+N-1) that is not open, if
+    any: ``--preserve-fds`` hands over what its caller opened, never one of ours."""
     for fd in range(FIRST, FIRST + preserved):
         try:
             os.fstat(fd)
         except OSError:
-            missing.append(fd)
-    return missing
+            return fd
+    return None
 
 
 def close_inherited(preserved: int = 0) -> None:
@@ -38,4 +37,7 @@ def close_inherited(preserved: int = 0) -> None:
     (one close_range(2)), and let those reach what this process execs."""
     os.closerange(FIRST + preserved, _END)
     for fd in range(FIRST, FIRST + preserved):
-        os.set_inheritable(fd, True)
+        try:  # noqa: SIM105 — os only (see above)
+            os.set_inheritable(fd, True)
+        except OSError:  # not open (the CLI refuses that before: first_unopened)
+            pass
