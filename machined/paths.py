@@ -110,12 +110,11 @@ def private_dirs(*directories: Path, mode: int = PRIVATE) -> None:
     """
     for directory in directories:
         try:
-            os.mkdir(directory, mode)
-        except FileNotFoundError:  # its parents too (they may be another's: 0755)
+            current = os.stat(directory).st_mode & 0o7777
+        except FileNotFoundError:  # made with its parents (they may be another's: 0755)
             os.makedirs(directory, mode, exist_ok=True)
-        except FileExistsError:
-            pass
-        if os.stat(directory).st_mode & 0o7777 != mode:  # older, or the umask took bits
+            current = os.stat(directory).st_mode & 0o7777
+        if current != mode:  # older, or the umask took bits
             os.chmod(directory, mode)
 
 

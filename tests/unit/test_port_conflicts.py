@@ -4,17 +4,18 @@ tier 1 has the real nft table: tests/integration/test_host_hygiene.py)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from machined.definition import from_text
 from machined.errors import Conflict
 from machined.machines import _ports_claimed_twice, _Start
-from machined.network.config import PortForward
-from machined.network.nft import MachineRule, check_ports_free
+from machined.network.config import PortForward, check_ports_free
 
 
-def _rule(machine: str, port: str) -> MachineRule:
-    return MachineRule(machine, "ports", 1, PortForward.parse(port))
+def _rule(machine: str, port: str) -> tuple[str, PortForward]:
+    return machine, PortForward.parse(port)
 
 
 def test_a_port_of_another_machine_is_a_conflict_with_its_name():
@@ -59,3 +60,21 @@ def test_a_refused_machine_claims_none_of_its_ports():
         2: _start("c", "udp:53"),
     }
     assert sorted(_ports_claimed_twice(starts)) == [1]
+
+
+def test_the_runtime_records_name_the_forwarded_ports(tmp_path):
+    """What ``start`` asks: each running (or starting) machine's record."""
+    from machined.network import state
+    from machined.paths import Paths
+
+    paths = Paths(tmp_path)
+    for machine, ports in (("web", ["tcp:8080:80", "udp:53:53"]), ("bad", ["tcp:0", "x"])):
+        (paths.machine_runtime(machine)).mkdir(parents=True)
+        state.state_file(paths, machine).write_text(json.dumps({"ports": ports}))
+    paths.machine_runtime("none").mkdir()  # a machine without a network record
+    assert state.forwarded_ports(paths) == [
+        ("web", PortForward("tcp", 8080, 80)),
+        ("web", PortForward("udp", 53, 53)),
+    ]
+    with pytest.raises(Conflict, match="tcp:8080 is already forwarded to machine 'web'"):
+        check_ports_free("api", [PortForward.parse("8080")], state.forwarded_ports(paths))
