@@ -37,7 +37,7 @@ from typing import Any
 
 from machined.errors import Conflict, InvalidInput, NotFound, PymachineError
 from machined.names import validate_image_name
-from machined.paths import Paths
+from machined.paths import Paths, private_dirs
 
 TEMP_PREFIX = ".#"
 
@@ -277,7 +277,7 @@ class ImageStore:
         validate_image_name(name)
         if self.exists(name):
             raise Conflict(f"image '{name}' already exists")
-        self.directory.mkdir(parents=True, exist_ok=True)
+        private_dirs(self.directory)  # the new tree (set-user-ID files too) stays root's
         self.clean_stale()
         tmp = Path(
             tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{name}.{os.getpid()}.", dir=self.directory)
@@ -352,7 +352,7 @@ class ImageStore:
         self._write_meta(name, meta)
 
     def _write_meta(self, name: str, meta: dict[str, Any]) -> None:
-        self.meta_directory.mkdir(parents=True, exist_ok=True)
+        private_dirs(self.paths.state, self.meta_directory)
         target = self.meta_file(name)
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.meta_directory)
         try:
@@ -367,8 +367,7 @@ class ImageStore:
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
-        self.meta_directory.mkdir(parents=True, exist_ok=True)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        private_dirs(self.paths.state, self.meta_directory, self.directory)
         with open(self.meta_directory / ".lock", "w") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
