@@ -15,6 +15,7 @@ import time
 import pytest
 
 from machined.paths import STATE_FILE
+from tests.integration.test_boot import wait_booted
 
 pytestmark = pytest.mark.tier1
 
@@ -148,6 +149,21 @@ def test_kill_never_signals_a_process_outside_the_machine(systemd_host, make_mac
         systemd_host.run(["rm", "-rf", f"/run/pymachine/{name}"], check=False)
         bystander.kill()
         bystander.wait(10)
+
+
+def test_kill_reaches_a_booted_machines_systemd(systemd_host, debian_image, machine_name):
+    """Its systemd moved itself to init.scope below the machine's cgroup:
+    still the machine's PID 1. SIGRTMIN+4 is its power-off."""
+    name, unit = machine_name, f"pymachine-{machine_name}.service"
+    systemd_host.pymachine("create", name, "--image", debian_image, "--boot", "--network", "none")
+    try:
+        systemd_host.pymachine("start", name)
+        assert wait_booted(systemd_host, name) in ("running", "degraded")
+        systemd_host.pymachine("kill", name, "-s", "RTMIN+4")
+        assert wait_until(lambda: unit_show(systemd_host, unit)["ActiveState"] == "inactive", 90)
+    finally:
+        systemd_host.pymachine("stop", name, check=False)
+        systemd_host.pymachine("remove", name, check=False)
 
 
 # --- pymachine run ------------------------------------------------------------
