@@ -4,9 +4,9 @@ The init itself is ``pymachine-init`` (``pymachine-init.c`` beside this file,
 built with the package): it behaves like tini / catatonit / systemd-nspawn's
 stub PID 1, reaps every zombie, forwards every signal, follows systemd's
 power signals (poweroff, reboot = restart the payload) and exits with the
-payload's status (128+N when killed by signal N). It is C because it is the one process
-kept per running machine; Python sets the container up and confines it, then
-execs it (:func:`command_line`).
+payload's status (128+N when killed by signal N). It is C because it is the
+one process kept per running machine; Python sets the container up and
+confines it, then execs it (:func:`command_line`).
 
 This module is imported by the container's first processes before
 ``pivot_root``: ``os`` and ``_signal`` only.
