@@ -178,6 +178,19 @@ def test_a_payload_that_catches_sigtstp_gets_it_and_goes_on(pid1) -> None:
     assert state_of(machine.payload()) not in "Tt"
 
 
+def test_a_payload_that_ignores_sigtstp_is_not_stopped(pid1) -> None:
+    """SIG_IGN is the payload's choice too (/proc's SigIgn): it goes on, as the
+    USR1 it answers after the TSTP shows."""
+    ignoring = "import signal; signal.signal(signal.SIGTSTP, signal.SIG_IGN)\n" + CATCHER
+    usr1 = int(signal.SIGUSR1)
+    machine = pid1([sys.executable, "-c", ignoring, str(usr1)])
+    assert machine.line() == "ready"
+    machine.kill(signal.SIGTSTP)
+    machine.kill(signal.SIGUSR1)
+    assert machine.line() == f"got {usr1}"
+    assert state_of(machine.payload()) not in "Tt"
+
+
 def test_a_killed_sigint_reboots_a_queued_one_interrupts(pid1) -> None:
     """kill(2) is machinectl reboot's way (the payload starts again);
     pymachine run and kill queue the user's interrupt (the payload ends: 130)."""
