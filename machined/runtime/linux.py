@@ -186,3 +186,27 @@ def move_mount(tree: int, target: str | os.PathLike) -> None:
         ),
         f"move_mount to {os.fspath(target)}",
     )
+
+
+# --- openat2 (Linux >= 5.6): the kernel's in-root resolution, chase.py's reference ---
+
+_SYS_OPENAT2 = 437
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_IN_ROOT = 0x10
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+def openat2(dir_fd: int, path: str, flags: int, resolve: int) -> int:
+    how = _OpenHow(flags, 0, resolve)
+    fd = _libc.syscall(
+        ctypes.c_long(_SYS_OPENAT2),
+        ctypes.c_int(dir_fd),
+        os.fsencode(path),
+        ctypes.byref(how),
+        ctypes.c_size_t(ctypes.sizeof(how)),
+    )
+    check(fd, f"openat2 {path}")
+    return fd
