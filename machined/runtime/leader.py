@@ -13,13 +13,17 @@ library and pymachine-init, even under a 0700 /root):
 2. creates the user namespace first: the runtime writes its ID maps and gives
    the image and the binds their idmapped mounts through it, then mounts the
    overlay, while we wait for :meth:`Intermediate.go`;
-3. creates the other namespaces (PID, mount, UTS, IPC, net, cgroup), all owned
+3. creates the other namespaces (PID, UTS, IPC, net, cgroup), all owned
    by the user namespace, forks PID 1, reports its host PID and exits (PID 1 is
    re-parented to the runtime, a subreaper; the runtime sets up the network
    meanwhile).
 
-PID 1 becomes root inside, waits for the runtime's message, mounts /proc,
-/sys, /dev… and pivots (:mod:`machined.runtime.container`), confines itself
+PID 1 becomes root inside, opens the file systems of its namespaces (proc,
+sysfs, cgroup2, devpts) and reports their fds; the runtime takes them over and
+mounts the machine's file systems from its own mount namespace
+(:func:`mounts.build_rootfs`). PID 1 waits for the runtime's message, takes a
+mount namespace of its own, a copy in which the kernel locks those mounts,
+and pivots (:mod:`machined.runtime.container`), confines itself
 (capabilities, no_new_privs, seccomp compiled by the runtime) so that every
 payload inherits it, and execs pymachine-init with the payload, or the image's
 init in boot mode. The report pipe is close-on-exec: the runtime reads EOF
@@ -101,6 +105,24 @@ def send(fd: int, message: object) -> None:
     data = len(data).to_bytes(8, "little") + data
     while data:
         data = data[os.write(fd, data) :]
+
+
+def read_started(fd: int) -> tuple[int, list[int]] | None:
+    """PID 1's host PID (the intermediate's report) and the fd numbers of its file
+    system contexts (PID 1's), in whichever order they come; None if either
+    failed first."""
+    data, lines = b"", {}
+    while len(lines) < 2:
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return None
+        *complete, data = (data + chunk).split(b"\n")
+        lines.update((line[:1], line[1:]) for line in complete)
+        if data.startswith(FAILED):
+            return None
+    if b"P" not in lines or b"M" not in lines:
+        return None
+    return int(lines[b"P"]), [int(number) for number in lines[b"M"].split()]
 
 
 def _read_exactly(fd: int, size: int) -> bytes:
@@ -201,9 +223,14 @@ def _pid1(
     try:
         if userns:
             _become_root()
-        message = receive(go_read)  # sent once the network is set up
+        filesystems = container.open_filesystems()  # the runtime mounts them
+        os.write(report_write, ("M" + " ".join(map(str, filesystems)) + "\n").encode())
+        message = receive(go_read)  # sent once the network is set up and the root mounted
         if message is None:
             raise RuntimeError("the runtime is gone")
+        for fd in filesystems:
+            if fd >= 0:
+                os.close(fd)  # the runtime has its copies
         program = container.set_up(message)
         if foreground:
             _die_with_supervisor(go_read)

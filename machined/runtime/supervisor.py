@@ -8,9 +8,14 @@ Order matters (docs/architecture.md, "the path of start"):
    first (we write its maps, and give the image and binds their idmapped
    mounts through it); overlay root (image = lower, machine = upper);
 2. split the delegated cgroup; the intermediate creates the other namespaces
-   and forks the container's PID 1, which is re-parented to us (subreaper);
-3. we set up the network for PID 1's netns and send PID 1 a message (marshal);
-4. PID 1 mounts /proc, /sys, /dev…, pivots, confines itself and execs
+   (not the mount namespace) and forks the container's PID 1, which is
+   re-parented to us (subreaper) and hands us the file systems of its
+   namespaces (proc, sysfs, cgroup2, devpts);
+3. we set up the network for PID 1's netns, mount the machine's file systems
+   under its root (:func:`mounts.build_rootfs`: targets resolved inside the
+   root) and send PID 1 a message (marshal);
+4. PID 1 unshares its mount namespace (the kernel locks our mounts in that
+   copy: read-only stays read-only), pivots, confines itself and execs
    ``pymachine-init`` (C) with the payload, or the image's init; the report
    pipe closes on that exec; we register with machined, write the state file;
 5. service mode (``Type=forking``): we write PID 1's PID to the unit's
@@ -36,7 +41,7 @@ from pathlib import Path
 from machined.definition import MachineDefinition
 from machined.network.config import NetworkMode
 from machined.paths import Paths
-from machined.runtime import cgroup, cleanup, init, leader, linux, security, state, userns
+from machined.runtime import cgroup, cleanup, init, leader, linux, mounts, security, state, userns
 
 HALT = signal.SIGRTMIN + 3  # what systemd as PID 1 takes as "halt"
 REBOOT_EXIT_STATUS = 133  # systemd-nspawn's "the container asked for a reboot"
@@ -109,7 +114,8 @@ class Supervisor:
     # --- the container side (forked processes) ------------------------------
     # --- the host side ------------------------------------------------------
     def _namespace_flags(self) -> int:
-        flags = linux.CLONE_NEWNS | linux.CLONE_NEWUTS | linux.CLONE_NEWIPC | linux.CLONE_NEWCGROUP
+        # not the mount namespace: PID 1 unshares it once we mounted its file systems
+        flags = linux.CLONE_NEWUTS | linux.CLONE_NEWIPC | linux.CLONE_NEWCGROUP
         if self.definition.network.mode != NetworkMode.HOST:
             flags |= linux.CLONE_NEWNET
         return flags
@@ -183,7 +189,7 @@ class Supervisor:
             network.render_etc_files(self.definition.name, self.network_state, self.paths, etc_dir)
             names += ["hosts", "resolv.conf"]
         return [
-            {"source": str(etc_dir / name), "target": f"/etc/{name}", "read_only": False}
+            {"source": str(etc_dir / name), "target": f"/etc/{name}", "read_only": True}
             for name in names
             if (etc_dir / name).exists()
         ]
@@ -316,16 +322,23 @@ class Supervisor:
             restrictions = security.restrictions(
                 self.policy, security.cache_dir(self.paths.runtime)
             )
-            line = leader.read_line(report_read)
-            if not line.startswith(b"P"):
+            started = leader.read_started(report_read)
+            if started is None:
                 raise StartError("the container exited while creating its namespaces")
-            self.child = int(line[1:])
+            self.child, numbers = started
+            filesystems = [linux.pidfd_getfd(self.child, n) if n >= 0 else -1 for n in numbers]
             binds += self._setup_network()  # meanwhile the intermediate loads the set-up
             _crash_point("after-network")
             _pid, intermediate_status = os.waitpid(intermediate.pid, 0)
             if intermediate_status != 0:
                 raise StartError("the container exited while creating its namespaces")
-            message = self._container_message(binds, payload_cg, restrictions)
+            try:
+                mounts.build_rootfs(self._rootfs_spec(binds, payload_cg), filesystems)
+            finally:
+                for fd in filesystems:
+                    if fd >= 0:
+                        os.close(fd)
+            message = self._container_message(restrictions)
             leader.send(go_write, message)
             _preload_registration()  # while PID 1 mounts, pivots and execs the init
             # EOF: PID 1 exec'd the init (the pipe is close-on-exec); a byte: it failed.
@@ -381,17 +394,26 @@ class Supervisor:
         os.rename(tmp, pid_file)
         self.handed_over = True
 
-    def _container_message(self, binds: list[dict], payload_cg, restrictions: dict) -> dict:
+    def _rootfs_spec(self, binds: list[dict], payload_cg: Path) -> mounts.RootfsSpec:
+        base = self.policy.uid_base
+        return mounts.RootfsSpec(
+            root=str(self.layers.root),
+            read_only=self.definition.read_only,
+            writable_cgroup=self.definition.boot,
+            binds=tuple(mounts.Bind(**b) for b in binds),
+            console=os.ttyname(0) if self.foreground and os.isatty(0) else None,
+            cgroup_dir=str(payload_cg),
+            owner=(base, base) if base is not None else (0, 0),
+        )
+
+    def _container_message(self, restrictions: dict) -> dict:
         """Everything the container's set-up (container.py) and PID 1 need
         (plain data: it crosses a pipe, marshal-ed)."""
         definition = self.definition
         return {
             "root": str(self.layers.root),
             "hostname": definition.name,
-            "read_only": definition.read_only,
             "boot": definition.boot,
-            "binds": [dict(b) for b in binds],
-            "cgroup_dir": str(payload_cg),
             "terminal": self.foreground and os.isatty(0),
             "term": os.environ.get("TERM"),
             "command": self.command,
