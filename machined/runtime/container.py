@@ -47,7 +47,7 @@ def _boot_init() -> str:
 def set_up(message: dict) -> dict:
     """Pivot into the mounted root (we are PID 1, root inside); return what PID 1 execs:
     ``{"path": the image's init, or None for pymachine-init, "argv", "environment"}``."""
-    enter_rootfs(message["root"], message["hostname"])
+    enter_rootfs(message["root"], message["hostname"], nested=message["boot"])
     if message["boot"]:
         env = {"PATH": DEFAULT_PATH, "container": "pymachine", "TERM": "vt220"}
         env.update(message["environment"])

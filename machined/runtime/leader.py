@@ -33,6 +33,7 @@ once that exec succeeded, a byte if PID 1 failed before it.
 from __future__ import annotations
 
 import _signal as signal
+import _socket
 import marshal
 import os
 import sys
@@ -46,10 +47,13 @@ FAILED = b"f"  # PID 1 could not set the container up (its reason is on stderr)
 class Intermediate:
     """The runtime's handle on a started intermediate: its PID and pipe ends."""
 
-    def __init__(self, pid: int, go_write: int, report_read: int) -> None:
+    def __init__(
+        self, pid: int, go_write: int, report_read: int, filesystems: _socket.socket
+    ) -> None:
         self.pid = pid
         self.go_write = go_write
         self.report_read = report_read
+        self._filesystems = filesystems  # PID 1 sends its file system contexts here
         self._started: bool | None = None  # its answer to start(), once read
 
     def start(self, *, userns: bool, boot: bool) -> None:
@@ -68,6 +72,30 @@ class Intermediate:
         flags besides user and PID) and fork PID 1."""
         os.write(self.go_write, f"{flags}\n".encode())
 
+    def filesystems(self) -> list[int] | None:
+        """PID 1's file system contexts (:func:`mounts.open_filesystems`, passed
+        as SCM_RIGHTS), -1 for each the kernel refused it; None if PID 1 failed
+        first. The caller owns (and closes) them."""
+        try:
+            data, ancillary, _flags, _address = self._filesystems.recvmsg(
+                16, _socket.CMSG_SPACE(4 * 16), _socket.MSG_CMSG_CLOEXEC
+            )
+        finally:
+            self._filesystems.close()
+        fds = []
+        for level, kind, payload in ancillary:
+            if (level, kind) == (_socket.SOL_SOCKET, _socket.SCM_RIGHTS):
+                usable = len(payload) - len(payload) % 4
+                fds += [
+                    int.from_bytes(payload[i : i + 4], sys.byteorder) for i in range(0, usable, 4)
+                ]
+        if not data or data.count(b"1") != len(fds):
+            for fd in fds:
+                os.close(fd)
+            return None
+        received = iter(fds)
+        return [next(received) if flag == ord("1") else -1 for flag in data]
+
 
 def spawn(*, foreground: bool) -> Intermediate:
     """Fork the intermediate; it waits for :meth:`Intermediate.go`.
@@ -76,16 +104,19 @@ def spawn(*, foreground: bool) -> Intermediate:
     intermediate's imports then overlap with them."""
     go_read, go_write = os.pipe()  # close-on-exec, as every fd here
     report_read, report_write = os.pipe()
+    ours, theirs = _socket.socketpair()  # for PID 1's file system contexts
     sys.stdout.flush()  # the child must not write our buffered output again
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:
         os.close(go_write)
         os.close(report_read)
-        _intermediate(go_read, report_write, foreground=foreground)
+        ours.close()
+        _intermediate(go_read, report_write, theirs, foreground=foreground)
     os.close(go_read)
     os.close(report_write)
-    return Intermediate(pid, go_write, report_read)
+    theirs.close()
+    return Intermediate(pid, go_write, report_read, ours)
 
 
 def read_line(fd: int) -> bytes:
@@ -105,24 +136,6 @@ def send(fd: int, message: object) -> None:
     data = len(data).to_bytes(8, "little") + data
     while data:
         data = data[os.write(fd, data) :]
-
-
-def read_started(fd: int) -> tuple[int, list[int]] | None:
-    """PID 1's host PID (the intermediate's report) and the fd numbers of its file
-    system contexts (PID 1's), in whichever order they come; None if either
-    failed first."""
-    data, lines = b"", {}
-    while len(lines) < 2:
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            return None
-        *complete, data = (data + chunk).split(b"\n")
-        lines.update((line[:1], line[1:]) for line in complete)
-        if data.startswith(FAILED):
-            return None
-    if b"P" not in lines or b"M" not in lines:
-        return None
-    return int(lines[b"P"]), [int(number) for number in lines[b"M"].split()]
 
 
 def _read_exactly(fd: int, size: int) -> bytes:
@@ -158,7 +171,9 @@ def _exit(status: int) -> None:
     os._exit(status)
 
 
-def _intermediate(go_read: int, report_write: int, *, foreground: bool) -> None:
+def _intermediate(
+    go_read: int, report_write: int, filesystems: _socket.socket, *, foreground: bool
+) -> None:
     """Namespaces and PID 1; then exit. Never returns into the runtime's code."""
     status = 1
     try:
@@ -187,7 +202,7 @@ def _intermediate(go_read: int, report_write: int, *, foreground: bool) -> None:
         linux.unshare(int(go[0]) | linux.CLONE_NEWPID)
         pid1 = os.fork()
         if pid1 == 0:
-            _pid1(init_fd, go_read, report_write, userns=userns, foreground=foreground)
+            _pid1(init_fd, go_read, report_write, filesystems, userns=userns, foreground=foreground)
         os.write(report_write, f"P{pid1}\n".encode())  # the runtime sets up the network
         status = 0
     except BaseException as exc:  # report, never fall back into the caller's code
@@ -215,22 +230,35 @@ def _die_with_supervisor(go_read: int) -> None:
         raise RuntimeError("the runtime is gone")
 
 
+def _send_filesystems(sock: _socket.socket, fds: list[int]) -> None:
+    """FDS to the runtime (SCM_RIGHTS); a mask says which ones the kernel refused."""
+    present = [fd for fd in fds if fd >= 0]
+    payload = b"".join(fd.to_bytes(4, sys.byteorder) for fd in present)
+    ancillary = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, payload)] if present else []
+    sock.sendmsg([bytes(ord("1") if fd >= 0 else ord("0") for fd in fds)], ancillary)
+    sock.close()
+    for fd in present:
+        os.close(fd)  # the runtime has its own now
+
+
 def _pid1(
-    init_fd: int | None, go_read: int, report_write: int, *, userns: bool, foreground: bool
+    init_fd: int | None,
+    go_read: int,
+    report_write: int,
+    filesystems: _socket.socket,
+    *,
+    userns: bool,
+    foreground: bool,
 ) -> None:
     from machined.runtime import container, restrict  # loaded by the intermediate already
 
     try:
         if userns:
             _become_root()
-        filesystems = container.open_filesystems()  # the runtime mounts them
-        os.write(report_write, ("M" + " ".join(map(str, filesystems)) + "\n").encode())
+        _send_filesystems(filesystems, container.open_filesystems())  # the runtime mounts them
         message = receive(go_read)  # sent once the network is set up and the root mounted
         if message is None:
             raise RuntimeError("the runtime is gone")
-        for fd in filesystems:
-            if fd >= 0:
-                os.close(fd)  # the runtime has its copies
         program = container.set_up(message)
         if foreground:
             _die_with_supervisor(go_read)

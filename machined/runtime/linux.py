@@ -217,7 +217,6 @@ def openat2(dir_fd: int, path: str, flags: int, resolve: int) -> int:
 _SYS_FSOPEN = 430
 _SYS_FSCONFIG = 431
 _SYS_FSMOUNT = 432
-_SYS_PIDFD_GETFD = 438
 FSCONFIG_SET_STRING = 1
 FSCONFIG_CMD_CREATE = 6
 MOUNT_ATTR_NOSUID = 0x2
@@ -297,16 +296,3 @@ def attach(tree: int, target_fd: int) -> None:
         ),
         "move_mount",
     )
-
-
-def pidfd_getfd(pid: int, fd: int) -> int:
-    """A copy of process PID's file descriptor FD (close-on-exec)."""
-    pidfd = os.pidfd_open(pid)
-    try:
-        copy = _libc.syscall(
-            ctypes.c_long(_SYS_PIDFD_GETFD), ctypes.c_int(pidfd), ctypes.c_int(fd), ctypes.c_uint(0)
-        )
-        check(copy, f"pidfd_getfd {pid}:{fd}")
-        return copy
-    finally:
-        os.close(pidfd)

@@ -20,7 +20,7 @@ Two sides, so that root inside can change none of it (docs/security.md,
 The file systems that belong to the container's own namespaces (proc: its
 PID namespace, sysfs: its network namespace, cgroup2: its cgroup namespace,
 devpts) are opened by PID 1 as file system contexts
-(:func:`open_filesystems`), taken over by the runtime (``pidfd_getfd``) and
+(:func:`open_filesystems`), passed to the runtime (``SCM_RIGHTS``) and
 mounted by it.
 """
 
@@ -95,15 +95,16 @@ class Bind(namedtuple("Bind", "source target read_only", defaults=(False,))):
 class RootfsSpec(
     namedtuple(
         "RootfsSpec",
-        "root read_only writable_cgroup binds console cgroup_dir owner",
-        defaults=(False, False, (), None, None, (0, 0)),
+        "root read_only writable_cgroup binds console cgroup_dir owner nested",
+        defaults=(False, False, (), None, None, (0, 0), False),
     )
 ):
     """root: the merged overlay (a host path the runtime made);
     writable_cgroup: boot mode (the container's systemd owns its subtree);
     binds: :class:`Bind` s; console: a pty/tty to show as /dev/console;
     cgroup_dir: the machine's cgroup, as a host path; owner: host uid/gid of
-    root inside, which owns what the runtime creates in the root."""
+    root inside, which owns what the runtime creates in the root; nested:
+    PID 1 protects /proc itself (:func:`enter_rootfs`)."""
 
     __slots__ = ()
 
@@ -152,12 +153,28 @@ def open_filesystems() -> list[int]:
     return result
 
 
-def enter_rootfs(root: str, hostname: str) -> None:
+def enter_rootfs(root: str, hostname: str, *, nested: bool = False) -> None:
     """PID 1: a mount namespace of its own (the runtime's mounts, locked) and
     pivot into ROOT. The recursive bind makes an unlocked top, which
-    pivot_root wants; the mounts under it, and its read-only flag, stay locked."""
+    pivot_root wants; the mounts under it, and its read-only flag, stay locked.
+
+    NESTED (boot mode: an OS that may run machines of its own): the read-only
+    and masked parts of /proc are mounted here, inside the user namespace,
+    as systemd-nspawn does, so they are not locked: the kernel lets a nested
+    machine mount a proc of its own only where an existing one is fully
+    visible, i.e. has no locked mount over any of its files."""
     unshare(CLONE_NEWNS)
     mount(None, "/", None, MS_REC | MS_SLAVE)
+    if nested:
+        root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            proc = chase.open_in_root(root_fd, "/proc")
+        finally:
+            os.close(root_fd)
+        try:
+            _protect_proc(proc)
+        finally:
+            os.close(proc)
     mount(root, root, None, MS_BIND | MS_REC)
     os.chdir(root)
     pivot_root(".", ".")  # stack the old root under the new one, then drop it
@@ -235,11 +252,10 @@ def _bind(
         os.close(target_fd)
 
 
-def _tmpfs(builder: _Builder, target_fd: int, options: str, attrs: int) -> int:
-    """A tmpfs on TARGET_FD, its root owned by root inside; returns its mount fd."""
-    pairs = (item.split("=", 1) for item in (options + builder.tmpfs_ids).split(","))
+def _tmpfs(target_fd: int, options: str, attrs: int) -> int:
+    """A tmpfs on TARGET_FD (closed); returns its mount fd."""
     try:
-        context = fs_context("tmpfs", dict(pairs))
+        context = fs_context("tmpfs", dict(item.split("=", 1) for item in options.split(",")))
     except OSError:
         os.close(target_fd)
         raise
@@ -249,26 +265,32 @@ def _tmpfs(builder: _Builder, target_fd: int, options: str, attrs: int) -> int:
         os.close(context)
 
 
-def _mount_proc(builder: _Builder, context: int) -> None:
+def _protect_proc(proc: int) -> None:
+    """Make PROC_READ_ONLY read-only and hide PROC_MASKED in the proc mount PROC."""
+    for entry in PROC_READ_ONLY:
+        try:
+            target = os.open(entry, _O_PATH, dir_fd=proc)
+        except FileNotFoundError:
+            continue
+        _bind(entry, target, read_only=True, dir_fd=proc)
+    for entry in PROC_MASKED:
+        try:
+            target = os.open(entry, _O_PATH, dir_fd=proc)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISDIR(os.fstat(target).st_mode):
+            os.close(_tmpfs(target, "mode=555", _API | MOUNT_ATTR_RDONLY))
+        else:
+            _bind("/dev/null", target, recursive=False)
+
+
+def _mount_proc(builder: _Builder, context: int, protect: bool) -> None:
     if context < 0:
         raise OSError("the container's PID 1 could not open a proc file system")
     proc = _mounted(context, builder.target("/proc", "dir"), _API)
     try:
-        for entry in PROC_READ_ONLY:
-            try:
-                target = os.open(entry, _O_PATH, dir_fd=proc)
-            except FileNotFoundError:
-                continue
-            _bind(entry, target, read_only=True, dir_fd=proc)
-        for entry in PROC_MASKED:
-            try:
-                target = os.open(entry, _O_PATH, dir_fd=proc)
-            except FileNotFoundError:
-                continue
-            if stat.S_ISDIR(os.fstat(target).st_mode):
-                os.close(_tmpfs(builder, target, "mode=555", _API | MOUNT_ATTR_RDONLY))
-            else:
-                _bind("/dev/null", target, recursive=False)
+        if protect:
+            _protect_proc(proc)
     finally:
         os.close(proc)
 
@@ -310,9 +332,8 @@ def _mount_sys(builder: _Builder, sysfs: int, cgroup: int, spec: RootfsSpec) -> 
 
 def _mount_dev(builder: _Builder, devpts: int, console: str | None) -> None:
     dev = _tmpfs(
-        builder,
         builder.target("/dev", "dir"),
-        "mode=755,size=4m",
+        "mode=755,size=4m" + builder.tmpfs_ids,
         MOUNT_ATTR_NOSUID | MOUNT_ATTR_STRICTATIME,
     )
     try:
@@ -327,9 +348,8 @@ def _mount_dev(builder: _Builder, devpts: int, console: str | None) -> None:
         )
         builder.symlink("pts/ptmx", dev, "ptmx")
         shm = _tmpfs(
-            builder,
             builder.child(dev, "shm", "dir"),
-            "mode=1777",
+            "mode=1777" + builder.tmpfs_ids,
             MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_STRICTATIME,
         )
         os.close(shm)
@@ -348,8 +368,8 @@ def _mount_dev(builder: _Builder, devpts: int, console: str | None) -> None:
 
 def _mount_run(builder: _Builder) -> None:
     attrs = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_STRICTATIME
-    os.close(_tmpfs(builder, builder.target("/tmp", "dir"), "mode=1777", attrs))
-    run = _tmpfs(builder, builder.target("/run", "dir"), "mode=755", attrs)
+    os.close(_tmpfs(builder.target("/tmp", "dir"), "mode=1777" + builder.tmpfs_ids, attrs))
+    run = _tmpfs(builder.target("/run", "dir"), "mode=755" + builder.tmpfs_ids, attrs)
     try:
         os.close(builder.child(run, "host", "dir"))  # systemd's "I am in a container" marker
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -386,7 +406,7 @@ def build_rootfs(spec: RootfsSpec, filesystems: list[int]) -> None:
     root_fd = os.open(spec.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         builder = _Builder(root_fd, spec.owner)
-        _mount_proc(builder, proc)
+        _mount_proc(builder, proc, not spec.nested)
         _mount_sys(builder, sysfs, cgroup, spec)
         _mount_dev(builder, devpts, spec.console)
         _mount_run(builder)

@@ -322,11 +322,13 @@ class Supervisor:
             restrictions = security.restrictions(
                 self.policy, security.cache_dir(self.paths.runtime)
             )
-            started = leader.read_started(report_read)
-            if started is None:
+            line = leader.read_line(report_read)
+            if not line.startswith(b"P"):
                 raise StartError("the container exited while creating its namespaces")
-            self.child, numbers = started
-            filesystems = [linux.pidfd_getfd(self.child, n) if n >= 0 else -1 for n in numbers]
+            self.child = int(line[1:])
+            filesystems = intermediate.filesystems()
+            if filesystems is None:
+                raise StartError("the container failed to open its file systems (see above)")
             binds += self._setup_network()  # meanwhile the intermediate loads the set-up
             _crash_point("after-network")
             _pid, intermediate_status = os.waitpid(intermediate.pid, 0)
@@ -404,6 +406,7 @@ class Supervisor:
             console=os.ttyname(0) if self.foreground and os.isatty(0) else None,
             cgroup_dir=str(payload_cg),
             owner=(base, base) if base is not None else (0, 0),
+            nested=self.definition.boot,
         )
 
     def _container_message(self, restrictions: dict) -> dict:
