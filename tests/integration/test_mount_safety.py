@@ -151,3 +151,28 @@ def test_a_bind_target_replaced_by_a_symlink_before_a_restart(
         assert inside(systemd_host, name, f"cat /var/tmp/{unique}/file").stdout == "host\n"
     finally:
         systemd_host.run(["rm", "-rf", f"/var/tmp/{unique}"])
+
+
+def test_a_live_read_only_bind_stays_read_only(systemd_host, locked):
+    """``pymachine bind --read-only`` into a running machine: locked as well."""
+    name, src = locked
+    systemd_host.pymachine("bind", name, src, "/tmp/live", "--mkdir", "--read-only")
+    assert inside(systemd_host, name, "cat /tmp/live/file").stdout == "host\n"
+    cp = inside(systemd_host, name, "mount -o remount,bind,rw /tmp/live")
+    assert cp.returncode != 0, "the live read-only bind was remounted read-write"
+    assert "ro" in (_mount_options(systemd_host, name, "/tmp/live") or [])
+    assert inside(systemd_host, name, "touch /tmp/live/pwned").returncode != 0
+    assert systemd_host.run(["ls", src]).stdout.split() == ["file"]
+
+
+def test_a_live_bind_target_resolves_inside_the_machine(systemd_host, locked):
+    """A symlink to a host path in place of the target: the bind lands inside."""
+    name, src = locked
+    unique = f"pymtest-{uuid.uuid4().hex[:8]}"
+    assert inside(systemd_host, name, "ln -s /run /tmp/link").returncode == 0
+    systemd_host.pymachine("bind", name, src, f"/tmp/link/{unique}", "--mkdir")
+    try:
+        assert _host_lacks(systemd_host, f"/run/{unique}")
+        assert inside(systemd_host, name, f"cat /run/{unique}/file").stdout == "host\n"
+    finally:
+        systemd_host.run(["rm", "-rf", f"/run/{unique}"])
