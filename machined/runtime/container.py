@@ -44,10 +44,12 @@ def _boot_init() -> str:
     raise SetupError(f"boot mode: none of {', '.join(BOOT_INITS)} exists in the image")
 
 
-def set_up(message: dict) -> dict:
-    """Pivot into the mounted root (we are PID 1, root inside); return what PID 1 execs:
+def set_up(message: dict, namespace: int) -> dict:
+    """Join NAMESPACE (the intermediate's copy of the runtime's mount namespace,
+    where the kernel locked its mounts) and pivot into the mounted root (we are
+    PID 1, root inside); return what PID 1 execs:
     ``{"path": the image's init, or None for pymachine-init, "argv", "environment"}``."""
-    enter_rootfs(message["root"], message["hostname"], nested=message["boot"])
+    enter_rootfs(message["root"], message["hostname"], namespace, nested=message["boot"])
     if message["boot"]:
         env = {"PATH": DEFAULT_PATH, "container": "pymachine", "TERM": "vt220"}
         env.update(message["environment"])

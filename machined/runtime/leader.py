@@ -73,28 +73,13 @@ class Intermediate:
         os.write(self.go_write, f"{flags}\n".encode())
 
     def filesystems(self) -> list[int] | None:
-        """PID 1's file system contexts (:func:`mounts.open_filesystems`, passed
-        as SCM_RIGHTS), -1 for each the kernel refused it; None if PID 1 failed
-        first. The caller owns (and closes) them."""
+        """PID 1's file system contexts (:func:`mounts.open_filesystems`), -1
+        for each the kernel refused it; None if PID 1 failed first. The caller
+        owns (and closes) them."""
         try:
-            data, ancillary, _flags, _address = self._filesystems.recvmsg(
-                16, _socket.CMSG_SPACE(4 * 16), _socket.MSG_CMSG_CLOEXEC
-            )
+            return receive_fds(self._filesystems)
         finally:
             self._filesystems.close()
-        fds = []
-        for level, kind, payload in ancillary:
-            if (level, kind) == (_socket.SOL_SOCKET, _socket.SCM_RIGHTS):
-                usable = len(payload) - len(payload) % 4
-                fds += [
-                    int.from_bytes(payload[i : i + 4], sys.byteorder) for i in range(0, usable, 4)
-                ]
-        if not data or data.count(b"1") != len(fds):
-            for fd in fds:
-                os.close(fd)
-            return None
-        received = iter(fds)
-        return [next(received) if flag == ord("1") else -1 for flag in data]
 
 
 def spawn(*, foreground: bool) -> Intermediate:
@@ -136,6 +121,35 @@ def send(fd: int, message: object) -> None:
     data = len(data).to_bytes(8, "little") + data
     while data:
         data = data[os.write(fd, data) :]
+
+
+def send_fds(sock: _socket.socket, fds: list[int]) -> None:
+    """FDS over a unix socket (SCM_RIGHTS), then closed here; -1 entries say
+    "none" (a mask byte each)."""
+    present = [fd for fd in fds if fd >= 0]
+    payload = b"".join(fd.to_bytes(4, sys.byteorder) for fd in present)
+    ancillary = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, payload)] if present else []
+    sock.sendmsg([bytes(ord("1") if fd >= 0 else ord("0") for fd in fds)], ancillary)
+    for fd in present:
+        os.close(fd)
+
+
+def receive_fds(sock: _socket.socket) -> list[int] | None:
+    """What :func:`send_fds` sent (close-on-exec); None if the sender went away."""
+    data, ancillary, _flags, _address = sock.recvmsg(
+        16, _socket.CMSG_SPACE(4 * 16), _socket.MSG_CMSG_CLOEXEC
+    )
+    fds = []
+    for level, kind, payload in ancillary:
+        if (level, kind) == (_socket.SOL_SOCKET, _socket.SCM_RIGHTS):
+            usable = len(payload) - len(payload) % 4
+            fds += [int.from_bytes(payload[i : i + 4], sys.byteorder) for i in range(0, usable, 4)]
+    if not data or data.count(b"1") != len(fds):
+        for fd in fds:
+            os.close(fd)
+        return None
+    received = iter(fds)
+    return [next(received) if flag == ord("1") else -1 for flag in data]
 
 
 def _read_exactly(fd: int, size: int) -> bytes:
@@ -200,10 +214,28 @@ def _intermediate(
         if not go:
             _exit(1)
         linux.unshare(int(go[0]) | linux.CLONE_NEWPID)
+        mine, pid1_end = _socket.socketpair()  # PID 1 asks us for its mount namespace
         pid1 = os.fork()
         if pid1 == 0:
-            _pid1(init_fd, go_read, report_write, filesystems, userns=userns, foreground=foreground)
+            mine.close()
+            _pid1(
+                init_fd,
+                go_read,
+                report_write,
+                filesystems,
+                pid1_end,
+                userns=userns,
+                foreground=foreground,
+            )
+        pid1_end.close()
+        filesystems.close()
         os.write(report_write, f"P{pid1}\n".encode())  # the runtime sets up the network
+        # PID 1 asks once the runtime has mounted the machine's file systems: a
+        # copy of the runtime's mount namespace, made by us (root of the user
+        # namespace), is owned by it, and in such a copy the kernel locks them.
+        if mine.recv(1) == b"N":
+            linux.unshare(linux.CLONE_NEWNS)
+            send_fds(mine, [os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)])
         status = 0
     except BaseException as exc:  # report, never fall back into the caller's code
         print(
@@ -230,22 +262,12 @@ def _die_with_supervisor(go_read: int) -> None:
         raise RuntimeError("the runtime is gone")
 
 
-def _send_filesystems(sock: _socket.socket, fds: list[int]) -> None:
-    """FDS to the runtime (SCM_RIGHTS); a mask says which ones the kernel refused."""
-    present = [fd for fd in fds if fd >= 0]
-    payload = b"".join(fd.to_bytes(4, sys.byteorder) for fd in present)
-    ancillary = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, payload)] if present else []
-    sock.sendmsg([bytes(ord("1") if fd >= 0 else ord("0") for fd in fds)], ancillary)
-    sock.close()
-    for fd in present:
-        os.close(fd)  # the runtime has its own now
-
-
 def _pid1(
     init_fd: int | None,
     go_read: int,
     report_write: int,
     filesystems: _socket.socket,
+    intermediate: _socket.socket,
     *,
     userns: bool,
     foreground: bool,
@@ -255,11 +277,17 @@ def _pid1(
     try:
         if userns:
             _become_root()
-        _send_filesystems(filesystems, container.open_filesystems())  # the runtime mounts them
+        send_fds(filesystems, container.open_filesystems())  # the runtime mounts them
+        filesystems.close()
         message = receive(go_read)  # sent once the network is set up and the root mounted
         if message is None:
             raise RuntimeError("the runtime is gone")
-        program = container.set_up(message)
+        intermediate.send(b"N")
+        namespace = receive_fds(intermediate)
+        if not namespace:
+            raise RuntimeError("the intermediate is gone")
+        intermediate.close()
+        program = container.set_up(message, namespace[0])
         if foreground:
             _die_with_supervisor(go_read)
         restrict.apply(**message["restrictions"])

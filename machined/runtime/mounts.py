@@ -11,11 +11,12 @@ Two sides, so that root inside can change none of it (docs/security.md,
   machine's root. Every target is resolved *inside* the root
   (:mod:`machined.runtime.chase`) and mounted onto through its fd, so a
   symlink in the image or left by root inside never reaches a host path.
-* :func:`enter_rootfs`, in the container's **PID 1**, then unshares its mount
-  namespace: a copy made for a less privileged user namespace, in which the
-  kernel *locks* every mount it copied (``MNT_LOCK_READONLY``, ``MNT_LOCKED``):
-  read-only stays read-only, a mask cannot be unmounted. It pivots into the
-  root.
+* :func:`enter_rootfs`, in the container's **PID 1**, then joins a copy of
+  that mount namespace which the intermediate made as root of the machine's
+  user namespace (``leader.py``): a copy made for a less privileged user
+  namespace, in which the kernel *locks* every mount it copied
+  (``MNT_LOCK_READONLY``, ``MNT_LOCKED``): read-only stays read-only, a mask
+  cannot be unmounted. It pivots into the root.
 
 The file systems that belong to the container's own namespaces (proc: its
 PID namespace, sysfs: its network namespace, cgroup2: its cgroup namespace,
@@ -26,6 +27,7 @@ mounted by it.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections import namedtuple
@@ -54,6 +56,7 @@ from machined.runtime.linux import (
     open_tree,
     pivot_root,
     sethostname,
+    setns,
     umount,
     unshare,
 )
@@ -112,7 +115,14 @@ class RootfsSpec(
 # --- PID 1's side ----------------------------------------------------------------
 
 
-def _open_each() -> list[int]:
+def open_filesystems() -> list[int]:
+    """PID 1, in its new namespaces: created contexts of :data:`FILESYSTEMS`
+    (-1 where the kernel refuses one, e.g. sysfs without a network namespace
+    of our own). fsopen wants CAP_SYS_ADMIN over the caller's mount namespace,
+    and PID 1 is still in the runtime's (the host's user namespace owns it):
+    PID 1 takes a throwaway one of its own first (it joins its real one in
+    :func:`enter_rootfs`)."""
+    unshare(CLONE_NEWNS)
     fds = []
     for fstype, options in FILESYSTEMS:
         try:
@@ -122,39 +132,9 @@ def _open_each() -> list[int]:
     return fds
 
 
-def open_filesystems() -> list[int]:
-    """PID 1, in its new namespaces: created contexts of :data:`FILESYSTEMS`
-    (-1 where the kernel refuses one, e.g. sysfs without a network namespace
-    of our own).
-
-    fsopen wants CAP_SYS_ADMIN over the caller's mount namespace, and PID 1
-    is still in the runtime's (owned by the host's user namespace): a thread
-    (the fds land in the table it shares with PID 1) takes a throwaway mount
-    namespace of its own for the calls; PID 1 stays where it is."""
-    import _thread
-
-    result: list = []
-    done = _thread.allocate_lock()
-    done.acquire()
-
-    def opener() -> None:
-        try:
-            unshare(CLONE_NEWNS)
-            result.extend(_open_each())
-        except BaseException as exc:  # carried to PID 1
-            result.append(exc)
-        finally:
-            done.release()
-
-    _thread.start_new_thread(opener, ())
-    done.acquire()
-    if result and isinstance(result[-1], BaseException):
-        raise result[-1]
-    return result
-
-
-def enter_rootfs(root: str, hostname: str, *, nested: bool = False) -> None:
-    """PID 1: a mount namespace of its own (the runtime's mounts, locked) and
+def enter_rootfs(root: str, hostname: str, namespace: int, *, nested: bool = False) -> None:
+    """PID 1: join NAMESPACE (a copy of the runtime's mount namespace made for
+    the machine's user namespace: the runtime's mounts are locked in it) and
     pivot into ROOT. The recursive bind makes an unlocked top, which
     pivot_root wants; the mounts under it, and its read-only flag, stay locked.
 
@@ -163,7 +143,8 @@ def enter_rootfs(root: str, hostname: str, *, nested: bool = False) -> None:
     as systemd-nspawn does, so they are not locked: the kernel lets a nested
     machine mount a proc of its own only where an existing one is fully
     visible, i.e. has no locked mount over any of its files."""
-    unshare(CLONE_NEWNS)
+    setns(namespace, CLONE_NEWNS)
+    os.close(namespace)
     mount(None, "/", None, MS_REC | MS_SLAVE)
     if nested:
         root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -195,7 +176,14 @@ class _Builder:
         self.tmpfs_ids = f",uid={owner[0]},gid={owner[1]}" if owner != (0, 0) else ""
 
     def target(self, path: str, kind: str) -> int:
-        return chase.open_in_root(self.root_fd, path, create=kind, owner=self.owner)
+        """PATH resolved (and created) inside the root; never the root itself
+        (an image's ``proc -> /`` would cover the whole machine)."""
+        fd = chase.open_in_root(self.root_fd, path, create=kind, owner=self.owner)
+        st, root = os.fstat(fd), os.fstat(self.root_fd)
+        if (st.st_dev, st.st_ino) == (root.st_dev, root.st_ino):
+            os.close(fd)
+            raise OSError(errno.EINVAL, f"mount target {path} resolves to the machine's root")
+        return fd
 
     def child(self, dir_fd: int, name: str, kind: str) -> int:
         """NAME in a directory of a file system we just made (nothing to chase)."""

@@ -331,9 +331,6 @@ class Supervisor:
                 raise StartError("the container failed to open its file systems (see above)")
             binds += self._setup_network()  # meanwhile the intermediate loads the set-up
             _crash_point("after-network")
-            _pid, intermediate_status = os.waitpid(intermediate.pid, 0)
-            if intermediate_status != 0:
-                raise StartError("the container exited while creating its namespaces")
             try:
                 mounts.build_rootfs(self._rootfs_spec(binds, payload_cg), filesystems)
             finally:
@@ -342,10 +339,14 @@ class Supervisor:
                         os.close(fd)
             message = self._container_message(restrictions)
             leader.send(go_write, message)
-            _preload_registration()  # while PID 1 mounts, pivots and execs the init
-            # EOF: PID 1 exec'd the init (the pipe is close-on-exec); a byte: it failed.
+            _preload_registration()  # while PID 1 pivots and execs the init
+            # EOF: PID 1 exec'd the init (the pipe is close-on-exec) and the
+            # intermediate, which made PID 1's mount namespace, exited; a byte: PID 1 failed.
             if os.read(report_read, 1):
                 raise StartError("the container failed to set up its file systems (see above)")
+            _pid, intermediate_status = os.waitpid(intermediate.pid, 0)
+            if intermediate_status != 0:
+                raise StartError("the container exited while creating its namespaces")
             self._register()
             _crash_point("after-registration")
             self._start_loopback_proxies()

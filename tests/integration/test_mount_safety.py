@@ -108,15 +108,31 @@ def _host_lacks(host, path: str) -> bool:
     return host.run(["test", "-e", path], check=False).returncode != 0
 
 
-def test_an_image_whose_etc_points_at_a_host_directory(systemd_host, make_machine, machine_name):
+@pytest.fixture
+def hostile_image(systemd_host):
+    """make(script): a copy of the tiny image, SCRIPT run in its directory."""
+    made = []
+    base = "/var/lib/machines"
+
+    def make(script: str) -> str:
+        image = f"hostile-{uuid.uuid4().hex[:8]}"
+        systemd_host.run(["cp", "-a", f"{base}/tiny", f"{base}/{image}"])
+        made.append(image)
+        systemd_host.run(f"cd {base}/{image} && {script}")
+        return image
+
+    yield make
+    for image in made:
+        systemd_host.run(["rm", "-rf", f"{base}/{image}"])
+
+
+def test_an_image_whose_etc_points_at_a_host_directory(
+    systemd_host, make_machine, machine_name, hostile_image
+):
     """A hostile image: ``etc -> /var/tmp``. The start writes /etc/hostname,
     hosts and resolv.conf into the image's /var/tmp, never the host's."""
-    image = f"hostile-{uuid.uuid4().hex[:8]}"
-    base = "/var/lib/machines"
-    systemd_host.run(["cp", "-a", f"{base}/tiny", f"{base}/{image}"])
-    systemd_host.run(
-        f"cd {base}/{image} && mkdir -p var/tmp && cp -a etc/. var/tmp/ "
-        "&& rm -rf etc && ln -s /var/tmp etc"
+    image = hostile_image(
+        "mkdir -p var/tmp && cp -a etc/. var/tmp/ && rm -rf etc && ln -s /var/tmp etc"
     )
     planted = ["/var/tmp/hostname", "/var/tmp/hosts", "/var/tmp/resolv.conf"]
     systemd_host.run(["rm", "-f", *planted])
@@ -129,7 +145,18 @@ def test_an_image_whose_etc_points_at_a_host_directory(systemd_host, make_machin
         systemd_host.run(["rm", "-f", *planted])
         systemd_host.pymachine("stop", machine_name, check=False)
         systemd_host.pymachine("remove", machine_name, check=False)
-        systemd_host.run(["rm", "-rf", f"{base}/{image}"])
+
+
+def test_an_image_whose_proc_is_its_root_is_refused(
+    systemd_host, make_machine, machine_name, hostile_image
+):
+    """``proc -> /``: a mount there would cover the whole machine; the start
+    fails and says why."""
+    image = hostile_image("rm -rf proc && ln -s / proc")
+    make_machine(machine_name, "--image", image, command=SLEEPER, start=False)
+    cp = systemd_host.pymachine("start", machine_name, check=False)
+    assert cp.returncode != 0
+    assert "resolves to the machine's root" in cp.stderr
 
 
 def test_a_bind_target_replaced_by_a_symlink_before_a_restart(
