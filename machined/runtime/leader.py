@@ -14,16 +14,19 @@ library and pymachine-init, even under a 0700 /root):
    the image and the binds their idmapped mounts through it, then mounts the
    overlay, while we wait for :meth:`Intermediate.go`;
 3. creates the other namespaces (PID, UTS, IPC, net, cgroup), all owned
-   by the user namespace, forks PID 1, reports its host PID and exits (PID 1 is
-   re-parented to the runtime, a subreaper; the runtime sets up the network
-   meanwhile).
+   by the user namespace, forks PID 1, reports its host PID, makes PID 1's
+   mount namespace when PID 1 asks (below) and exits (PID 1 is re-parented to
+   the runtime, a subreaper; the runtime sets up the network meanwhile).
 
 PID 1 becomes root inside, opens the file systems of its namespaces (proc,
-sysfs, cgroup2, devpts) and reports their fds; the runtime takes them over and
+sysfs, cgroup2, devpts) and passes them to the runtime (SCM_RIGHTS), which
 mounts the machine's file systems from its own mount namespace
-(:func:`mounts.build_rootfs`). PID 1 waits for the runtime's message, takes a
-mount namespace of its own, a copy in which the kernel locks those mounts,
-and pivots (:mod:`machined.runtime.container`), confines itself
+(:func:`mounts.build_rootfs`). PID 1 waits for the runtime's message, then
+asks the intermediate (which waited for that) for its mount namespace: the
+intermediate, root of the user namespace and still in the runtime's mount
+namespace, unshares a copy of it — one in which the kernel locks the
+runtime's mounts — passes it to PID 1 and exits. PID 1 joins it and pivots
+(:mod:`machined.runtime.container`), confines itself
 (capabilities, no_new_privs, seccomp compiled by the runtime) so that every
 payload inherits it, and execs pymachine-init with the payload, or the image's
 init in boot mode. The report pipe is close-on-exec: the runtime reads EOF

@@ -14,8 +14,9 @@ Order matters (docs/architecture.md, "the path of start"):
 3. we set up the network for PID 1's netns, mount the machine's file systems
    under its root (:func:`mounts.build_rootfs`: targets resolved inside the
    root) and send PID 1 a message (marshal);
-4. PID 1 unshares its mount namespace (the kernel locks our mounts in that
-   copy: read-only stays read-only), pivots, confines itself and execs
+4. PID 1 joins a copy of our mount namespace that the intermediate made as
+   root of the user namespace (the kernel locks our mounts in it: read-only
+   stays read-only), pivots, confines itself and execs
    ``pymachine-init`` (C) with the payload, or the image's init; the report
    pipe closes on that exec; we register with machined, write the state file;
 5. service mode (``Type=forking``): we write PID 1's PID to the unit's
