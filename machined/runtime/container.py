@@ -1,12 +1,13 @@
 """The container's one-time set-up, run by its PID 1 before it execs the init.
 
 It opens the file systems of its namespaces for the runtime, which mounts
-everything under the machine's root (:mod:`machined.runtime.mounts`). From
+everything under the machine's root (:mod:`machined.runtime.mounts`). With
 the supervisor's message (:func:`leader.send`: where the root is, the
-payload, the confinement) it takes a mount namespace of its own (where the
-kernel locks those mounts) and pivots into the machine's root, then resolves ``User=`` against the container's own
-/etc/passwd and says what PID 1 is to exec: ``pymachine-init`` with the
-payload, or the image's own init in boot mode.
+payload, the confinement) it joins the mount namespace the intermediate made
+for it (where the kernel locks those mounts) and pivots into the machine's
+root, then resolves ``User=`` against the container's own /etc/passwd and
+says what PID 1 is to exec: ``pymachine-init`` with the payload, or the
+image's own init in boot mode.
 """
 
 from __future__ import annotations

@@ -115,7 +115,7 @@ class Supervisor:
     # --- the container side (forked processes) ------------------------------
     # --- the host side ------------------------------------------------------
     def _namespace_flags(self) -> int:
-        # not the mount namespace: PID 1 unshares it once we mounted its file systems
+        # not the mount namespace: the intermediate makes PID 1's once we mounted its file systems
         flags = linux.CLONE_NEWUTS | linux.CLONE_NEWIPC | linux.CLONE_NEWCGROUP
         if self.definition.network.mode != NetworkMode.HOST:
             flags |= linux.CLONE_NEWNET
