@@ -109,14 +109,14 @@ def _host_lacks(host, path: str) -> bool:
 
 
 @pytest.fixture
-def hostile_image(systemd_host):
+def hostile_image(systemd_host, tiny_image):
     """make(script): a copy of the tiny image, SCRIPT run in its directory."""
     made = []
     base = "/var/lib/machines"
 
     def make(script: str) -> str:
         image = f"hostile-{uuid.uuid4().hex[:8]}"
-        systemd_host.run(["cp", "-a", f"{base}/tiny", f"{base}/{image}"])
+        systemd_host.run(["cp", "-a", f"{base}/{tiny_image}", f"{base}/{image}"])
         made.append(image)
         systemd_host.run(f"cd {base}/{image} && {script}")
         return image
