@@ -374,7 +374,10 @@ def _mount_run(builder: _Builder) -> None:
 def _mount_binds(builder: _Builder, binds: tuple[Bind, ...]) -> None:
     for bind in binds:
         kind = "dir" if os.path.isdir(bind.source) else "file"
-        _bind(bind.source, builder.target(bind.target, kind), read_only=bind.read_only)
+        try:
+            _bind(bind.source, builder.target(bind.target, kind), read_only=bind.read_only)
+        except OSError as exc:
+            raise OSError(exc.errno, f"bind {bind.target}: {exc.strerror or exc}") from None
 
 
 def _remount_read_only(target: str) -> None:
