@@ -22,8 +22,11 @@ links are not preserved (``machinectl`` keeps hard links; rarely needed here).
 ``bind`` uses the new mount API (Linux 5.2; idmapped mounts 5.12): the host
 directory is cloned into a detached mount (``open_tree(OPEN_TREE_CLONE)``),
 given the machine's ID mapping (``mount_setattr(MOUNT_ATTR_IDMAP)``) and,
-with ``--read-only``, ``MOUNT_ATTR_RDONLY``; then a forked process joins the
-machine's mount namespace and ``move_mount``\\ s it onto the target. The
+with ``--read-only``, ``MOUNT_ATTR_RDONLY``; then a forked process has the
+kernel lock it (:func:`_locked_copy`: root inside cannot make it writable),
+joins the machine's mount namespace, resolves the target inside the
+machine's root (:mod:`machined.runtime.chase`) and ``move_mount``\\ s it
+onto that very inode. The
 bind lasts until the machine stops (as with ``machinectl bind``); put it in
 ``[Files] Bind=`` to have it at every start.
 
@@ -44,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from machined.errors import Conflict, InvalidInput, NotFound, PymachineError
-from machined.runtime import linux, restrict, userns
+from machined.runtime import chase, linux, restrict, userns
 from machined.runtime.state import RuntimeState
 
 # --- the new mount API -----------------------------------------------------------
@@ -116,11 +119,13 @@ def _create_as(uid: int, gid: int) -> None:
     restrict.set_capabilities(permitted, inheritable)
 
 
-def _in_machine(state: RuntimeState, job, owner: tuple[int, int] = (0, 0)) -> list[str]:
+def _in_machine(
+    state: RuntimeState, job, owner: tuple[int, int] = (0, 0), before=None
+) -> list[str]:
     """Run JOB() in a forked process that joined the machine's mount namespace
     and root (creating files as OWNER); returns its warnings, raises its
     failure as a PymachineError. What JOB needs from the host it must have
-    opened before (fds survive)."""
+    opened before (fds survive). BEFORE(): run in that process first."""
     mnt = os.open(f"/proc/{state.leader}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
     root = os.open(f"/proc/{state.leader}/root", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     report_r, report_w = os.pipe()
@@ -132,6 +137,8 @@ def _in_machine(state: RuntimeState, job, owner: tuple[int, int] = (0, 0)) -> li
             result: dict = {"warnings": []}
             try:
                 os.close(report_r)
+                if before is not None:
+                    before()
                 linux.setns(mnt, linux.CLONE_NEWNS)
                 os.fchdir(root)
                 os.chroot(".")
@@ -423,7 +430,9 @@ def bind(
     except OSError as exc:
         raise PymachineError(f"cannot bind {host_path}: {exc}") from None
     warnings: list[str] = []
+    userns_fd = None
     try:
+        userns_fd = userns.open_ns(state.leader) if ids is not None else None
         attrs = linux.MOUNT_ATTR_RDONLY if read_only else 0
         if ids is not None:
             try:
@@ -438,46 +447,79 @@ def bind(
         if attrs:
             linux.mount_setattr(tree, attrs)
 
+        locked: list[int] = []
+
+        def lock() -> None:
+            locked.append(_locked_copy(tree, os.path.realpath(host_path), userns_fd))
+
         def job() -> list[str]:
-            target = os.path.normpath(machine_path)
             try:
-                _ensure_target(target, is_dir, mkdir, uid, gid)
-                linux.move_mount(tree, target)
+                target = _bind_target(machine_path, is_dir, mkdir)
+                try:
+                    linux.attach(locked[0] if locked else tree, target)
+                finally:
+                    os.close(target)
             except OSError as exc:
                 raise _os_failure(exc, f"{machine_path} in machine {state.name}") from None
             return []
 
-        warnings += _in_machine(state, job, (uid, gid))
+        if userns_fd is None:
+            warnings += _in_machine(state, job, (uid, gid))
+        else:  # root of the machine's user namespace creates as the machine's root
+            warnings += _in_machine(state, job, before=lock)
     except OSError as exc:
         raise PymachineError(f"cannot bind {host_path}: {exc}") from None
     finally:
         os.close(tree)
+        if userns_fd is not None:
+            os.close(userns_fd)
     return warnings
 
 
-def _ensure_target(target: str, is_dir: bool, mkdir: bool, uid: int, gid: int) -> None:
-    """Inside the machine: the mount point exists and is the right kind."""
+def _locked_copy(tree: int, host_path: str, userns_fd: int) -> int:
+    """In the helper, before it joins the machine: a copy of TREE that the
+    kernel locks (read-only stays read-only), as it locks the mounts a start
+    makes. TREE is attached (over HOST_PATH) in a private mount namespace of
+    ours; a mount namespace made from that one for the machine's user
+    namespace copies it with its flags locked; the copy cloned from there is
+    what goes into the machine."""
+    parent, name = os.path.split(host_path)
+    if not name:
+        raise _Failure("invalid", "the host's root directory cannot be bound")
+    os.chdir(parent)  # kept (translated) across both unshares
+    linux.unshare(linux.CLONE_NEWNS)
+    linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+    spot = os.open(name, os.O_PATH | os.O_CLOEXEC)
     try:
-        st = os.stat(target)
-    except FileNotFoundError:
-        if not mkdir:
-            raise _Failure(
-                "not-found", f"{target} does not exist in the machine (--mkdir creates it)"
-            ) from None
-        parent = os.path.dirname(target)
-        missing = []
-        while parent != "/" and not os.path.exists(parent):
-            missing.append(parent)
-            parent = os.path.dirname(parent)
-        for directory in reversed(missing):
-            os.mkdir(directory, 0o755)
-            os.chown(directory, uid, gid)
-        if is_dir:
-            os.mkdir(target, 0o755)
-        else:
-            os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
-        os.chown(target, uid, gid)
-        return
-    if stat.S_ISDIR(st.st_mode) != is_dir:
+        linux.attach(tree, spot)
+    finally:
+        os.close(spot)
+    linux.setns(userns_fd, userns.CLONE_NEWUSER)
+    linux.unshare(linux.CLONE_NEWNS)
+    return linux.open_tree(linux.AT_FDCWD, name)
+
+
+def _bind_target(machine_path: str, is_dir: bool, mkdir: bool) -> int:
+    """Inside the machine (the helper's root): an O_PATH fd of the mount point,
+    resolved inside the root and checked to be the right kind; created with
+    MKDIR."""
+    root = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            fd = chase.open_in_root(root, machine_path)
+        except FileNotFoundError:
+            if not mkdir:
+                raise _Failure(
+                    "not-found",
+                    f"{machine_path} does not exist in the machine (--mkdir creates it)",
+                ) from None
+            fd = chase.open_in_root(root, machine_path, create="dir" if is_dir else "file")
+    finally:
+        os.close(root)
+    if stat.S_ISDIR(os.fstat(fd).st_mode) != is_dir:
+        os.close(fd)
         what = "a directory" if is_dir else "a file"
-        raise _Failure("conflict", f"{target} in the machine is not {what} like the host path")
+        raise _Failure(
+            "conflict", f"{machine_path} in the machine is not {what} like the host path"
+        )
+    return fd

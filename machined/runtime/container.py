@@ -1,10 +1,13 @@
 """The container's one-time set-up, run by its PID 1 before it execs the init.
 
-From the supervisor's message (:func:`leader.send`: where the root is, binds,
-the payload, the confinement) it mounts /proc, /sys, /dev… and pivots into the
-machine's root, then resolves ``User=`` against the container's own
-/etc/passwd and says what PID 1 is to exec: ``pymachine-init`` with the
-payload, or the image's own init in boot mode.
+It opens the file systems of its namespaces for the runtime, which mounts
+everything under the machine's root (:mod:`machined.runtime.mounts`). With
+the supervisor's message (:func:`leader.send`: where the root is, the
+payload, the confinement) it joins the mount namespace the intermediate made
+for it (where the kernel locks those mounts) and pivots into the machine's
+root, then resolves ``User=`` against the container's own /etc/passwd and
+says what PID 1 is to exec: ``pymachine-init`` with the payload, or the
+image's own init in boot mode.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import os
 
 from machined.runtime import init, users
 from machined.runtime.init import DEFAULT_PATH
-from machined.runtime.mounts import Bind, RootfsSpec, setup_rootfs
+from machined.runtime.mounts import enter_rootfs, open_filesystems  # noqa: F401 (leader)
 
 BOOT_INITS = ("/sbin/init", "/lib/systemd/systemd", "/usr/lib/systemd/systemd")
 
@@ -42,20 +45,12 @@ def _boot_init() -> str:
     raise SetupError(f"boot mode: none of {', '.join(BOOT_INITS)} exists in the image")
 
 
-def set_up(message: dict) -> dict:
-    """Mount and pivot (we are PID 1, root inside); return what PID 1 execs:
+def set_up(message: dict, namespace: int) -> dict:
+    """Join NAMESPACE (the intermediate's copy of the runtime's mount namespace,
+    where the kernel locked its mounts) and pivot into the mounted root (we are
+    PID 1, root inside); return what PID 1 execs:
     ``{"path": the image's init, or None for pymachine-init, "argv", "environment"}``."""
-    setup_rootfs(
-        RootfsSpec(
-            root=message["root"],
-            hostname=message["hostname"],
-            read_only=message["read_only"],
-            writable_cgroup=message["boot"],
-            binds=tuple(Bind(**b) for b in message["binds"]),
-            console=os.ttyname(0) if message["terminal"] else None,
-            cgroup_dir=message["cgroup_dir"],
-        )
-    )
+    enter_rootfs(message["root"], message["hostname"], namespace, nested=message["boot"])
     if message["boot"]:
         env = {"PATH": DEFAULT_PATH, "container": "pymachine", "TERM": "vt220"}
         env.update(message["environment"])

@@ -13,13 +13,20 @@ library and pymachine-init, even under a 0700 /root):
 2. creates the user namespace first: the runtime writes its ID maps and gives
    the image and the binds their idmapped mounts through it, then mounts the
    overlay, while we wait for :meth:`Intermediate.go`;
-3. creates the other namespaces (PID, mount, UTS, IPC, net, cgroup), all owned
-   by the user namespace, forks PID 1, reports its host PID and exits (PID 1 is
-   re-parented to the runtime, a subreaper; the runtime sets up the network
-   meanwhile).
+3. creates the other namespaces (PID, UTS, IPC, net, cgroup), all owned
+   by the user namespace, forks PID 1, reports its host PID, makes PID 1's
+   mount namespace when PID 1 asks (below) and exits (PID 1 is re-parented to
+   the runtime, a subreaper; the runtime sets up the network meanwhile).
 
-PID 1 becomes root inside, waits for the runtime's message, mounts /proc,
-/sys, /dev… and pivots (:mod:`machined.runtime.container`), confines itself
+PID 1 becomes root inside, opens the file systems of its namespaces (proc,
+sysfs, cgroup2, devpts) and passes them to the runtime (SCM_RIGHTS), which
+mounts the machine's file systems from its own mount namespace
+(:func:`mounts.build_rootfs`). PID 1 waits for the runtime's message, then
+asks the intermediate (which waited for that) for its mount namespace: the
+intermediate, root of the user namespace and still in the runtime's mount
+namespace, unshares a copy of it — one in which the kernel locks the
+runtime's mounts — passes it to PID 1 and exits. PID 1 joins it and pivots
+(:mod:`machined.runtime.container`), confines itself
 (capabilities, no_new_privs, seccomp compiled by the runtime) so that every
 payload inherits it, and execs pymachine-init with the payload, or the image's
 init in boot mode. The report pipe is close-on-exec: the runtime reads EOF
@@ -29,6 +36,7 @@ once that exec succeeded, a byte if PID 1 failed before it.
 from __future__ import annotations
 
 import _signal as signal
+import _socket
 import marshal
 import os
 import sys
@@ -42,10 +50,13 @@ FAILED = b"f"  # PID 1 could not set the container up (its reason is on stderr)
 class Intermediate:
     """The runtime's handle on a started intermediate: its PID and pipe ends."""
 
-    def __init__(self, pid: int, go_write: int, report_read: int) -> None:
+    def __init__(
+        self, pid: int, go_write: int, report_read: int, filesystems: _socket.socket
+    ) -> None:
         self.pid = pid
         self.go_write = go_write
         self.report_read = report_read
+        self._filesystems = filesystems  # PID 1 sends its file system contexts here
         self._started: bool | None = None  # its answer to start(), once read
 
     def start(self, *, userns: bool, boot: bool) -> None:
@@ -64,6 +75,15 @@ class Intermediate:
         flags besides user and PID) and fork PID 1."""
         os.write(self.go_write, f"{flags}\n".encode())
 
+    def filesystems(self) -> list[int] | None:
+        """PID 1's file system contexts (:func:`mounts.open_filesystems`), -1
+        for each the kernel refused it; None if PID 1 failed first. The caller
+        owns (and closes) them."""
+        try:
+            return receive_fds(self._filesystems)
+        finally:
+            self._filesystems.close()
+
 
 def spawn(*, foreground: bool) -> Intermediate:
     """Fork the intermediate; it waits for :meth:`Intermediate.go`.
@@ -72,16 +92,19 @@ def spawn(*, foreground: bool) -> Intermediate:
     intermediate's imports then overlap with them."""
     go_read, go_write = os.pipe()  # close-on-exec, as every fd here
     report_read, report_write = os.pipe()
+    ours, theirs = _socket.socketpair()  # for PID 1's file system contexts
     sys.stdout.flush()  # the child must not write our buffered output again
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:
         os.close(go_write)
         os.close(report_read)
-        _intermediate(go_read, report_write, foreground=foreground)
+        ours.close()
+        _intermediate(go_read, report_write, theirs, foreground=foreground)
     os.close(go_read)
     os.close(report_write)
-    return Intermediate(pid, go_write, report_read)
+    theirs.close()
+    return Intermediate(pid, go_write, report_read, ours)
 
 
 def read_line(fd: int) -> bytes:
@@ -101,6 +124,35 @@ def send(fd: int, message: object) -> None:
     data = len(data).to_bytes(8, "little") + data
     while data:
         data = data[os.write(fd, data) :]
+
+
+def send_fds(sock: _socket.socket, fds: list[int]) -> None:
+    """FDS over a unix socket (SCM_RIGHTS), then closed here; -1 entries say
+    "none" (a mask byte each)."""
+    present = [fd for fd in fds if fd >= 0]
+    payload = b"".join(fd.to_bytes(4, sys.byteorder) for fd in present)
+    ancillary = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, payload)] if present else []
+    sock.sendmsg([bytes(ord("1") if fd >= 0 else ord("0") for fd in fds)], ancillary)
+    for fd in present:
+        os.close(fd)
+
+
+def receive_fds(sock: _socket.socket) -> list[int] | None:
+    """What :func:`send_fds` sent (close-on-exec); None if the sender went away."""
+    data, ancillary, _flags, _address = sock.recvmsg(
+        16, _socket.CMSG_SPACE(4 * 16), _socket.MSG_CMSG_CLOEXEC
+    )
+    fds = []
+    for level, kind, payload in ancillary:
+        if (level, kind) == (_socket.SOL_SOCKET, _socket.SCM_RIGHTS):
+            usable = len(payload) - len(payload) % 4
+            fds += [int.from_bytes(payload[i : i + 4], sys.byteorder) for i in range(0, usable, 4)]
+    if not data or data.count(b"1") != len(fds):
+        for fd in fds:
+            os.close(fd)
+        return None
+    received = iter(fds)
+    return [next(received) if flag == ord("1") else -1 for flag in data]
 
 
 def _read_exactly(fd: int, size: int) -> bytes:
@@ -136,7 +188,9 @@ def _exit(status: int) -> None:
     os._exit(status)
 
 
-def _intermediate(go_read: int, report_write: int, *, foreground: bool) -> None:
+def _intermediate(
+    go_read: int, report_write: int, filesystems: _socket.socket, *, foreground: bool
+) -> None:
     """Namespaces and PID 1; then exit. Never returns into the runtime's code."""
     status = 1
     try:
@@ -163,10 +217,28 @@ def _intermediate(go_read: int, report_write: int, *, foreground: bool) -> None:
         if not go:
             _exit(1)
         linux.unshare(int(go[0]) | linux.CLONE_NEWPID)
+        mine, pid1_end = _socket.socketpair()  # PID 1 asks us for its mount namespace
         pid1 = os.fork()
         if pid1 == 0:
-            _pid1(init_fd, go_read, report_write, userns=userns, foreground=foreground)
+            mine.close()
+            _pid1(
+                init_fd,
+                go_read,
+                report_write,
+                filesystems,
+                pid1_end,
+                userns=userns,
+                foreground=foreground,
+            )
+        pid1_end.close()
+        filesystems.close()
         os.write(report_write, f"P{pid1}\n".encode())  # the runtime sets up the network
+        # PID 1 asks once the runtime has mounted the machine's file systems: a
+        # copy of the runtime's mount namespace, made by us (root of the user
+        # namespace), is owned by it, and in such a copy the kernel locks them.
+        if mine.recv(1) == b"N":
+            linux.unshare(linux.CLONE_NEWNS)
+            send_fds(mine, [os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)])
         status = 0
     except BaseException as exc:  # report, never fall back into the caller's code
         print(
@@ -194,17 +266,31 @@ def _die_with_supervisor(go_read: int) -> None:
 
 
 def _pid1(
-    init_fd: int | None, go_read: int, report_write: int, *, userns: bool, foreground: bool
+    init_fd: int | None,
+    go_read: int,
+    report_write: int,
+    filesystems: _socket.socket,
+    intermediate: _socket.socket,
+    *,
+    userns: bool,
+    foreground: bool,
 ) -> None:
     from machined.runtime import container, restrict  # loaded by the intermediate already
 
     try:
         if userns:
             _become_root()
-        message = receive(go_read)  # sent once the network is set up
+        send_fds(filesystems, container.open_filesystems())  # the runtime mounts them
+        filesystems.close()
+        message = receive(go_read)  # sent once the network is set up and the root mounted
         if message is None:
             raise RuntimeError("the runtime is gone")
-        program = container.set_up(message)
+        intermediate.send(b"N")
+        namespace = receive_fds(intermediate)
+        if not namespace:
+            raise RuntimeError("the intermediate is gone")
+        intermediate.close()
+        program = container.set_up(message, namespace[0])
         if foreground:
             _die_with_supervisor(go_read)
         restrict.apply(**message["restrictions"])

@@ -214,3 +214,113 @@ def queue_signal(pidfd: int, sig: int) -> None:
         ),
         f"signal {sig}",
     )
+
+
+# --- openat2 (Linux >= 5.6): the kernel's in-root resolution, chase.py's reference ---
+
+_SYS_OPENAT2 = 437
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_IN_ROOT = 0x10
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+def openat2(dir_fd: int, path: str, flags: int, resolve: int) -> int:
+    how = _OpenHow(flags, 0, resolve)
+    fd = _libc.syscall(
+        ctypes.c_long(_SYS_OPENAT2),
+        ctypes.c_int(dir_fd),
+        os.fsencode(path),
+        ctypes.byref(how),
+        ctypes.c_size_t(ctypes.sizeof(how)),
+    )
+    check(fd, f"openat2 {path}")
+    return fd
+
+
+# --- file system contexts (Linux >= 5.2): mounts made from fds, never from paths ---
+
+_SYS_FSOPEN = 430
+_SYS_FSCONFIG = 431
+_SYS_FSMOUNT = 432
+FSCONFIG_SET_STRING = 1
+FSCONFIG_CMD_CREATE = 6
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+MOUNT_ATTR_NOEXEC = 0x8
+MOUNT_ATTR_STRICTATIME = 0x20
+MOVE_MOUNT_T_EMPTY_PATH = 0x40
+
+
+def fs_context(fstype: str, options: dict[str, str] | None = None) -> int:
+    """A created (superblock made, not yet mounted) context of FSTYPE, as an fd.
+    The namespaces it belongs to (proc's PID namespace, sysfs' network
+    namespace, cgroup2's cgroup namespace) are the caller's."""
+    fd = _libc.syscall(ctypes.c_long(_SYS_FSOPEN), fstype.encode(), ctypes.c_uint(1))  # CLOEXEC
+    check(fd, f"fsopen {fstype}")
+    try:
+        for key, value in (options or {}).items():
+            check(
+                _libc.syscall(
+                    ctypes.c_long(_SYS_FSCONFIG),
+                    ctypes.c_int(fd),
+                    ctypes.c_uint(FSCONFIG_SET_STRING),
+                    key.encode(),
+                    value.encode(),
+                    ctypes.c_int(0),
+                ),
+                f"{fstype} option {key}={value}",
+            )
+        check(
+            _libc.syscall(
+                ctypes.c_long(_SYS_FSCONFIG),
+                ctypes.c_int(fd),
+                ctypes.c_uint(FSCONFIG_CMD_CREATE),
+                None,
+                None,
+                ctypes.c_int(0),
+            ),
+            f"creating a {fstype} superblock",
+        )
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def fsmount(context: int, attrs: int) -> int:
+    """A detached mount of a created CONTEXT with mount attributes ATTRS."""
+    fd = _libc.syscall(
+        ctypes.c_long(_SYS_FSMOUNT), ctypes.c_int(context), ctypes.c_uint(1), ctypes.c_uint(attrs)
+    )
+    check(fd, "fsmount")
+    return fd
+
+
+def open_tree(dir_fd: int, path: str, *, recursive: bool = True) -> int:
+    """A detached copy of the mount at PATH (relative to DIR_FD; "" for DIR_FD itself)."""
+    flags = OPEN_TREE_CLONE | os.O_CLOEXEC | (AT_RECURSIVE if recursive else 0)
+    if not path:
+        flags |= AT_EMPTY_PATH
+    fd = _libc.syscall(
+        ctypes.c_long(_SYS_OPEN_TREE), ctypes.c_int(dir_fd), os.fsencode(path), ctypes.c_uint(flags)
+    )
+    check(fd, f"open_tree {path}")
+    return fd
+
+
+def attach(tree: int, target_fd: int) -> None:
+    """Attach a detached TREE on the very inode TARGET_FD refers to (an O_PATH fd)."""
+    check(
+        _libc.syscall(
+            ctypes.c_long(_SYS_MOVE_MOUNT),
+            ctypes.c_int(tree),
+            b"",
+            ctypes.c_int(target_fd),
+            b"",
+            ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH),
+        ),
+        "move_mount",
+    )

@@ -8,9 +8,15 @@ Order matters (docs/architecture.md, "the path of start"):
    first (we write its maps, and give the image and binds their idmapped
    mounts through it); overlay root (image = lower, machine = upper);
 2. split the delegated cgroup; the intermediate creates the other namespaces
-   and forks the container's PID 1, which is re-parented to us (subreaper);
-3. we set up the network for PID 1's netns and send PID 1 a message (marshal);
-4. PID 1 mounts /proc, /sys, /dev…, pivots, confines itself and execs
+   (not the mount namespace) and forks the container's PID 1, which is
+   re-parented to us (subreaper) and hands us the file systems of its
+   namespaces (proc, sysfs, cgroup2, devpts);
+3. we set up the network for PID 1's netns, mount the machine's file systems
+   under its root (:func:`mounts.build_rootfs`: targets resolved inside the
+   root) and send PID 1 a message (marshal);
+4. PID 1 joins a copy of our mount namespace that the intermediate made as
+   root of the user namespace (the kernel locks our mounts in it: read-only
+   stays read-only), pivots, confines itself and execs
    ``pymachine-init`` (C) with the payload, or the image's init; the report
    pipe closes on that exec; we register with machined, write the state file;
 5. service mode (``Type=forking``): we write PID 1's PID to the unit's
@@ -37,7 +43,7 @@ from machined.definition import MachineDefinition
 from machined.errors import PymachineError
 from machined.network.config import NetworkMode
 from machined.paths import SEARCH_ONLY, Paths, private_dirs
-from machined.runtime import cgroup, cleanup, init, leader, linux, security, state, userns
+from machined.runtime import cgroup, cleanup, init, leader, linux, mounts, security, state, userns
 
 HALT = signal.SIGRTMIN + 3  # what systemd as PID 1 takes as "halt"
 REBOOT_EXIT_STATUS = 133  # systemd-nspawn's "the container asked for a reboot"
@@ -110,7 +116,8 @@ class Supervisor:
     # --- the container side (forked processes) ------------------------------
     # --- the host side ------------------------------------------------------
     def _namespace_flags(self) -> int:
-        flags = linux.CLONE_NEWNS | linux.CLONE_NEWUTS | linux.CLONE_NEWIPC | linux.CLONE_NEWCGROUP
+        # not the mount namespace: the intermediate makes PID 1's once we mounted its file systems
+        flags = linux.CLONE_NEWUTS | linux.CLONE_NEWIPC | linux.CLONE_NEWCGROUP
         if self.definition.network.mode != NetworkMode.HOST:
             flags |= linux.CLONE_NEWNET
         return flags
@@ -184,7 +191,7 @@ class Supervisor:
             network.render_etc_files(self.definition.name, self.network_state, self.paths, etc_dir)
             names += ["hosts", "resolv.conf"]
         return [
-            {"source": str(etc_dir / name), "target": f"/etc/{name}", "read_only": False}
+            {"source": str(etc_dir / name), "target": f"/etc/{name}", "read_only": True}
             for name in names
             if (etc_dir / name).exists()
         ]
@@ -309,17 +316,27 @@ class Supervisor:
             if not line.startswith(b"P"):
                 raise StartError("the container exited while creating its namespaces")
             self.child = int(line[1:])
+            filesystems = intermediate.filesystems()
+            if filesystems is None:
+                raise StartError("the container failed to open its file systems (see above)")
             binds += self._setup_network()  # meanwhile the intermediate loads the set-up
             _crash_point("after-network")
+            try:
+                mounts.build_rootfs(self._rootfs_spec(binds, payload_cg), filesystems)
+            finally:
+                for fd in filesystems:
+                    if fd >= 0:
+                        os.close(fd)
+            message = self._container_message(restrictions)
+            leader.send(go_write, message)
+            _preload_registration()  # while PID 1 pivots and execs the init
+            # EOF: PID 1 exec'd the init (the pipe is close-on-exec) and the
+            # intermediate, which made PID 1's mount namespace, exited; a byte: PID 1 failed.
+            if os.read(report_read, 1):
+                raise StartError("the container failed to set up its file systems (see above)")
             _pid, intermediate_status = os.waitpid(intermediate.pid, 0)
             if intermediate_status != 0:
                 raise StartError("the container exited while creating its namespaces")
-            message = self._container_message(binds, payload_cg, restrictions)
-            leader.send(go_write, message)
-            _preload_registration()  # while PID 1 mounts, pivots and execs the init
-            # EOF: PID 1 exec'd the init (the pipe is close-on-exec); a byte: it failed.
-            if os.read(report_read, 1):
-                raise StartError("the container failed to set up its file systems (see above)")
             self._register()
             _crash_point("after-registration")
             self._start_loopback_proxies()
@@ -370,17 +387,27 @@ class Supervisor:
         os.rename(tmp, pid_file)
         self.handed_over = True
 
-    def _container_message(self, binds: list[dict], payload_cg, restrictions: dict) -> dict:
+    def _rootfs_spec(self, binds: list[dict], payload_cg: Path) -> mounts.RootfsSpec:
+        base = self.policy.uid_base
+        return mounts.RootfsSpec(
+            root=str(self.layers.root),
+            read_only=self.definition.read_only,
+            writable_cgroup=self.definition.boot,
+            binds=tuple(mounts.Bind(**b) for b in binds),
+            console=os.ttyname(0) if self.foreground and os.isatty(0) else None,
+            cgroup_dir=str(payload_cg),
+            owner=(base, base) if base is not None else (0, 0),
+            nested=self.definition.boot,
+        )
+
+    def _container_message(self, restrictions: dict) -> dict:
         """Everything the container's set-up (container.py) and PID 1 need
         (plain data: it crosses a pipe, marshal-ed)."""
         definition = self.definition
         return {
             "root": str(self.layers.root),
             "hostname": definition.name,
-            "read_only": definition.read_only,
             "boot": definition.boot,
-            "binds": [dict(b) for b in binds],
-            "cgroup_dir": str(payload_cg),
             "terminal": self.foreground and os.isatty(0),
             "term": os.environ.get("TERM"),
             "command": self.command,

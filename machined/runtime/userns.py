@@ -20,13 +20,12 @@ How the pieces fit the runtime (``supervisor.py``):
    file system refuses an idmapped mount (kernels before 5.19 under
    overlayfs, file systems without FS_ALLOW_IDMAP), the start fails with an
    error naming ``PrivateUsers=no``: the shared image is never chowned.
-2. :func:`enter` (container side, after ``setup_rootfs``): hands the tmpfs
-   mounts to the range, then ``unshare(CLONE_NEWUSER|CLONE_NEWNS)``; a
-   forked helper still in the host's user namespace writes ``uid_map`` and
-   ``gid_map``; then ``setresuid(0)``. Because the new mount namespace is
-   owned by a less privileged user namespace, every mount made before it is
-   *locked*: read-only ``/sys`` and the masks over ``/proc`` cannot be
-   remounted or unmounted from inside.
+2. the container's side (``leader.py``, ``mounts.py``): the intermediate
+   unshares the user namespace and the runtime writes its maps; the runtime
+   makes the machine's mounts in its own mount namespace, and PID 1's mount
+   namespace, unshared later inside the user namespace, is a copy in which
+   the kernel *locks* them: read-only ``/sys``, read-only binds and the masks
+   over ``/proc`` cannot be remounted or unmounted from inside.
 3. :func:`open_ns` / :func:`join` (``pymachine exec``): join the machine's
    user namespace last and become its root.
 
@@ -363,7 +362,6 @@ def chown_cgroup(cgroup_dir: Path, base: int | None) -> None:
 # --- the container's side --------------------------------------------------------
 
 
-#: tmpfs mounts setup_rootfs made as host root: handed to the range's root.
 def open_ns(leader: int) -> int | None:
     """``exec``: an fd of the machine's user namespace, None if it is ours."""
     path = f"/proc/{leader}/ns/user"
