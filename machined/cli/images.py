@@ -1,4 +1,5 @@
-"""Image verbs: bootstrap, images, image remove|rename|clone, import-tar, export-tar, import-oci."""
+"""Image verbs: bootstrap, images, image remove|rename|clone|show|prune, import-tar, export-tar,
+import-oci, pull, pull-tar, push, commit."""
 
 from __future__ import annotations
 
@@ -67,6 +68,8 @@ def register(subparsers: Any) -> None:
     q.add_argument("image", metavar="IMAGE")
     q.add_argument("--json", action="store_true", help="JSON output")
     q.set_defaults(func=cmd_image_show)
+    q = sub.add_parser("prune", help="drop cached blobs no image uses")
+    q.set_defaults(func=cmd_image_prune)
 
     p = subparsers.add_parser(
         "import-tar",
@@ -102,6 +105,76 @@ def register(subparsers: Any) -> None:
     p.add_argument("--allow-devices", action="store_true", help="create device nodes")
     p.add_argument("--platform", default=None, help="os/arch to pick from an index (default: host)")
     p.set_defaults(func=cmd_import_oci)
+    _register_registry(subparsers)
+
+
+def _registry_options(p: Any) -> None:
+    p.add_argument(
+        "--tls-verify",
+        default="true",
+        choices=["true", "false"],
+        help="check the registry's TLS certificate; false also allows plain HTTP (as podman)",
+    )
+    p.add_argument("--authfile", help="auth file (default: skopeo's: $REGISTRY_AUTH_FILE, …)")
+    p.add_argument("--creds", metavar="USER:PASSWORD", help="log in with these credentials")
+
+
+def _register_registry(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "pull",
+        help="make an image from a registry (through skopeo)",
+        description="Pull REFERENCE (as podman writes it; short names go through "
+        "/etc/containers/registries.conf, else docker.io) into image NAME (default: the "
+        "repository's last component). Layers are kept in a blob cache shared by all images; "
+        "an image that is up to date downloads nothing.",
+    )
+    p.add_argument("reference", metavar="REFERENCE")
+    p.add_argument("--name", help="image name (default: the repository's last component)")
+    p.add_argument("--platform", help="os/arch[/variant] to pick from an index (default: host)")
+    p.add_argument("--force", action="store_true", help="replace an existing image of that name")
+    _registry_options(p)
+    p.set_defaults(func=cmd_pull)
+
+    p = subparsers.add_parser(
+        "pull-tar",
+        help="make an image from a tar archive at a URL",
+        description="Download URL (resuming a partial download) and unpack it into image NAME, "
+        "as importctl does; with --verify=checksum the SHA256SUMS beside the URL must list it, "
+        "with --verify=signature SHA256SUMS.gpg must also be a good signature by a key of the "
+        "keyring. Nothing lands in the store unless verification passed.",
+    )
+    p.add_argument("url", metavar="URL")
+    p.add_argument("image", metavar="NAME")
+    p.add_argument(
+        "--verify", default="signature", choices=["no", "checksum", "signature"],
+        help="what must check out before unpacking (default: signature)",
+    )  # fmt: skip
+    p.add_argument("--keyring", help="keyring for --verify=signature")
+    p.add_argument("--force", action="store_true", help="replace an existing image of that name")
+    p.add_argument("--allow-devices", action="store_true", help="create device nodes")
+    p.set_defaults(func=cmd_pull_tar)
+
+    p = subparsers.add_parser(
+        "push",
+        help="push an image to a registry as an OCI image",
+        description="Push IMAGE to DESTINATION (registry/repository[:tag]): one layer for the "
+        "image, or its pulled base layers plus one for the change when it was committed.",
+    )
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("destination", metavar="DESTINATION")
+    _registry_options(p)
+    p.set_defaults(func=cmd_push)
+
+    p = subparsers.add_parser(
+        "commit",
+        help="make an image from a machine's changes and its image",
+        description="A new image NEW: machine MACHINE's image with its writable layer applied "
+        "(whiteouts honoured, owners unshifted from the machine's UID range). The machine must "
+        "be stopped.",
+    )
+    p.add_argument("machine", metavar="MACHINE")
+    p.add_argument("image", metavar="NEW")
+    p.set_defaults(func=cmd_commit)
 
 
 # --- handlers ----------------------------------------------------------------
@@ -225,4 +298,60 @@ def cmd_import_oci(args: argparse.Namespace) -> int:
     from bootstrap.oci import import_oci
 
     import_oci(args.source, args.image, allow_devices=args.allow_devices, platform=args.platform)
+    return 0
+
+
+def _access(args: argparse.Namespace):
+    from bootstrap.skopeo import Access
+
+    return Access(tls_verify=args.tls_verify == "true", authfile=args.authfile, creds=args.creds)
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from bootstrap.pull import pull
+
+    pull(
+        args.reference,
+        args.name,
+        platform=args.platform,
+        access=_access(args),
+        force=args.force,
+    )
+    return 0
+
+
+def cmd_pull_tar(args: argparse.Namespace) -> int:
+    from bootstrap.urlpull import pull_tar
+
+    pull_tar(
+        args.url,
+        args.image,
+        verify=args.verify,
+        keyring=args.keyring,
+        force=args.force,
+        allow_devices=args.allow_devices,
+    )
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from bootstrap.push import push
+
+    push(args.image, args.destination, access=_access(args))
+    return 0
+
+
+def cmd_commit(args: argparse.Namespace) -> int:
+    from machined.commit import commit
+
+    commit(args.machine, args.image)
+    return 0
+
+
+def cmd_image_prune(args: argparse.Namespace) -> int:
+    from bootstrap.pull import prune
+    from machined.cli.output import human_bytes
+
+    blobs, freed = prune()
+    print(f"{blobs} unused blobs removed, {human_bytes(freed)} freed")
     return 0
