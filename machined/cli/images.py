@@ -4,6 +4,7 @@ import-oci, pull, pull-tar, push, commit."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from typing import Any
@@ -301,6 +302,22 @@ def cmd_import_oci(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _disk_full_is_an_error():
+    """A full disk during a pull or commit is a failure with one line, not a traceback
+    (the staging directory is gone by then: nothing is left behind)."""
+    import errno
+
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        from machined.errors import PymachineError
+
+        raise PymachineError(f"no space left on device: {exc.filename or ''}".rstrip(": ")) from exc
+
+
 def _access(args: argparse.Namespace):
     from bootstrap.skopeo import Access
 
@@ -310,41 +327,45 @@ def _access(args: argparse.Namespace):
 def cmd_pull(args: argparse.Namespace) -> int:
     from bootstrap.pull import pull
 
-    pull(
-        args.reference,
-        args.name,
-        platform=args.platform,
-        access=_access(args),
-        force=args.force,
-    )
+    with _disk_full_is_an_error():
+        pull(
+            args.reference,
+            args.name,
+            platform=args.platform,
+            access=_access(args),
+            force=args.force,
+        )
     return 0
 
 
 def cmd_pull_tar(args: argparse.Namespace) -> int:
     from bootstrap.urlpull import pull_tar
 
-    pull_tar(
-        args.url,
-        args.image,
-        verify=args.verify,
-        keyring=args.keyring,
-        force=args.force,
-        allow_devices=args.allow_devices,
-    )
+    with _disk_full_is_an_error():
+        pull_tar(
+            args.url,
+            args.image,
+            verify=args.verify,
+            keyring=args.keyring,
+            force=args.force,
+            allow_devices=args.allow_devices,
+        )
     return 0
 
 
 def cmd_push(args: argparse.Namespace) -> int:
     from bootstrap.push import push
 
-    push(args.image, args.destination, access=_access(args))
+    with _disk_full_is_an_error():
+        push(args.image, args.destination, access=_access(args))
     return 0
 
 
 def cmd_commit(args: argparse.Namespace) -> int:
     from machined.commit import commit
 
-    commit(args.machine, args.image)
+    with _disk_full_is_an_error():
+        commit(args.machine, args.image)
     return 0
 
 

@@ -535,3 +535,224 @@ def test_prune_drops_only_blobs_no_image_uses(host):
         "pull", "--tls-verify=false", "--name", "drop", f"{PLAIN}/team/prunable:1", timeout=300
     )
     assert "1 to download" in back.stderr
+
+
+# --- pull-tar: URLs, checksums, signatures --------------------------------------------------
+
+HTTP = "127.0.0.1:5080"
+WEB = f"{SRV}/web"
+
+#: A static server with range requests; the first GET of an archive under /flaky/ is cut
+#: in half (its Content-Length promises the whole), as a dropped connection would.
+#: Every request is logged (path and Range) to requests.log.
+SERVER = r"""
+import http.server, os, sys
+root, log = sys.argv[1], open(sys.argv[2], "a", buffering=1)
+cut = set()
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        path = os.path.join(root, self.path.lstrip("/"))
+        log.write(f"{self.path} {self.headers.get('Range', '-')}\n")
+        if not os.path.isfile(path):
+            self.send_error(404); return
+        data = open(path, "rb").read()
+        start = 0
+        rng = self.headers.get("Range")
+        if rng:
+            start = int(rng.split("=")[1].split("-")[0])
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        body = data[start:]
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.path.startswith("/flaky/") and self.path.endswith(".xz") and self.path not in cut:
+            cut.add(self.path)
+            body = body[: len(body) // 2]
+            self.close_connection = True
+        self.wfile.write(body)
+    def log_message(self, *a): pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[3])), H).serve_forever()
+"""
+
+
+def rootfs_tar(marker: str, extra: list[tuple[str, bytes | None]] = ()) -> bytes:
+    """A small rootfs (busybox) as .tar.xz bytes."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:xz") as t:
+        t.add("/bin/busybox", arcname="bin/busybox")
+        for applet in BUSYBOX_APPLETS:
+            info = tarfile.TarInfo(f"bin/{applet}")
+            info.type, info.linkname = tarfile.SYMTYPE, "busybox"
+            t.addfile(info)
+        for name, data in [
+            ("etc/marker", marker.encode()),
+            ("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n"),
+            *extra,
+        ]:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                t.addfile(info)
+            else:
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def sums_for(files: dict[str, bytes]) -> bytes:
+    return "".join(f"{hashlib.sha256(d).hexdigest()}  {n}\n" for n, d in files.items()).encode()
+
+
+@pytest.fixture(scope="module")
+def web(host, tmp_path_factory):
+    """A directory tree served on HTTP, a throwaway GnuPG key and its keyring (in-host paths)."""
+    if not shutil.which("gpg"):
+        skip_or_fail("gpg is not installed (dev/setup installs gnupg)")
+    root = host.host_path(WEB)
+    good = rootfs_tar("from-a-url")
+    layout = {
+        "plain/rootfs.tar.xz": good,
+        "signed/rootfs.tar.xz": good,
+        "tampered/rootfs.tar.xz": good,
+        "forged/rootfs.tar.xz": good,
+        "flaky/rootfs.tar.xz": good,
+        "evil/rootfs.tar.xz": rootfs_tar("evil", [("../../escaped-url", b"x")]),
+    }
+    for rel, data in layout.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    for d in ("plain", "signed", "forged", "flaky", "evil"):
+        (root / d / "SHA256SUMS").write_bytes(
+            sums_for({"rootfs.tar.xz": good if d != "evil" else layout["evil/rootfs.tar.xz"]})
+        )
+    (root / "tampered/SHA256SUMS").write_bytes(sums_for({"rootfs.tar.xz": b"something else"}))
+    gnupg = tmp_path_factory.mktemp("gnupg")
+    os.chmod(gnupg, 0o700)
+
+    def gpg(*args: str, home: Path = gnupg) -> None:
+        subprocess.run(["gpg", "--homedir", str(home), "--batch", "--yes", "--pinentry-mode", "loopback", "--passphrase", "", *args],
+                       check=True, capture_output=True)  # fmt: skip
+
+    gpg("--quick-gen-key", "pymtest signer <signer@pymtest.invalid>", "ed25519", "sign", "never")
+    gpg("--output", str(root / "keyring.gpg"), "--export")
+    gpg(
+        "--output",
+        str(root / "signed/SHA256SUMS.gpg"),
+        "--detach-sign",
+        str(root / "signed/SHA256SUMS"),
+    )
+    other = tmp_path_factory.mktemp("gnupg-other")
+    os.chmod(other, 0o700)
+    gpg(
+        "--quick-gen-key",
+        "someone else <other@pymtest.invalid>",
+        "ed25519",
+        "sign",
+        "never",
+        home=other,
+    )
+    gpg(
+        "--output",
+        str(root / "forged/SHA256SUMS.gpg"),
+        "--detach-sign",
+        str(root / "forged/SHA256SUMS"),
+        home=other,
+    )
+    (root / "server.py").write_text(SERVER)
+    host.run(
+        [
+            "systemd-run",
+            "--unit=pymtest-web",
+            "--",
+            "python3",
+            f"{WEB}/server.py",
+            WEB,
+            f"{WEB}/requests.log",
+            HTTP.split(":")[1],
+        ]
+    )
+    host.run(
+        [
+            "python3",
+            "-c",
+            f"import socket,time\nfor _ in range(200):\n    try:\n        socket.create_connection(('127.0.0.1',{HTTP.split(':')[1]}),1).close(); break\n    except OSError: time.sleep(0.05)",
+        ]
+    )
+    return root
+
+
+def test_pull_tar_with_a_good_checksum_and_a_good_signature(host, web):
+    url = f"http://{HTTP}/plain/rootfs.tar.xz"
+    host.pymachine("pull-tar", url, "fromurl", "--verify=checksum", timeout=300)
+    info = images(host)["fromurl"]
+    assert info["origin"]["url"] == url and info["origin"]["verify"] == "checksum"
+    assert (
+        info["origin"]["sha256"]
+        == hashlib.sha256((web / "plain/rootfs.tar.xz").read_bytes()).hexdigest()
+    )
+    assert (host.host_path("/var/lib/machines/fromurl") / "etc/marker").read_text() == "from-a-url"
+    machine = unique("u")
+    host.pymachine(
+        "create",
+        machine,
+        "--image",
+        "fromurl",
+        "--network",
+        "none",
+        "--",
+        "/bin/cat",
+        "/etc/marker",
+    )
+    assert host.pymachine("run", machine).stdout.strip() == "from-a-url"
+    host.pymachine("remove", machine)
+    host.pymachine(
+        "pull-tar", f"http://{HTTP}/signed/rootfs.tar.xz", "signed", "--verify=signature",
+        f"--keyring={WEB}/keyring.gpg", timeout=300,
+    )  # fmt: skip
+    assert images(host)["signed"]["origin"]["verify"] == "signature"
+
+
+@pytest.mark.parametrize(
+    ("path", "flags", "code", "says"),
+    [
+        ("tampered", ("--verify=checksum",), 1, "does not match SHA256SUMS"),
+        (
+            "forged",
+            ("--verify=signature", f"--keyring={WEB}/keyring.gpg"),
+            1,
+            "signature does not check out",
+        ),
+        ("nothing-here", ("--verify=no",), 4, "404"),
+        ("evil", ("--verify=checksum",), 2, "refusing"),
+        (
+            "signed",
+            ("--verify=signature", f"--keyring={WEB}/no-such-keyring"),
+            2,
+            "no-such-keyring",
+        ),
+    ],
+)
+def test_pull_tar_that_does_not_check_out_changes_nothing(host, web, path, flags, code, says):
+    before, listed = store_entries(host), set(images(host))
+    result = pm(host, "pull-tar", f"http://{HTTP}/{path}/rootfs.tar.xz", unique("u"), *flags)
+    assert result.returncode == code, result.stderr
+    last = result.stderr.strip().splitlines()[-1]  # the error: one line, after the progress
+    assert last.startswith("pymachine: ") and says in last, result.stderr
+    assert store_entries(host) == before and set(images(host)) == listed
+    assert os.listdir(host.host_path("/var/cache/pymachine/downloads")) == []
+
+
+def test_a_truncated_download_fails_and_the_next_pull_resumes_it(host, web):
+    url = f"http://{HTTP}/flaky/rootfs.tar.xz"
+    before = store_entries(host)
+    first = pm(host, "pull-tar", url, "flaky", "--verify=checksum")
+    assert first.returncode == 1 and "pull again to resume" in first.stderr, first.stderr
+    assert store_entries(host) == before
+    host.pymachine("pull-tar", url, "flaky", "--verify=checksum", timeout=300)
+    size = len((web / "flaky/rootfs.tar.xz").read_bytes())
+    requests = [line.split() for line in (web / "requests.log").read_text().splitlines()]
+    tries = [r for r in requests if r[0] == "/flaky/rootfs.tar.xz"]
+    assert tries[0][1] == "-" and tries[1][1] == f"bytes={size // 2}-", tries
+    assert (host.host_path("/var/lib/machines/flaky") / "etc/marker").read_text() == "from-a-url"
