@@ -756,3 +756,178 @@ def test_a_truncated_download_fails_and_the_next_pull_resumes_it(host, web):
     tries = [r for r in requests if r[0] == "/flaky/rootfs.tar.xz"]
     assert tries[0][1] == "-" and tries[1][1] == f"bytes={size // 2}-", tries
     assert (host.host_path("/var/lib/machines/flaky") / "etc/marker").read_text() == "from-a-url"
+
+
+# --- commit and push -----------------------------------------------------------------------
+
+CHANGES = (
+    "echo changed >> /etc/marker; rm /bin/ls; rm -rf /app; mkdir /app; echo fresh > /app/new; "
+    "mkdir /data; echo mine > /data/f; chown 1000:1000 /data/f; chmod 4750 /data/f"
+)
+
+
+def committed_machine(host: SystemdHost, base: str) -> str:
+    """A stopped machine on BASE (user namespace on: its layer is owned by its range) with CHANGES."""
+    machine = unique("c")
+    host.pymachine(
+        "create", machine, "--image", base, "--network", "none", "--", "/bin/sh", "-c", CHANGES
+    )
+    host.pymachine("run", machine, timeout=120)
+    return machine
+
+
+def test_commit_makes_an_image_of_the_changes_only(host):
+    base = unique("cbase")
+    host.pymachine("pull", "--tls-verify=false", "--name", base, f"{PLAIN}/team/app:1", timeout=300)
+    machine = committed_machine(host, base)
+    upper_owner = os.stat(
+        host.host_path(f"/var/lib/pymachine/machines/{machine}/upper/data/f")
+    ).st_uid
+    assert upper_owner != 1000  # shifted into the machine's range
+    new = unique("committed")
+    out = host.pymachine("commit", machine, new, timeout=300)
+    root, base_root = (host.host_path(f"/var/lib/machines/{n}") for n in (new, base))
+    assert (root / "etc/marker").read_text() == "amd64changed\n"
+    assert not (root / "bin/ls").exists() and (root / "bin/cat").is_symlink()
+    assert sorted(os.listdir(root / "app")) == ["new"]  # the opaque directory
+    st = os.stat(root / "data/f")
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (1000, 1000, 0o4750)
+    assert os.stat(root / "etc/marker").st_uid == 0
+    # the base is untouched, and unchanged files are shared with it, not copied
+    assert (base_root / "etc/marker").read_text() == "amd64" and (base_root / "bin/ls").exists()
+    assert sorted(os.listdir(base_root / "app")) == ["hello"]
+    if "hard links" in out.stderr:
+        assert os.stat(root / "bin/busybox").st_ino == os.stat(base_root / "bin/busybox").st_ino
+        assert os.stat(root / "etc/marker").st_ino != os.stat(base_root / "etc/marker").st_ino
+    origin = images(host)[new]["origin"]
+    assert origin["committed_from"] == machine and origin["base"] == base
+    # a plain directory the reference tools use, and a machine runs it
+    assert new in host.run(["machinectl", "list-images", "--no-legend"]).stdout
+    user = unique("u")
+    host.pymachine("create", user, "--image", new, "--network", "none", "--", "/bin/cat", "/data/f")
+    assert host.pymachine("run", user).stdout == "mine\n"
+    for m in (user, machine):
+        host.pymachine("remove", m)
+
+
+def test_commit_refuses_a_running_machine_and_an_existing_name(host):
+    machine = unique("run")
+    host.pymachine("create", machine, "--image", "base" if "base" in images(host) else _pulled(host), "--network", "none",
+                   "--", "/bin/sh", "-c", "while :; do sleep 1; done")  # fmt: skip
+    host.pymachine("start", machine)
+    before = store_entries(host)
+    try:
+        running = pm(host, "commit", machine, unique("no"))
+        assert running.returncode == 5 and "is running" in running.stderr
+    finally:
+        host.pymachine("stop", machine)
+    taken = pm(host, "commit", machine, "base")
+    assert taken.returncode == 5 and "already exists" in taken.stderr
+    missing = pm(host, "commit", "no-such-machine", unique("no"))
+    assert missing.returncode == 4
+    assert store_entries(host) == before
+    host.pymachine("remove", machine)
+
+
+def _pulled(host: SystemdHost) -> str:
+    host.pymachine(
+        "pull", "--tls-verify=false", "--name", "base", f"{PLAIN}/team/base:1", timeout=300
+    )
+    return "base"
+
+
+def test_push_of_a_committed_image_sends_the_base_layers_plus_the_change(host):
+    base = unique("pbase")
+    host.pymachine("pull", "--tls-verify=false", "--name", base, f"{PLAIN}/team/app:1", timeout=300)
+    machine = committed_machine(host, base)
+    new = unique("pushed")
+    host.pymachine("commit", machine, new, timeout=300)
+    dest = f"{PLAIN}/team/committed:v2"
+    host.pymachine("push", "--tls-verify=false", new, dest, timeout=300)
+    # skopeo (not ours) reads it: the app image's two layers plus one
+    manifest = json.loads(
+        skopeo_in(host, "inspect", "--raw", "--tls-verify=false", f"docker://{dest}").stdout
+    )
+    original = json.loads(
+        skopeo_in(
+            host, "inspect", "--raw", "--tls-verify=false", f"docker://{PLAIN}/team/app:1"
+        ).stdout
+    )
+    assert [d["digest"] for d in manifest["layers"][:2]] == [
+        d["digest"] for d in original["layers"]
+    ]
+    assert len(manifest["layers"]) == 3
+    config = json.loads(
+        skopeo_in(host, "inspect", "--config", "--tls-verify=false", f"docker://{dest}").stdout
+    )
+    assert len(config["rootfs"]["diff_ids"]) == 3 and config["config"]["Env"] == [
+        "GREETING=the-registry"
+    ]
+    skopeo_in(
+        host, "copy", "--src-tls-verify=false", f"docker://{dest}", f"oci:{SRV}/copied-{new}:x"
+    )
+    # and pull reads back the same tree and defaults
+    back = unique("back")
+    host.pymachine("pull", "--tls-verify=false", "--name", back, dest, timeout=300)
+    root = host.host_path(f"/var/lib/machines/{back}")
+    assert (root / "etc/marker").read_text() == "amd64changed\n" and not (root / "bin/ls").exists()
+    assert sorted(os.listdir(root / "app")) == ["new"] and os.stat(root / "data/f").st_uid == 1000
+    assert "hello from the-registry in /etc" in run_image(host, back)
+    host.pymachine("remove", machine)
+
+
+def test_push_of_a_bootstrapped_image_is_one_layer_podman_pulls(host):
+    name = unique("bb")
+    host.pymachine("bootstrap", "--distro", "busybox", name)
+    dest = f"{AUTHED}/private/{name}:1"
+    denied = pm(host, "push", "--tls-verify=false", name, dest)
+    assert denied.returncode == 1 and "401" in denied.stderr
+    host.pymachine(
+        "push", "--tls-verify=false", "--creds", f"{USER}:{PASSWORD}", name, dest, timeout=300
+    )
+    manifest = json.loads(
+        skopeo_in(
+            host,
+            "inspect",
+            "--raw",
+            "--tls-verify=false",
+            f"--creds={USER}:{PASSWORD}",
+            f"docker://{dest}",
+        ).stdout
+    )
+    assert len(manifest["layers"]) == 1
+    assert manifest["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
+    # podman (not ours) pulls it into its own storage
+    if shutil.which("podman"):
+        podman = [
+            "podman",
+            "--root",
+            f"{SRV}/podman-{name}",
+            "--runroot",
+            f"/run/podman-{name}",
+            "--storage-driver",
+            "vfs",
+        ]
+        host.run(
+            [*podman, "pull", "--tls-verify=false", "--creds", f"{USER}:{PASSWORD}", dest],
+            timeout=300,
+        )
+        listed = host.run([*podman, "images", "--format", "{{.Repository}}:{{.Tag}}"]).stdout
+        assert f"{AUTHED}/private/{name}:1" in listed
+    back = unique("bback")
+    host.pymachine(
+        "pull",
+        "--tls-verify=false",
+        "--creds",
+        f"{USER}:{PASSWORD}",
+        "--name",
+        back,
+        dest,
+        timeout=300,
+    )
+    machine = unique("b")
+    host.pymachine(
+        "create", machine, "--image", back, "--network", "none", "--", "/bin/cat", "/etc/os-release"
+    )
+    assert "busybox" in host.pymachine("run", machine).stdout
+    host.pymachine("remove", machine)
