@@ -13,6 +13,8 @@ use it) that costs the disk of the machine's changes, not a full copy:
   written through;
 * owners are unshifted from the machine's UID range (``PrivateUsers=``);
   an id outside the range becomes ``nobody`` (65534);
+* device nodes and sockets are left out (``import-tar --allow-devices`` is
+  the way to an image with device nodes);
 * overlay bookkeeping (``trusted.overlay.*``) is not copied; a layer with
   redirected directories or metacopy files (overlay features pymachine does
   not enable) is refused rather than copied wrong.
@@ -102,6 +104,7 @@ class Applier:
         self.links: dict[tuple[int, int], Path] = {}
         self.dirs: list[tuple[str, Path, os.stat_result]] = []
         self.changed = 0
+        self.skipped: list[str] = []
 
     def run(self) -> int:
         stack = [""]
@@ -159,10 +162,11 @@ class Applier:
             os.symlink(os.readlink(src), dest)
         elif stat.S_ISFIFO(st.st_mode):
             os.mkfifo(dest, 0o600)
-        elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
-            os.mknod(dest, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev)
         else:
-            return False  # sockets: nothing to keep
+            # sockets, and device nodes (a machine without a user namespace can
+            # make them; an image gets them only through import --allow-devices)
+            self.skipped.append(rel)
+            return False
         if st.st_nlink > 1:
             self.links[key] = dest
         self._metadata(src, dest, st)
@@ -285,7 +289,12 @@ def commit(machine: str, new: str, *, store: ImageStore | None = None, progress=
         progress.step(f"copying image '{base}'")
         how = copy_base(base_root, staging)
         progress.step(f"applying machine '{machine}'s changes")
-        manifest, changed = _apply(store, upper, staging, shift, base_origin, machine)
+        manifest, applier = _apply(store, upper, staging, shift, base_origin, machine)
+        if applier.skipped:
+            progress.message(
+                f"left out {len(applier.skipped)} device node(s) or socket(s): "
+                + ", ".join(applier.skipped[:5])
+            )
         origin = {"committed_from": machine, "base": base, "committed_at": time.time()}
         if manifest:
             origin["manifest"] = manifest
@@ -294,29 +303,32 @@ def commit(machine: str, new: str, *, store: ImageStore | None = None, progress=
         meta = {"source": f"commit of machine {machine} (image {base})", "origin": origin}
         path = store.commit(new, staging, meta=meta, config=store.config(base))
     progress.finish(
-        f"image '{new}' committed from machine '{machine}': {changed} changed entries over "
+        f"image '{new}' committed from machine '{machine}': {applier.changed} changed entries over "
         f"'{base}' ({how}) in {time.monotonic() - started:.1f}s"
     )
     return path
 
 
-def _apply(store, upper, staging, shift, base_origin, machine) -> tuple[str | None, int]:
+def _apply(store, upper, staging, shift, base_origin, machine) -> tuple[str | None, Applier]:
     """Apply the upper layer; with a pulled base, also store base + change as an OCI image."""
     from bootstrap.blobcache import BlobCache
 
     cache = BlobCache(store.paths)
     base_manifest = base_origin.get("manifest")
     if not base_manifest or not cache.has(base_manifest):
-        return None, Applier(upper, staging, shift, None).run()
+        applier = Applier(upper, staging, shift, None)
+        applier.run()
+        return None, applier
     from bootstrap import ociwrite
 
     with cache.locked():
         written: list[ociwrite.WrittenLayer] = []
         with ociwrite.layer(cache, written) as tar:
-            changed = Applier(upper, staging, shift, tar).run()
+            applier = Applier(upper, staging, shift, tar)
+            applier.run()
         manifest = cache.read_json(base_manifest)
         config = ociwrite.extended_config(
             cache.read_json(manifest["config"]["digest"]), written[0], f"pymachine commit {machine}"
         )
         layers = [*manifest.get("layers", []), written[0].descriptor]
-        return ociwrite.put_image(cache, config, layers), changed
+        return ociwrite.put_image(cache, config, layers), applier

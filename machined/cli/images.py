@@ -258,6 +258,7 @@ def cmd_image_show(args: argparse.Namespace) -> int:
         ("Name", info.name),
         ("Path", str(info.path)),
         ("Source", info.source or "-"),
+        *_origin_lines(info.origin or {}),
         ("Size", human_bytes(info.size)),
         ("Created", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.created))),
         ("Used by", ", ".join(info.used_by) or "-"),
@@ -270,11 +271,32 @@ def cmd_image_show(args: argparse.Namespace) -> int:
             ("Environment", " ".join(config.environment) or "-"),
             ("WorkingDir", config.working_directory or "-"),
             ("User", config.user or "-"),
+            ("Ports", " ".join(config.exposed_ports) or "-"),
+            ("StopSignal", config.stop_signal or "-"),
         ]
     width = max(len(k) for k, _ in lines)
     for key, value in lines:
         print(f"{key.rjust(width)}: {value}")
     return 0
+
+
+def _origin_lines(origin: dict[str, Any]) -> list[tuple[str, str]]:
+    """Where a pulled, downloaded or committed image came from, for ``image show``."""
+    lines = []
+    if origin.get("reference"):
+        lines.append(("Reference", str(origin["reference"])))
+        lines.append(("Digest", f"{origin.get('digest', '-')} ({origin.get('platform', '-')})"))
+    if origin.get("url"):
+        lines.append(("URL", str(origin["url"])))
+        lines.append(("SHA256", f"{origin.get('sha256', '-')} (verify={origin.get('verify')})"))
+    if origin.get("committed_from"):
+        lines.append(
+            ("Committed", f"from machine {origin['committed_from']} on {origin.get('base')}")
+        )
+    when = origin.get("pulled_at") or origin.get("committed_at")
+    if when:
+        lines.append(("At", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(when)))))
+    return lines
 
 
 def cmd_import_tar(args: argparse.Namespace) -> int:
