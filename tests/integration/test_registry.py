@@ -931,3 +931,19 @@ def test_push_of_a_bootstrapped_image_is_one_layer_podman_pulls(host):
     )
     assert "busybox" in host.pymachine("run", machine).stdout
     host.pymachine("remove", machine)
+
+
+def test_no_space_left_is_one_line_and_leaves_nothing(host):
+    """The store on a 1 MiB tmpfs: the base image (2 MiB unpacked) does not fit."""
+    host.run(["mount", "-t", "tmpfs", "-o", "size=1m", "pymtest-full", "/var/lib/machines"])
+    try:
+        full = pm(
+            host, "pull", "--tls-verify=false", "--force", "--name", "full", f"{PLAIN}/team/base:1"
+        )
+        assert full.returncode == 1, full.stderr
+        last = full.stderr.strip().splitlines()[-1]
+        assert last.startswith("pymachine: ") and "space" in last, full.stderr
+        assert os.listdir(host.host_path("/var/lib/machines")) == []
+        assert "full" not in images(host)
+    finally:
+        host.run(["umount", "/var/lib/machines"])
