@@ -75,12 +75,24 @@ def expected_sha256(sums: str, filename: str) -> str:
     raise VerificationFailed(f"SHA256SUMS does not list {filename}")
 
 
+class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib would follow a redirect to ftp:// too."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+        if urllib.parse.urlsplit(newurl).scheme not in ("http", "https"):
+            raise PymachineError(f"{req.full_url}: redirected to {newurl}: http(s) only")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_OPENER = urllib.request.build_opener(_HttpOnlyRedirects)
+
+
 def _open(url: str, offset: int = 0):
     request = urllib.request.Request(url, headers={"User-Agent": "pymachine"})
     if offset:
         request.add_header("Range", f"bytes={offset}-")
     try:
-        return urllib.request.urlopen(request, timeout=TIMEOUT)  # noqa: S310 (scheme checked)
+        return _OPENER.open(request, timeout=TIMEOUT)
     except urllib.error.HTTPError as exc:
         if exc.code == 404:
             raise NotFound(f"{url}: not found (404)") from exc
