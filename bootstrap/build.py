@@ -15,6 +15,7 @@ from bootstrap.progress import Progress
 from machined.cli.output import human_bytes
 from machined.images import ImageStore
 from machined.names import validate_image_name
+from machined.paths import private_dirs
 
 
 class Terminated(KeyboardInterrupt):
@@ -43,6 +44,7 @@ def cache_dir(store: ImageStore, config: BootstrapConfig) -> Path | None:
     """Where this build's downloaded packages are kept (None with --no-cache)."""
     if not config.use_cache:
         return None
+    private_dirs(store.paths.cache)  # root's, as the other state directories
     path = store.paths.cache / "packages" / installer(config.distribution).cache_key(config)
     path.mkdir(parents=True, exist_ok=True)
     return path

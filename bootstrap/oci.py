@@ -30,6 +30,7 @@ from typing import IO, Any
 
 from bootstrap.distributions import host_architecture
 from bootstrap.progress import Progress
+from bootstrap.space import SpaceBudget
 from bootstrap.tarimport import extract
 from machined.errors import InvalidInput
 from machined.images import ImageConfig, ImageStore
@@ -243,6 +244,12 @@ def apply_layers(
     allow_devices: bool = False,
     progress: Progress | None = None,
 ) -> None:
+    """Extract ``layers`` in order onto ``root``, whiteouts honoured.
+
+    One space budget for all of them: what a layer deletes is not counted
+    back, so a stack of layers cannot fill the disk layer by layer.
+    """
+    budget = SpaceBudget.for_path(root)
     for number, layer in enumerate(layers, 1):
         if layer.media_type.endswith(ZSTD_TYPES):
             raise InvalidInput(f"layer {layer.digest}: zstd-compressed layers are not supported")
@@ -252,7 +259,14 @@ def apply_layers(
         with layout.open(layer.path) as f:
             reader = HashingReader(f, layer.digest)
             stream = io.BufferedReader(reader, 1 << 20)
-            extract(stream, root, allow_devices=allow_devices, whiteouts=True, progress=progress)
+            extract(
+                stream,
+                root,
+                allow_devices=allow_devices,
+                whiteouts=True,
+                progress=progress,
+                budget=budget,
+            )
             reader.verify()
 
 
@@ -270,7 +284,11 @@ def import_oci(
     started = time.monotonic()
     layout = Layout(source)
     try:
-        resolved = resolve(layout, platform)
+        try:
+            resolved = resolve(layout, platform)
+        except (KeyError, TypeError, AttributeError, IndexError) as exc:
+            # A hostile or broken layout: one line, exit 2, not a traceback.
+            raise InvalidInput(f"{source}: malformed image metadata ({exc!r})") from exc
         with store.staging(name) as staging:
             apply_layers(
                 layout, resolved.layers, staging, allow_devices=allow_devices, progress=progress

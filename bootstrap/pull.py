@@ -90,10 +90,16 @@ def layers_of(manifest: dict[str, Any]) -> tuple[list[Layer], dict[str, str]]:
 def config_of(config: dict[str, Any]) -> ImageConfig:
     """What ``create`` takes from an image: bootstrap.oci's fields plus ports and stop signal."""
     c = config.get("config") or {}
-    return replace(
-        image_config(config),
-        exposed_ports=tuple(sorted(c.get("ExposedPorts") or {})),
-        stop_signal=c.get("StopSignal") or None,
+    ports, signal = c.get("ExposedPorts") or {}, c.get("StopSignal") or None
+    if not isinstance(ports, dict) or not all(isinstance(p, str) for p in ports):
+        raise InvalidInput(f"image config: ExposedPorts is not a map of ports: {ports!r}")
+    if signal is not None and not isinstance(signal, str):
+        raise InvalidInput(f"image config: StopSignal is not a string: {signal!r}")
+    # through the sidecar's own checks (ImageConfig.from_json) like every stored config
+    return ImageConfig.from_json(
+        replace(
+            image_config(config), exposed_ports=tuple(sorted(ports)), stop_signal=signal
+        ).to_json()
     )
 
 

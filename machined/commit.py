@@ -37,7 +37,6 @@ import tarfile
 import time
 from pathlib import Path
 
-from bootstrap.tarimport import _remove  # rm -rf of one entry, no link followed
 from machined.errors import Conflict, NotFound, PymachineError
 from machined.images import ImageStore
 from machined.names import validate_image_name, validate_machine_name
@@ -54,6 +53,20 @@ def _xattr(path: str, name: str) -> bytes | None:
         return os.getxattr(path, name, follow_symlinks=False)
     except OSError:
         return None
+
+
+def _remove(path: Path) -> None:
+    """rm -rf of one entry of the staging tree (a symlink itself, never its target)."""
+    from machined.images import remove_tree
+
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        remove_tree(path)
+    else:
+        os.unlink(path)
 
 
 class Shift:

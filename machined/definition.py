@@ -41,6 +41,8 @@ class BindMount(namedtuple("BindMount", "source target read_only", defaults=(Fal
     @classmethod
     def parse(cls, text: str) -> BindMount:
         """``HOST:CONTAINER[:ro|rw]`` or ``PATH[:ro]`` (same path on both sides)."""
+        if text != text.strip():
+            raise InvalidInput(f"invalid bind {text!r}: white space around it")
         parts = text.split(":")
         read_only = False
         if len(parts) > 1 and parts[-1] in ("ro", "rw"):
@@ -115,15 +117,18 @@ class MachineDefinition(Record):
             )
         check_seconds(self.stop_timeout, what="stop timeout")
         for what, value in self._text_values():
-            if any(c in value for c in "\n\r\0"):
-                raise InvalidInput(f"invalid {what} {value!r}: must not contain a newline or NUL")
+            unitfile.check_value(what, value)
+        for what, value in (("user", self.user), ("working directory", self.working_directory)):
+            if value is not None and (not value or value != value.strip()):
+                raise InvalidInput(f"invalid {what} {value!r}: empty, or white space around it")
         if self.boot and self.command:
             raise InvalidInput("a boot-mode machine runs the image's init; it takes no command")
         self.network.validate()
         return self
 
     def _text_values(self) -> list[tuple[str, str]]:
-        """Every free-text value, for checks a line-based file format needs."""
+        """Every free-text value, for checks a line-based file format needs:
+        the ones a user or an image's config (Cmd, Env, WorkingDir, User) fills."""
         values = [("command argument", arg) for arg in self.command]
         values += [("environment value", f"{k}={v}") for k, v in self.environment.items()]
         values += [("working directory", self.working_directory or ""), ("user", self.user or "")]

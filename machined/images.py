@@ -35,9 +35,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from machined.errors import Conflict, NotFound, PymachineError
+from machined.errors import Conflict, InvalidInput, NotFound, PymachineError
 from machined.names import validate_image_name
-from machined.paths import Paths
+from machined.paths import Paths, private_dirs
 
 TEMP_PREFIX = ".#"
 
@@ -80,14 +80,27 @@ class ImageConfig:
     def from_json(cls, data: dict[str, Any] | None) -> ImageConfig:
         if not data:
             return cls()
+
+        def words(key: str) -> tuple[str, ...]:
+            value = data.get(key) or []
+            if not isinstance(value, list | tuple) or not all(isinstance(w, str) for w in value):
+                raise InvalidInput(f"image config: {key} is not a list of strings: {value!r}")
+            return tuple(value)
+
+        def text(key: str) -> str | None:
+            value = data.get(key) or None
+            if value is not None and not isinstance(value, str):
+                raise InvalidInput(f"image config: {key} is not a string: {value!r}")
+            return value
+
         return cls(
-            entrypoint=tuple(data.get("entrypoint") or ()),
-            cmd=tuple(data.get("cmd") or ()),
-            environment=tuple(data.get("environment") or ()),
-            working_directory=data.get("working_directory") or None,
-            user=data.get("user") or None,
-            exposed_ports=tuple(data.get("exposed_ports") or ()),
-            stop_signal=data.get("stop_signal") or None,
+            entrypoint=words("entrypoint"),
+            cmd=words("cmd"),
+            environment=words("environment"),
+            working_directory=text("working_directory"),
+            user=text("user"),
+            exposed_ports=words("exposed_ports"),
+            stop_signal=text("stop_signal"),
         )
 
 
@@ -280,7 +293,7 @@ class ImageStore:
         validate_image_name(name)
         if self.exists(name) and not replace:
             raise Conflict(f"image '{name}' already exists")
-        self.directory.mkdir(parents=True, exist_ok=True)
+        private_dirs(self.directory)  # the new tree (set-user-ID files too) stays root's
         self.clean_stale()
         tmp = Path(
             tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{name}.{os.getpid()}.", dir=self.directory)
@@ -373,7 +386,7 @@ class ImageStore:
         self._write_meta(name, meta)
 
     def _write_meta(self, name: str, meta: dict[str, Any]) -> None:
-        self.meta_directory.mkdir(parents=True, exist_ok=True)
+        private_dirs(self.paths.state, self.meta_directory)
         target = self.meta_file(name)
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.meta_directory)
         try:
@@ -388,8 +401,7 @@ class ImageStore:
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
-        self.meta_directory.mkdir(parents=True, exist_ok=True)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        private_dirs(self.paths.state, self.meta_directory, self.directory)
         with open(self.meta_directory / ".lock", "w") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:

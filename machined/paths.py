@@ -14,6 +14,11 @@ ROOT_ENV = "PYMACHINE_ROOT"
 UNIT_PREFIX = "pymachine-"
 STATE_FILE = "state.json"  # a running machine's state, in its runtime directory
 PID_FILE = "leader.pid"  # the service's PIDFile=: PID 1's host PID, its main process
+PRIVATE = 0o700  # state directories: root's only (see private_dirs)
+# The runtime directories: others may pass, not list (a machine's PID 1, root of its
+# user namespace only, resolves its root and binds there); what root inside writes
+# there (an ephemeral machine's layer) is in a PRIVATE directory below.
+SEARCH_ONLY = 0o711
 
 
 class Paths:
@@ -91,6 +96,26 @@ class Paths:
     def unit_file(self, name: str) -> Path:
         """An enabled machine's unit file (its existence is the record of it)."""
         return self.unit_files / unit_name(name)
+
+
+def private_dirs(*directories: Path, mode: int = PRIVATE) -> None:
+    """Make each directory (and missing parents) closed to everyone but root
+    (MODE), and close it if it is open: an older install made them 0755.
+
+    What root inside a machine makes lands in them (the writable layers, the
+    images): a set-user-ID file there, run by a host user, would run as the
+    machine's root UID, and as host root for a machine without a user
+    namespace. nspawn keeps /var/lib/machines 0700, podman its storage.
+    A few system calls: every start pays them.
+    """
+    for directory in directories:
+        try:
+            current = os.stat(directory).st_mode & 0o7777
+        except FileNotFoundError:  # made with its parents (they may be another's: 0755)
+            os.makedirs(directory, mode, exist_ok=True)
+            current = os.stat(directory).st_mode & 0o7777
+        if current != mode:  # older, or the umask took bits
+            os.chmod(directory, mode)
 
 
 def unit_name(machine: str) -> str:

@@ -125,7 +125,7 @@ def parse_cpu_set(key: str, value: str) -> list[int]:
     for part in value.replace(" ", ",").split(","):
         if not part:
             continue
-        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        match = re.fullmatch(r"([0-9]+)(?:-([0-9]+))?", part)
         if not match:
             raise _bad(key, value, expected)
         first = int(match.group(1))
@@ -172,7 +172,7 @@ def parse_resource(key: str, value: str) -> list[Property]:
     parser = _PARSERS.get(key)
     if parser is None:
         raise InvalidInput(f"unknown property {key!r} (known: {', '.join(RESOURCE_KEYS)})")
-    return parser(key, value.strip())
+    return parser(key, value.strip(" \t"))
 
 
 def parse_assignment(text: str) -> tuple[str, str]:
@@ -180,7 +180,8 @@ def parse_assignment(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep:
         raise InvalidInput(f"invalid property {text!r}: expected KEY=VALUE")
-    key, value = key.strip(), value.strip()
+    single_line("property", text)
+    key, value = key.strip(" \t"), value.strip(" \t")
     parse_resource(key, value)
     return key, value
 
@@ -217,9 +218,11 @@ _PLAIN_WORD = re.compile(r"[A-Za-z0-9_@%+=:,./-]+")
 
 
 def single_line(key: str, text: str) -> str:
-    if "\n" in text or "\r" in text:
-        raise InvalidInput(f"{key}= cannot contain a line break: {text!r}")
-    return text
+    """A unit file's value: the same refusal as a definition's
+    (:func:`machined.unitfile.check_value`), one rule for every file we write."""
+    from machined.unitfile import check_value
+
+    return check_value(f"{key}=", text)
 
 
 def quote_word(word: str, *, specifiers: bool = True) -> str:

@@ -77,7 +77,8 @@ def register(subparsers: Any) -> None:
         help="make an image from a tar archive",
         description="Unpack a tar archive (plain, gzip, bzip2 or xz; '-' for stdin) into a new "
         "image. Entries that would land outside the image (absolute paths, '..', links "
-        "pointing out) are refused, and device nodes unless --allow-devices.",
+        "pointing out) are refused, and device nodes unless --allow-devices; so is an "
+        "archive that would not fit in the free space (sparse files stay sparse).",
     )
     p.add_argument("file", metavar="FILE|-")
     p.add_argument("image", metavar="IMAGE")

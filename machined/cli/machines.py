@@ -144,13 +144,18 @@ def _build_definition(name: str, args: argparse.Namespace, command: list[str]):
 
 
 def _apply_image_defaults(definition) -> None:
-    """An imported OCI image brings its Entrypoint/Cmd/Env/WorkingDir along."""
-    try:
-        from machined.images import ImageStore
+    """An imported OCI image brings its Entrypoint/Cmd/Env/WorkingDir/User
+    along: these values and no others (each is checked as if typed by hand,
+    so a hostile config is refused, never written as another key)."""
+    from machined.errors import NotFound
+    from machined.images import ImageStore
 
+    try:
         config = ImageStore().config(definition.image)
-    except Exception:
-        return
+    except NotFound:
+        return  # create reports the missing image itself
+    except InvalidInput as exc:
+        raise InvalidInput(f"image '{definition.image}': {exc}") from None
     definition.command = list(config.command)
     definition.environment = {**config.environment_dict, **definition.environment}
     definition.working_directory = definition.working_directory or config.working_directory
@@ -174,6 +179,13 @@ def cmd_create(args: argparse.Namespace) -> int:
     definition = _build_definition(args.name, args, _command(args))
     with _machines() as machines:
         machines.create(definition)
+        shared = machines.port_sharers(definition)
+    for port, other in shared:
+        print(
+            f"pymachine: warning: host port {port.protocol}:{port.host_port} is also forwarded "
+            f"to machine '{other}': only one of them can run at a time",
+            file=sys.stderr,
+        )
     if not args.quiet:
         print(f"Created machine {definition.name} from image {definition.image}.")
     return 0
@@ -401,7 +413,22 @@ def _enabled(name: str) -> bool:
     return Paths.from_env().unit_file(name).is_file()
 
 
+def _check_preserved_fds(args: argparse.Namespace) -> int:
+    """``--preserve-fds N``: fds 3 … 3+N-1 must be the caller's (checked first
+    thing, before this process opens any of its own)."""
+    from machined.runtime import fds
+
+    count = getattr(args, "preserve_fds", 0)
+    if count < 0:
+        raise InvalidInput("--preserve-fds needs a number of file descriptors, 0 or more")
+    missing = fds.first_unopened(count)
+    if missing is not None:
+        raise InvalidInput(f"--preserve-fds {count}: file descriptor {missing} is not open")
+    return count
+
+
 def cmd_exec(args: argparse.Namespace) -> int:
+    preserved = _check_preserved_fds(args)
     from machined.definition import parse_env
     from machined.runtime.enter import ExecRequest, run_in_machine
     from machined.runtime.init import DEFAULT_PATH
@@ -416,13 +443,26 @@ def cmd_exec(args: argparse.Namespace) -> int:
     base = {"PATH": DEFAULT_PATH, "container": "pymachine", **definition.environment}
     if os.environ.get("TERM"):
         base["TERM"] = os.environ["TERM"]
-    request = ExecRequest(command, environment, args.user, args.workdir, pty=args.verb == "shell")
+    request = ExecRequest(
+        command,
+        environment,
+        args.user,
+        args.workdir,
+        pty=args.verb == "shell",
+        preserve_fds=preserved,
+    )
     return run_in_machine(state, request, base)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Foreground: this process moves into a transient scope and becomes the runtime
     (in-process: an exec would start an interpreter and load it all again)."""
+    from machined.runtime import fds
+
+    # First: the container's first process is forked from this one (the
+    # intermediate, below), and the runtime stays on the host; neither needs
+    # the caller's descriptors, and the payload gets only the preserved ones.
+    fds.close_inherited(_check_preserved_fds(args))
     from machined.errors import Conflict
     from machined.machines import Machines, scope_name
     from machined.properties import Property, to_properties
@@ -540,8 +580,19 @@ def _exec_parser(subparsers: Any) -> None:
     p.add_argument("--user", "-u")
     p.add_argument("--env", "-E", action="append", default=[], metavar="NAME=VALUE")
     p.add_argument("--workdir", "-w")
+    _add_preserve_fds(p)
     p.add_argument("command", nargs="*", help="-- CMD [ARGS…]")
     p.set_defaults(func=cmd_exec)
+
+
+def _add_preserve_fds(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--preserve-fds",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also pass file descriptors 3 … 3+N-1 in (default: only stdin, stdout, stderr)",
+    )
 
 
 def _shell_parser(subparsers: Any) -> None:
@@ -560,6 +611,7 @@ def _run_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("run", help="run a machine in the foreground, in a transient scope")
     p.add_argument("name")
     p.add_argument("--ephemeral", action="store_true", help="throw the writable layer away at exit")
+    _add_preserve_fds(p)
     p.add_argument("command", nargs="*", help="-- CMD [ARGS…]")
     p.set_defaults(func=cmd_run)
 

@@ -17,7 +17,7 @@ import re
 from collections import namedtuple
 from enum import StrEnum
 
-from machined.errors import InvalidInput
+from machined.errors import Conflict, InvalidInput
 from machined.records import Record
 
 DEFAULT_BRIDGE = "pymachine0"
@@ -36,7 +36,7 @@ class NetworkMode(StrEnum):
 
 
 def _port(text: str, what: str, spec: str) -> int:
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):  # str.isdigit() alone takes '²' and '٣'
         raise InvalidInput(f"invalid port forward {spec!r}: {what} port {text!r} is not a number")
     value = int(text)
     if not 1 <= value <= 65535:
@@ -64,7 +64,7 @@ class PortForward(namedtuple("PortForward", "protocol host_port container_port")
     @classmethod
     def parse(cls, text: str) -> PortForward:
         """``[tcp|udp:]HOST[:CONTAINER]``: ``8080:80``, ``udp:53:5353``, ``tcp:22``."""
-        spec = text.strip()
+        spec = text.strip(" \t")
         parts = spec.split(":")
         protocol = "tcp"
         if parts and parts[0].lower() in PROTOCOLS:
@@ -168,3 +168,18 @@ class NetworkConfig(Record):
         if address.is_loopback or address.is_multicast or address.is_unspecified:
             raise InvalidInput(f"invalid address {self.address!r}: not a unicast host address")
         return address
+
+
+def check_ports_free(machine: str, ports, forwarded) -> None:
+    """A :class:`Conflict` if a host port of PORTS is one of FORWARDED's
+    ``(machine, PortForward)`` of another machine: the first DNAT rule would win
+    silently. ``start`` asks the runtime records (:func:`.state.forwarded_ports`)
+    before anything starts; the runtime asks the nft table under the network
+    lock (:func:`.nft.install_machine`), as the last line of defence."""
+    taken = {(p.protocol, p.host_port): owner for owner, p in forwarded if owner != machine}
+    for port in ports:
+        owner = taken.get((port.protocol, port.host_port))
+        if owner is not None:
+            raise Conflict(
+                f"host port {port.protocol}:{port.host_port} is already forwarded to machine {owner!r}"
+            )

@@ -46,9 +46,9 @@ import json
 from collections import namedtuple
 from collections.abc import Iterable
 
-from machined.errors import Conflict, PymachineError
+from machined.errors import PymachineError
 from machined.network import nftlib
-from machined.network.config import PortForward
+from machined.network.config import PortForward, check_ports_free
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without typing's import (~2 ms in the runtime)
 if TYPE_CHECKING:
@@ -365,17 +365,7 @@ def install_machine(
     is a :class:`Conflict` (the first DNAT rule would win silently otherwise).
     """
     existing = machine_rules(list_table())
-    taken = {
-        (r.port.protocol, r.port.host_port): r.machine
-        for r in existing
-        if r.machine != machine and r.port is not None
-    }
-    for port in ports:
-        owner = taken.get((port.protocol, port.host_port))
-        if owner is not None:
-            raise Conflict(
-                f"host port {port.protocol}:{port.host_port} is already forwarded to machine {owner!r}"
-            )
+    check_ports_free(machine, ports, ((r.machine, r.port) for r in existing if r.port is not None))
     stale = [_delete(r) for r in existing if r.machine == machine]
     run(skeleton() + bridge_cmds + stale + port_rules(machine, ports, address, address6))
 

@@ -102,6 +102,23 @@ def update(paths: Paths, machine: str, **changes: Any) -> None:
     write(paths, machine, data)
 
 
+def forwarded_ports(paths: Paths) -> list[tuple[str, Any]]:
+    """``(machine, PortForward)`` for each ``Port=`` of the machines with a
+    runtime record: forwarded, or about to be (the record comes first). Read-only
+    and light (no nft): ``start`` asks before anything starts."""
+    from machined.errors import InvalidInput
+    from machined.network.config import PortForward
+
+    found = []
+    for machine in machines(paths):
+        for text in (read(paths, machine) or {}).get("ports") or ():
+            try:
+                found.append((machine, PortForward.parse(str(text))))
+            except InvalidInput:  # a record someone edited
+                continue
+    return found
+
+
 def machines(paths: Paths) -> list[str]:
     """Machines that have a runtime record (set up and not torn down)."""
     try:

@@ -18,7 +18,7 @@ import tty
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from machined.runtime import linux, restrict, security, userns, users
+from machined.runtime import fds, linux, restrict, security, userns, users
 from machined.runtime.init import exit_status
 from machined.runtime.state import RuntimeState
 
@@ -44,6 +44,7 @@ class ExecRequest:
     user: str | None = None
     working_directory: str | None = None
     pty: bool = False  # a new pseudo-terminal inside the machine (pymachine shell)
+    preserve_fds: int = 0  # fds 3 … 3+N-1 of the caller cross too (--preserve-fds)
 
 
 def _join(state: RuntimeState) -> None:
@@ -182,6 +183,8 @@ def run_in_machine(state: RuntimeState, request: ExecRequest, base_env: dict[str
     if joiner == 0:
         code = 1
         try:
+            # before anything joins: nothing of the host but stdio (and what was asked for)
+            fds.close_inherited(request.preserve_fds)
             _join(state)
             code = _run_on_pty(request, base_env) if request.pty else _run_plain(request, base_env)
         except BaseException as exc:  # never fall back into the caller's code

@@ -34,8 +34,9 @@ import time
 from pathlib import Path
 
 from machined.definition import MachineDefinition
+from machined.errors import PymachineError
 from machined.network.config import NetworkMode
-from machined.paths import Paths
+from machined.paths import SEARCH_ONLY, Paths, private_dirs
 from machined.runtime import cgroup, cleanup, init, leader, linux, security, state, userns
 
 HALT = signal.SIGRTMIN + 3  # what systemd as PID 1 takes as "halt"
@@ -279,7 +280,12 @@ class Supervisor:
         signal.pthread_sigmask(signal.SIG_BLOCK, watched)
         linux.unshare(linux.CLONE_NEWNS)
         linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
-        self.layers.runtime_dir.mkdir(parents=True, exist_ok=True)
+        # Closed to host users before anything of the machine lands in them (and
+        # closed again if an older install or systemd's RuntimeDirectory= opened them).
+        private_dirs(self.paths.state, self.paths.images)
+        private_dirs(self.paths.runtime, self.layers.runtime_dir, mode=SEARCH_ONLY)
+        if self.layers.ephemeral:
+            private_dirs(self.layers.upper.parent)
         try:
             if not self.definition.boot and (problem := init.missing()):
                 raise StartError(problem)
@@ -354,7 +360,7 @@ class Supervisor:
                 return 0
             linux.set_process_name("pymachine-rt")
             return self._wait(watched)
-        except (StartError, OSError) as exc:
+        except (StartError, OSError, PymachineError) as exc:  # one line, never a traceback
             _log(f"cannot start machine {self.definition.name}: {exc}")
             if self.child:
                 try:
@@ -362,7 +368,7 @@ class Supervisor:
                     os.waitpid(self.child, 0)
                 except (ProcessLookupError, ChildProcessError):
                     pass
-            return 1
+            return int(exc.exit_code) if isinstance(exc, PymachineError) else 1  # 5: a conflict
         finally:
             if not self.handed_over:
                 self._teardown()

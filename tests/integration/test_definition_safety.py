@@ -1,0 +1,111 @@
+"""A hostile image's config, or a hand-edited definition, never adds a key
+to a machine's definition (the review's host-root finding: an OCI ``Env`` of
+``A=1\\x1cPrivateUsers=no`` turned the machine into host root).
+
+Tier 1: real images imported with ``import-oci``, real machines started by the
+real systemd; what a user observes is create's answer and, inside the machine,
+its UID map and environment.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+import uuid
+
+import pytest
+
+from tests.unit.test_bootstrap_oci import LayoutBuilder
+
+pytestmark = pytest.mark.tier1
+
+IDENTITY_MAP = "0 0 4294967295"
+
+
+def _unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def _import_oci(systemd_host, tiny_image: str, config: dict) -> str:
+    """An OCI image whose one layer is the busybox image and whose config is CONFIG."""
+    layer = f"/tmp/{_unique('layer')}.tar"
+    systemd_host.pymachine("export-tar", tiny_image, layer)
+    layout = systemd_host.host_path("/tmp/" + _unique("oci"))
+    builder = LayoutBuilder(layout)
+    builder.index([builder.image([systemd_host.host_path(layer).read_bytes()], config)])
+    archive = f"{layout}.tar"
+    with tarfile.open(archive, "w") as t:
+        t.add(layout, arcname=".")
+    inner = "/" + os.path.relpath(archive, systemd_host.host_path("/"))
+    name = _unique("img")
+    systemd_host.pymachine("import-oci", inner, name)
+    return name
+
+
+def _definitions(systemd_host) -> list[str]:
+    out = systemd_host.run(["ls", "-A", "/etc/pymachine"], check=False).stdout
+    return sorted(out.split())
+
+
+@pytest.mark.parametrize("separator", ["\x1c", "\x85", "\u2028", "\x0b"])
+def test_image_env_cannot_add_a_key(systemd_host, tiny_image, machine_name, separator):
+    image = _import_oci(
+        systemd_host,
+        tiny_image,
+        {
+            "Cmd": ["/bin/sh", "-c", "cat /proc/self/uid_map; sleep 1000"],
+            "Env": ["PATH=/bin", f"A=1{separator}PrivateUsers=no{separator}Capability=all"],
+        },
+    )
+    try:
+        before = _definitions(systemd_host)
+        result = systemd_host.pymachine("create", machine_name, "--image", image, check=False)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.count("\n") == 1 and "not allowed" in result.stderr
+        assert _definitions(systemd_host) == before
+    finally:
+        systemd_host.pymachine("image", "remove", image, check=False)
+
+
+def test_image_values_reach_the_payload_exactly(systemd_host, tiny_image, machine_name):
+    """Unusual but harmless characters are kept, byte for byte, and the
+    machine keeps its user namespace."""
+    value = "tab\there é 日 'q' \"d\" $HOME %n ;#"
+    image = _import_oci(
+        systemd_host,
+        tiny_image,
+        {
+            "Cmd": ["/bin/sh", "-c", 'cat /proc/self/uid_map; printf "%s" "$ODD" > /odd'],
+            "Env": ["PATH=/bin", f"ODD={value}"],
+        },
+    )
+    try:
+        systemd_host.pymachine("create", machine_name, "--image", image, "--network", "none")
+        result = systemd_host.pymachine("run", machine_name)
+        assert IDENTITY_MAP not in result.stdout
+        upper = systemd_host.host_path(f"/var/lib/pymachine/machines/{machine_name}/upper/odd")
+        assert upper.read_text() == value
+    finally:
+        systemd_host.pymachine("remove", machine_name, check=False)
+        systemd_host.pymachine("image", "remove", image, check=False)
+
+
+def test_hand_edited_separator_is_refused_at_start(systemd_host, tiny_image, machine_name):
+    """A definition file edited by hand with a stray U+001C: start names the
+    file and line, exits 2, and no unit runs."""
+    systemd_host.pymachine(
+        "create", machine_name, "--image", tiny_image, "--network", "none", "--", "sleep", "1000"
+    )
+    path = systemd_host.host_path(f"/etc/pymachine/{machine_name}.machine")
+    text = path.read_text()
+    path.write_text(text.replace("[Exec]\n", "[Exec]\nEnvironment=A=1\x1cPrivateUsers=no\n"))
+    try:
+        result = systemd_host.pymachine("start", machine_name, check=False)
+        assert result.returncode == 2, result.stderr
+        assert f"{machine_name}.machine:" in result.stderr
+        state = systemd_host.run(
+            ["systemctl", "is-active", f"pymachine-{machine_name}.service"], check=False
+        ).stdout.strip()
+        assert state in ("inactive", "unknown")
+    finally:
+        systemd_host.pymachine("remove", machine_name, check=False)
