@@ -39,7 +39,7 @@ from bootstrap.oci import (
 )
 from bootstrap.progress import Progress
 from bootstrap.reference import Reference, candidates
-from bootstrap.skopeo import Access, Skopeo, copy_argv, parse_json
+from bootstrap.skopeo import Access, AuthFailed, Skopeo, copy_argv, parse_json
 from machined.cli.output import human_bytes
 from machined.errors import Conflict, InvalidInput, NotFound, PymachineError
 from machined.images import ImageConfig, ImageStore
@@ -145,20 +145,21 @@ def pull(
     parse_platform(platform)  # bad input before any network
     started = time.monotonic()
     skopeo = Skopeo(access)
-    last: PymachineError | None = None
+    # As podman: each search registry in turn; one that lacks the image or
+    # refuses us is skipped. If none has it, a refusal says more than a 404.
+    errors: list[PymachineError] = []
     for ref in candidates(text):
         with skopeo.session(ref.domain) as authfile:
             try:
                 raw, digest = skopeo.raw_manifest(ref.transport, authfile)
-            except NotFound as exc:
-                last = exc
+            except (NotFound, AuthFailed) as exc:
+                errors.append(exc)
                 continue
             return _pull(
                 skopeo, ref, raw, digest, authfile, name or ref.default_name,
                 platform=platform, force=force, store=store, progress=progress, started=started,
             )  # fmt: skip
-    assert last is not None
-    raise last
+    raise next((e for e in errors if not isinstance(e, NotFound)), errors[-1])
 
 
 def _pull(

@@ -947,3 +947,20 @@ def test_no_space_left_is_one_line_and_leaves_nothing(host):
         assert "full" not in images(host)
     finally:
         host.run(["umount", "/var/lib/machines"])
+
+
+def test_short_names_resolve_through_registries_conf(host):
+    """`pymachine pull team/base:1` tries each unqualified-search registry in order."""
+    conf = host.host_path("/etc/containers/registries.conf")
+    original = conf.read_text()
+    conf.write_text(f'unqualified-search-registries = ["{AUTHED}", "{PLAIN}"]\n')
+    try:
+        # the first registry has no team/base (and wants a login): the second one does
+        out = host.pymachine(
+            "pull", "--tls-verify=false", "--name", "short", "team/base:1", timeout=300
+        )
+        assert images(host)["short"]["origin"]["reference"] == f"{PLAIN}/team/base:1", out.stderr
+        missing = pm(host, "pull", "--tls-verify=false", "--name", "short2", "team/nothing:1")
+        assert missing.returncode in (1, 4) and "short2" not in images(host)
+    finally:
+        conf.write_text(original)
