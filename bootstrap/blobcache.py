@@ -173,6 +173,12 @@ class BlobCache:
                 d for d in index.get("manifests") or [] if d.get("digest") in keep
             ]
             self._write_index(index)
+            # what a killed skopeo left: its temporary blob files in the layout's root
+            for leftover in self.root.glob("oci-put-blob*"):
+                with contextlib.suppress(FileNotFoundError):
+                    freed += leftover.stat().st_size
+                    leftover.unlink()
+                    removed += 1
             directory = self.root / "blobs" / "sha256"
             for entry in os.scandir(directory):
                 if f"sha256:{entry.name}" in keep:

@@ -206,8 +206,10 @@ def test_prune_keeps_what_a_root_reaches(tmp_path):
     cache.tag("handle", {"digest": config_b, "size": 1})
     kept = cache.reachable(config_a)
     assert layer in kept and len(kept) == 3
+    (cache.root / "oci-put-blob123").write_bytes(b"half a download")  # a killed skopeo's
     removed, freed = cache.prune([config_a])
-    assert removed == 3 and freed > 0  # b's manifest, config and layer
+    assert removed == 4 and freed > 0  # b's manifest, config and layer, the leftover
+    assert not (cache.root / "oci-put-blob123").exists()
     assert all(cache.has(d) for d in kept) and not cache.has(orphan_layer)
     assert json.loads((cache.root / "index.json").read_text())["manifests"] == []
 
