@@ -38,7 +38,7 @@ from bootstrap.oci import (
     parse_platform,
 )
 from bootstrap.progress import Progress
-from bootstrap.reference import Reference, candidates
+from bootstrap.reference import DIGEST, Reference, candidates
 from bootstrap.skopeo import Access, AuthFailed, Skopeo, copy_argv, parse_json
 from machined.cli.output import human_bytes
 from machined.errors import Conflict, InvalidInput, NotFound, PymachineError
@@ -189,25 +189,9 @@ def _pull(
             return store.path(name)
     check_replaceable(store, name, force)
 
-    document = parse_json(raw, str(ref))
-    manifest_digest, manifest = digest, document
-    if document.get("mediaType") in INDEX_TYPES or "manifests" in document:
-        try:
-            descriptor = choose_manifest(document.get("manifests") or [], platform)
-        except InvalidInput as exc:
-            raise NotFound(f"{ref}: {exc}") from exc
-        manifest_digest = descriptor["digest"]
-        data, got = skopeo.raw_manifest(ref.pinned(manifest_digest).transport, authfile)
-        if got != manifest_digest:
-            raise PymachineError(
-                f"{ref}: the registry sent a manifest that does not match its digest"
-            )
-        manifest = parse_json(data, str(ref))
-    if "layers" not in manifest:
-        raise PymachineError(f"{ref}: unsupported manifest (schema 1 or not an image)")
-
+    manifest_digest, manifest = resolve_manifest(skopeo, ref, raw, digest, authfile, platform)
     cache = BlobCache(store.paths)
-    blobs = manifest.get("layers") or []
+    blobs = manifest["layers"]
     missing = [d for d in blobs if not cache.has(d["digest"])]
     size = sum(int(d.get("size") or 0) for d in missing)
     progress.message(
@@ -257,6 +241,58 @@ def _pull(
         f"({len(missing)} downloaded, {human_bytes(size)}) in {time.monotonic() - started:.1f}s"
     )
     return path
+
+
+def checked_manifest(document: Any, what: str) -> dict[str, Any]:
+    """An image manifest whose descriptors have well-formed digests, or a clear error."""
+    if not isinstance(document, dict) or not isinstance(document.get("layers"), list):
+        raise PymachineError(f"{what}: unsupported manifest (schema 1 or not an image)")
+    for d in [document.get("config"), *document["layers"]]:
+        if not isinstance(d, dict) or not isinstance(d.get("digest"), str):
+            raise PymachineError(f"{what}: malformed manifest (a descriptor without a digest)")
+        checked_digest(d["digest"], what)
+        if not isinstance(d.get("size", 0), int):
+            raise PymachineError(f"{what}: malformed manifest (a size that is not a number)")
+    return document
+
+
+def checked_digest(digest: Any, what: str) -> str:
+    if not isinstance(digest, str) or not DIGEST.fullmatch(digest):
+        raise PymachineError(f"{what}: malformed digest {str(digest)[:80]!r} in the manifest")
+    return digest
+
+
+def resolve_manifest(
+    skopeo: Skopeo,
+    ref: Reference,
+    raw: bytes,
+    digest: str,
+    authfile: str | None,
+    platform: str | None,
+) -> tuple[str, dict[str, Any]]:
+    """The platform's manifest (and its digest) for what the reference names."""
+    document = parse_json(raw, str(ref))
+    media_type = document.get("mediaType") if isinstance(document, dict) else None
+    if isinstance(document, dict) and (
+        (isinstance(media_type, str) and media_type in INDEX_TYPES) or "manifests" in document
+    ):
+        manifests = document.get("manifests")
+        if not isinstance(manifests, list) or not all(
+            isinstance(d, dict) and isinstance(d.get("platform") or {}, dict) for d in manifests
+        ):
+            raise PymachineError(f"{ref}: malformed image index")
+        try:
+            descriptor = choose_manifest(manifests, platform)
+        except InvalidInput as exc:
+            raise NotFound(f"{ref}: {exc}") from exc
+        manifest_digest = checked_digest(descriptor.get("digest"), str(ref))
+        data, got = skopeo.raw_manifest(ref.pinned(manifest_digest).transport, authfile)
+        if got != manifest_digest:
+            raise PymachineError(
+                f"{ref}: the registry sent a manifest that does not match its digest"
+            )
+        return manifest_digest, checked_manifest(parse_json(data, str(ref)), str(ref))
+    return digest, checked_manifest(document, str(ref))
 
 
 def _check_platform(config: dict[str, Any], platform: str, ref: Reference) -> None:

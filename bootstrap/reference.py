@@ -26,7 +26,7 @@ _DOMAIN = re.compile(
     r"(?::[0-9]+)?|\[[0-9a-fA-F:]+\](?::[0-9]+)?"
 )
 _TAG = re.compile(r"[\w][\w.-]{0,127}")
-_DIGEST = re.compile(r"sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128}")
+DIGEST = re.compile(r"sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128}")
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ def _split(text: str) -> tuple[str | None, str, str | None, str | None]:
             raise InvalidInput(f"invalid image reference {text!r}: only registries (docker://)")
         text = text[len("docker://") :]
     remainder, _, digest = text.partition("@")
-    if digest and not _DIGEST.fullmatch(digest):
+    if digest and not DIGEST.fullmatch(digest):
         raise InvalidInput(f"invalid image reference {text!r}: bad digest {digest!r}")
     tag = None
     last = remainder.rsplit("/", 1)[-1]

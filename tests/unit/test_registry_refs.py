@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import random
 import string
 
 import pytest
 
+from bootstrap.pull import checked_manifest, resolve_manifest
 from bootstrap.reference import Reference, candidates, parse, search_registries
 from bootstrap.skopeo import Access, AuthFailed, classify, copy_argv, inspect_argv
-from machined.errors import ExitCode, InvalidInput, NotFound
+from machined.errors import ExitCode, InvalidInput, NotFound, PymachineError
 
 
 @pytest.fixture
@@ -146,3 +150,100 @@ def test_skopeo_failures_map_to_exit_codes(stderr, kind, code):
         assert isinstance(error, kind)
     assert error.exit_code == code
     assert str(error).startswith("r/x:1: ") and "\n" not in str(error)
+
+
+# --- manifests a registry sends: well formed, or one clear error ---------------------------
+
+
+D = "sha256:" + "a" * 64
+
+
+class FakeSkopeo:
+    """Serves manifests by digest (pure logic: no registry involved)."""
+
+    def __init__(self, blobs: dict[str, bytes]) -> None:
+        self.blobs = blobs
+
+    def raw_manifest(self, transport: str, authfile):
+        digest = transport.rsplit("@", 1)[1]
+        data = self.blobs.get(digest, b"{}")
+        return data, "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def manifest(layers: int = 1) -> dict:
+    return {
+        "schemaVersion": 2,
+        "config": {"digest": D, "size": 2},
+        "layers": [{"digest": D, "size": 3} for _ in range(layers)],
+    }
+
+
+def test_an_index_resolves_to_the_platforms_manifest():
+    arm = json.dumps(manifest(2)).encode()
+    arm_digest = "sha256:" + hashlib.sha256(arm).hexdigest()
+    index = {
+        "manifests": [
+            {"digest": D, "platform": {"os": "linux", "architecture": "amd64"}},
+            {"digest": arm_digest, "platform": {"os": "linux", "architecture": "arm64"}},
+        ]
+    }
+    (ref,) = candidates("localhost:5000/x:1")
+    digest, found = resolve_manifest(
+        FakeSkopeo({arm_digest: arm}), ref, json.dumps(index).encode(), D, None, "linux/arm64"
+    )
+    assert digest == arm_digest and len(found["layers"]) == 2
+    with pytest.raises(NotFound, match="s390x"):
+        resolve_manifest(FakeSkopeo({}), ref, json.dumps(index).encode(), D, None, "linux/s390x")
+    # an index entry whose manifest is not what its digest says
+    liar = {
+        "manifests": [{"digest": arm_digest, "platform": {"os": "linux", "architecture": "arm64"}}]
+    }
+    with pytest.raises(PymachineError, match="does not match its digest"):
+        resolve_manifest(
+            FakeSkopeo({arm_digest: b"{}"}), ref, json.dumps(liar).encode(), D, None, "linux/arm64"
+        )
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        [],
+        "text",
+        {"layers": "no"},
+        {"schemaVersion": 1, "fsLayers": []},
+        {"config": {"digest": D}, "layers": [{"digest": "sha256:../../etc"}]},
+        {"config": {"digest": D}, "layers": [{"size": 1}]},
+        {"config": None, "layers": []},
+        {"config": {"digest": D}, "layers": [{"digest": D, "size": "big"}]},
+    ],
+)
+def test_malformed_manifests_are_one_clear_error(document):
+    with pytest.raises(PymachineError) as info:
+        checked_manifest(document, "r/x:1")
+    assert str(info.value).startswith("r/x:1: ")
+
+
+def test_fuzzed_manifests_and_indexes_never_crash():
+    """Random JSON shaped like manifests and indexes: a manifest, or a PymachineError."""
+    rng = random.Random(3)
+    atoms = [None, 0, -1, 1.5, "", "x", D, "sha256:zz", [], {}, True]
+
+    def value(depth: int):
+        kind = rng.randrange(4 if depth < 3 else 1)
+        if kind == 0:
+            atom = rng.choice(atoms)
+            return type(atom)() if isinstance(atom, list | dict) else atom
+        if kind == 1:
+            return [value(depth + 1) for _ in range(rng.randrange(3))]
+        keys = ["digest", "size", "platform", "os", "architecture", "layers", "config",
+                "manifests", "mediaType", "variant"]  # fmt: skip
+        return {rng.choice(keys): value(depth + 1) for _ in range(rng.randrange(4))}
+
+    (ref,) = candidates("localhost:5000/x:1")
+    for _ in range(3000):
+        document = value(0)
+        if rng.random() < 0.5 and isinstance(document, dict):
+            document["manifests"] = value(1)
+        raw = json.dumps(document).encode()
+        with contextlib.suppress(PymachineError):
+            resolve_manifest(FakeSkopeo({}), ref, raw, D, None, rng.choice([None, "linux/amd64"]))
