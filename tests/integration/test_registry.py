@@ -259,8 +259,19 @@ def store_entries(host: SystemdHost) -> list[str]:
 
 
 def blob_requests(host: SystemdHost, port: int = 5000) -> list[str]:
-    """The blob digests the registry served so far (from its access log in the journal)."""
-    log = host.journal(f"pymtest-registry-{port}.service", lines=100000)
+    """The blob digests the registry served so far (from its access log in the journal).
+
+    The registry logs a request after answering it: a sentinel request made
+    now, once it shows in the journal, means every earlier one shows too."""
+    sentinel = f"/v2/pymtest-sentinel-{uuid.uuid4().hex[:8]}/tags/list"
+    host.run(["python3", "-c", "import sys, urllib.request\ntry: urllib.request.urlopen(sys.argv[1])\nexcept Exception: pass",
+              f"http://127.0.0.1:{port}{sentinel}"])  # fmt: skip
+    deadline = time.monotonic() + 60
+    while True:
+        log = host.journal(f"pymtest-registry-{port}.service", lines=100000)
+        if sentinel in log or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     found = []
     for line in log.splitlines():
         if '"GET /v2/' in line and "/blobs/sha256:" in line:
