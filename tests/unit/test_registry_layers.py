@@ -25,8 +25,14 @@ from bootstrap.urlpull import VerificationFailed, beside, check_url, expected_sh
 from machined.commit import Applier, Shift
 from machined.errors import InvalidInput, PymachineError
 from machined.paths import Paths
+from tests.harness import skip_or_fail
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="whiteouts and trusted xattrs need root")
+
+@pytest.fixture(autouse=True)
+def _root() -> None:
+    if os.geteuid() != 0:
+        skip_or_fail("whiteouts (device nodes) and trusted.* xattrs need root")
+
 
 SHIFT = 0x80000
 
