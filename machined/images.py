@@ -51,6 +51,8 @@ class ImageConfig:
     environment: tuple[str, ...] = ()  # "KEY=VALUE", in order
     working_directory: str | None = None
     user: str | None = None
+    exposed_ports: tuple[str, ...] = ()  # "80/tcp", as the OCI config lists them
+    stop_signal: str | None = None  # "SIGINT"
 
     @property
     def command(self) -> list[str]:
@@ -70,7 +72,7 @@ class ImageConfig:
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
-        for key in ("entrypoint", "cmd", "environment"):
+        for key in ("entrypoint", "cmd", "environment", "exposed_ports"):
             data[key] = list(data[key])
         return data
 
@@ -97,6 +99,8 @@ class ImageConfig:
             environment=words("environment"),
             working_directory=text("working_directory"),
             user=text("user"),
+            exposed_ports=words("exposed_ports"),
+            stop_signal=text("stop_signal"),
         )
 
 
@@ -110,6 +114,7 @@ class ImageInfo:
     created: float
     used_by: list[str] = field(default_factory=list)
     source: str | None = None  # "busybox", "debian bookworm minbase", "tar FILE", "oci DIR" …
+    origin: dict[str, Any] | None = None  # pull/pull-tar/commit: reference, digest, when
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -119,6 +124,7 @@ class ImageInfo:
             "created": self.created,
             "used_by": list(self.used_by),
             "source": self.source,
+            "origin": self.origin,
         }
 
 
@@ -187,7 +193,18 @@ class ImageStore:
             created=float(created),
             used_by=sorted(used_by),
             source=meta.get("source"),
+            origin=meta.get("origin"),
         )
+
+    def origin(self, name: str) -> dict[str, Any]:
+        """Where a pulled or committed image came from ({} for others)."""
+        self.path(name)
+        origin = self.read_meta(name).get("origin")
+        return origin if isinstance(origin, dict) else {}
+
+    def origins(self) -> dict[str, dict[str, Any]]:
+        """Image name → its origin, for every image that has one (the blob cache's roots)."""
+        return {n: o for n in self.names() if (o := self.read_meta(n).get("origin"))}
 
     def config(self, name: str) -> ImageConfig:
         self.path(name)
@@ -213,16 +230,14 @@ class ImageStore:
 
     # --- changes -----------------------------------------------------------
     def remove(self, name: str) -> None:
-        path = self.path(name)
+        self.path(name)
         users = self.used_by(name)
         if users:
             raise Conflict(f"image '{name}' is used by machine(s): {', '.join(users)}")
         with self._lock():
             # Rename out of the way first: the name is free at once and a
             # removal that dies half-way leaves only a hidden temporary dir.
-            doomed = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{name}.", dir=self.directory))
-            doomed.rmdir()
-            os.rename(path, doomed)
+            doomed = self._aside(name)
             with contextlib.suppress(FileNotFoundError):
                 self.meta_file(name).unlink()
         remove_tree(doomed)
@@ -268,14 +283,15 @@ class ImageStore:
 
     # --- building new images ----------------------------------------------
     @contextlib.contextmanager
-    def staging(self, name: str) -> Iterator[Path]:
+    def staging(self, name: str, *, replace: bool = False) -> Iterator[Path]:
         """A fresh temporary directory next to where image ``name`` will go.
 
         Fill it, then call :meth:`commit`. If the block raises (or is
         interrupted), the directory is removed, mounts under it first.
+        ``replace``: ``name`` may exist (``commit(replace=True)`` swaps it).
         """
         validate_image_name(name)
-        if self.exists(name):
+        if self.exists(name) and not replace:
             raise Conflict(f"image '{name}' already exists")
         private_dirs(self.directory)  # the new tree (set-user-ID files too) stays root's
         self.clean_stale()
@@ -297,8 +313,14 @@ class ImageStore:
         *,
         meta: dict[str, Any] | None = None,
         config: ImageConfig | None = None,
+        replace: bool = False,
     ) -> Path:
-        """Rename a filled staging dir to image ``name`` and write its sidecar."""
+        """Rename a filled staging dir to image ``name`` and write its sidecar.
+
+        ``replace``: an existing image of that name is renamed out of the way
+        first (the swap happens under the store's lock; a reader sees the old
+        image or the new one, never a mix) and removed afterwards.
+        """
         meta = dict(meta or {})
         meta["name"] = name
         meta.setdefault("created", time.time())
@@ -307,15 +329,27 @@ class ImageStore:
         if stat.S_IMODE(os.lstat(tmp).st_mode) == 0o700:  # still mkdtemp's mode
             os.chmod(tmp, 0o755)
         meta["size"] = disk_usage(tmp)
+        doomed = None
         with self._lock():
             target = self.paths.image(name)
             if target.exists() or target.is_symlink():
-                raise Conflict(f"image '{name}' already exists")
+                if not replace:
+                    raise Conflict(f"image '{name}' already exists")
+                doomed = self._aside(name)
             self._write_meta(name, meta)
             os.rename(tmp, target)
             meta["size_mtime_ns"] = target.stat().st_mtime_ns
             self._write_meta(name, meta)
+        if doomed is not None:
+            remove_tree(doomed)
         return target
+
+    def _aside(self, name: str) -> Path:
+        """Rename image ``name`` to a hidden temporary name (caller holds the lock)."""
+        doomed = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{name}.", dir=self.directory))
+        doomed.rmdir()
+        os.rename(self.paths.image(name), doomed)
+        return doomed
 
     def clean_stale(self) -> None:
         """Remove temporary dirs left by builds that were killed (their PID is gone)."""

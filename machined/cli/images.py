@@ -1,8 +1,10 @@
-"""Image verbs: bootstrap, images, image remove|rename|clone, import-tar, export-tar, import-oci."""
+"""Image verbs: bootstrap, images, image remove|rename|clone|show|prune, import-tar, export-tar,
+import-oci, pull, pull-tar, push, commit."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from typing import Any
@@ -67,6 +69,8 @@ def register(subparsers: Any) -> None:
     q.add_argument("image", metavar="IMAGE")
     q.add_argument("--json", action="store_true", help="JSON output")
     q.set_defaults(func=cmd_image_show)
+    q = sub.add_parser("prune", help="drop cached blobs no image uses")
+    q.set_defaults(func=cmd_image_prune)
 
     p = subparsers.add_parser(
         "import-tar",
@@ -103,6 +107,76 @@ def register(subparsers: Any) -> None:
     p.add_argument("--allow-devices", action="store_true", help="create device nodes")
     p.add_argument("--platform", default=None, help="os/arch to pick from an index (default: host)")
     p.set_defaults(func=cmd_import_oci)
+    _register_registry(subparsers)
+
+
+def _registry_options(p: Any) -> None:
+    p.add_argument(
+        "--tls-verify",
+        default="true",
+        choices=["true", "false"],
+        help="check the registry's TLS certificate; false also allows plain HTTP (as podman)",
+    )
+    p.add_argument("--authfile", help="auth file (default: skopeo's: $REGISTRY_AUTH_FILE, …)")
+    p.add_argument("--creds", metavar="USER:PASSWORD", help="log in with these credentials")
+
+
+def _register_registry(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "pull",
+        help="make an image from a registry (through skopeo)",
+        description="Pull REFERENCE (as podman writes it; short names go through "
+        "/etc/containers/registries.conf, else docker.io) into image NAME (default: the "
+        "repository's last component). Layers are kept in a blob cache shared by all images; "
+        "an image that is up to date downloads nothing.",
+    )
+    p.add_argument("reference", metavar="REFERENCE")
+    p.add_argument("--name", help="image name (default: the repository's last component)")
+    p.add_argument("--platform", help="os/arch[/variant] to pick from an index (default: host)")
+    p.add_argument("--force", action="store_true", help="replace an existing image of that name")
+    _registry_options(p)
+    p.set_defaults(func=cmd_pull)
+
+    p = subparsers.add_parser(
+        "pull-tar",
+        help="make an image from a tar archive at a URL",
+        description="Download URL (resuming a partial download) and unpack it into image NAME, "
+        "as importctl does; with --verify=checksum the SHA256SUMS beside the URL must list it, "
+        "with --verify=signature SHA256SUMS.gpg must also be a good signature by a key of the "
+        "keyring. Nothing lands in the store unless verification passed.",
+    )
+    p.add_argument("url", metavar="URL")
+    p.add_argument("image", metavar="NAME")
+    p.add_argument(
+        "--verify", default="signature", choices=["no", "checksum", "signature"],
+        help="what must check out before unpacking (default: signature)",
+    )  # fmt: skip
+    p.add_argument("--keyring", help="keyring for --verify=signature")
+    p.add_argument("--force", action="store_true", help="replace an existing image of that name")
+    p.add_argument("--allow-devices", action="store_true", help="create device nodes")
+    p.set_defaults(func=cmd_pull_tar)
+
+    p = subparsers.add_parser(
+        "push",
+        help="push an image to a registry as an OCI image",
+        description="Push IMAGE to DESTINATION (registry/repository[:tag]): one layer for the "
+        "image, or its pulled base layers plus one for the change when it was committed.",
+    )
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("destination", metavar="DESTINATION")
+    _registry_options(p)
+    p.set_defaults(func=cmd_push)
+
+    p = subparsers.add_parser(
+        "commit",
+        help="make an image from a machine's changes and its image",
+        description="A new image NEW: machine MACHINE's image with its writable layer applied "
+        "(whiteouts honoured, owners unshifted from the machine's UID range). The machine must "
+        "be stopped.",
+    )
+    p.add_argument("machine", metavar="MACHINE")
+    p.add_argument("image", metavar="NEW")
+    p.set_defaults(func=cmd_commit)
 
 
 # --- handlers ----------------------------------------------------------------
@@ -185,6 +259,7 @@ def cmd_image_show(args: argparse.Namespace) -> int:
         ("Name", info.name),
         ("Path", str(info.path)),
         ("Source", info.source or "-"),
+        *_origin_lines(info.origin or {}),
         ("Size", human_bytes(info.size)),
         ("Created", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.created))),
         ("Used by", ", ".join(info.used_by) or "-"),
@@ -197,11 +272,32 @@ def cmd_image_show(args: argparse.Namespace) -> int:
             ("Environment", " ".join(config.environment) or "-"),
             ("WorkingDir", config.working_directory or "-"),
             ("User", config.user or "-"),
+            ("Ports", " ".join(config.exposed_ports) or "-"),
+            ("StopSignal", config.stop_signal or "-"),
         ]
     width = max(len(k) for k, _ in lines)
     for key, value in lines:
         print(f"{key.rjust(width)}: {value}")
     return 0
+
+
+def _origin_lines(origin: dict[str, Any]) -> list[tuple[str, str]]:
+    """Where a pulled, downloaded or committed image came from, for ``image show``."""
+    lines = []
+    if origin.get("reference"):
+        lines.append(("Reference", str(origin["reference"])))
+        lines.append(("Digest", f"{origin.get('digest', '-')} ({origin.get('platform', '-')})"))
+    if origin.get("url"):
+        lines.append(("URL", str(origin["url"])))
+        lines.append(("SHA256", f"{origin.get('sha256', '-')} (verify={origin.get('verify')})"))
+    if origin.get("committed_from"):
+        lines.append(
+            ("Committed", f"from machine {origin['committed_from']} on {origin.get('base')}")
+        )
+    when = origin.get("pulled_at") or origin.get("committed_at")
+    if when:
+        lines.append(("At", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(when)))))
+    return lines
 
 
 def cmd_import_tar(args: argparse.Namespace) -> int:
@@ -226,4 +322,80 @@ def cmd_import_oci(args: argparse.Namespace) -> int:
     from bootstrap.oci import import_oci
 
     import_oci(args.source, args.image, allow_devices=args.allow_devices, platform=args.platform)
+    return 0
+
+
+@contextlib.contextmanager
+def _disk_full_is_an_error():
+    """A full disk during a pull or commit is a failure with one line, not a traceback
+    (the staging directory is gone by then: nothing is left behind)."""
+    import errno
+
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        from machined.errors import PymachineError
+
+        raise PymachineError(f"no space left on device: {exc.filename or ''}".rstrip(": ")) from exc
+
+
+def _access(args: argparse.Namespace):
+    from bootstrap.skopeo import Access
+
+    return Access(tls_verify=args.tls_verify == "true", authfile=args.authfile, creds=args.creds)
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from bootstrap.pull import pull
+
+    with _disk_full_is_an_error():
+        pull(
+            args.reference,
+            args.name,
+            platform=args.platform,
+            access=_access(args),
+            force=args.force,
+        )
+    return 0
+
+
+def cmd_pull_tar(args: argparse.Namespace) -> int:
+    from bootstrap.urlpull import pull_tar
+
+    with _disk_full_is_an_error():
+        pull_tar(
+            args.url,
+            args.image,
+            verify=args.verify,
+            keyring=args.keyring,
+            force=args.force,
+            allow_devices=args.allow_devices,
+        )
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from bootstrap.push import push
+
+    with _disk_full_is_an_error():
+        push(args.image, args.destination, access=_access(args))
+    return 0
+
+
+def cmd_commit(args: argparse.Namespace) -> int:
+    from machined.commit import commit
+
+    with _disk_full_is_an_error():
+        commit(args.machine, args.image)
+    return 0
+
+
+def cmd_image_prune(args: argparse.Namespace) -> int:
+    from bootstrap.pull import prune
+    from machined.cli.output import human_bytes
+
+    blobs, freed = prune()
+    print(f"{blobs} unused blobs removed, {human_bytes(freed)} freed")
     return 0
