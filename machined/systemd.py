@@ -209,6 +209,14 @@ class Systemd:
     def kill_unit(self, unit: str, signal: int, whom: str = "main") -> None:
         self._manager("KillUnit", "ssi", [unit, whom, signal])
 
+    def freeze_unit(self, unit: str) -> None:
+        """Freeze the unit's cgroup (returns once frozen); BusError where the
+        cgroup v2 freezer is missing."""
+        self._manager("FreezeUnit", "s", [unit])
+
+    def thaw_unit(self, unit: str) -> None:
+        self._manager("ThawUnit", "s", [unit])
+
     def reset_failed(self, unit: str) -> None:
         try:
             self._manager("ResetFailedUnit", "s", [unit])

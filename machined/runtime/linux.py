@@ -186,3 +186,16 @@ def move_mount(tree: int, target: str | os.PathLike) -> None:
         ),
         f"move_mount to {os.fspath(target)}",
     )
+
+
+RENAME_EXCHANGE = 2
+AT_FDCWD = -100
+
+
+def rename_exchange(a: str | os.PathLike, b: str | os.PathLike) -> None:
+    """Swap two paths atomically (renameat2 RENAME_EXCHANGE): a crash leaves
+    one or the other in each place, never neither."""
+    check(
+        _libc.renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE),
+        f"exchange {a} and {b}",
+    )
