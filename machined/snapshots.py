@@ -28,7 +28,7 @@ from datetime import datetime
 from pathlib import Path
 
 from machined import treecopy
-from machined.errors import Conflict, InvalidInput, NotFound, PymachineError
+from machined.errors import Conflict, InvalidInput, NotFound
 from machined.machines import Machines
 from machined.names import validate_machine_name, validate_snapshot_name
 from machined.runtime import userns
@@ -207,8 +207,9 @@ class Snapshots:
         trusted_before = 0
         if previous is not None:
             with contextlib.suppress(OSError, ValueError):
-                link_index = {k: tuple(v) for k, v in json.loads(
-                    (previous.path / INDEX).read_text()).items()}
+                link_index = {
+                    k: tuple(v) for k, v in json.loads((previous.path / INDEX).read_text()).items()
+                }
                 link_dest = previous.path / LAYER
                 trusted_before = int(previous.created * 1e9) - treecopy.CTIME_MARGIN_NS
         started_ns = time.time_ns()
@@ -324,4 +325,3 @@ def _remove_stale(directory: Path) -> None:
         if pid.isdigit() and not Path(f"/proc/{pid}").exists():
             with contextlib.suppress(OSError):
                 shutil.rmtree(entry.path)
-
