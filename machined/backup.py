@@ -61,6 +61,7 @@ MTIME_NS = "PYMACHINE.mtime_ns"
 OVERFLOW_ID = 65534  # an owner outside the machine's range, as the machine sees it
 CHUNK = 1 << 20
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+GZIP_MAGIC = b"\x1f\x8b"
 STAGING_PREFIX = ".#restore."
 
 
@@ -110,6 +111,12 @@ def _decompressed(stream: IO[bytes]) -> Iterator[IO[bytes]]:
     """STREAM decompressed: zstd through the zstd tool (fed by a thread, since
     the bytes peeked at are already read); gzip/xz/bz2 are left to tarfile."""
     peek = stream.peek(4)[:4] if hasattr(stream, "peek") else b""
+    if peek[:2] == GZIP_MAGIC:  # here, not in tarfile: gzip checks its CRC and length at the end
+        import gzip
+
+        with gzip.GzipFile(fileobj=stream, mode="rb") as plain:
+            yield plain  # type: ignore[misc]
+        return
     if peek != ZSTD_MAGIC:
         yield stream
         return
@@ -611,9 +618,13 @@ class _Reader:
         self._metadata(tree, path, member, member.pax_headers)
 
     def _data(self, archive, member: tarfile.TarInfo, fd: int | None, digest) -> None:
-        source = archive.extractfile(member)
+        source: Any = archive.extractfile(member)
         assert source is not None
         segments = member.sparse
+        if segments is not None:
+            # the raw reader: it seeks forward over the stream (the buffered one
+            # asks a stream whether it is seekable, which a pipe's is not)
+            source = source.raw
         if segments is None:
             pieces = [(0, member.size)]
         else:
@@ -623,7 +634,8 @@ class _Reader:
         for offset, length in pieces:
             if offset < 0 or length < 0 or offset + length > member.size:
                 raise CorruptArchive(f"{member.name!r}: a bad sparse map")
-            source.seek(offset)
+            if segments is not None:
+                source.seek(offset)
             left = length
             position = offset
             while left:
@@ -788,6 +800,7 @@ def _read_archive(source: str, reader: _Reader, on_header) -> None:
         if not os.path.isfile(source):
             raise NotFound(f"{source}: no such file")
         stream_cm = open(source, "rb")  # noqa: SIM115 - entered just below
+    import gzip
     import zlib
 
     with stream_cm as stream, _decompressed(stream) as plain:
@@ -796,7 +809,9 @@ def _read_archive(source: str, reader: _Reader, on_header) -> None:
                 fileobj=plain, mode="r|*", encoding="utf-8", errors="surrogateescape"
             ) as archive:
                 reader.read(archive, on_header)
-        except (tarfile.TarError, EOFError, zlib.error) as exc:
+            while plain.read(CHUNK):  # to the end: a compressed stream checks itself there
+                pass
+        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
             raise CorruptArchive(f"broken archive: {exc}") from None
 
 
