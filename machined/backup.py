@@ -174,6 +174,12 @@ def entry_digest(info: tarfile.TarInfo, size: int, pax: dict[str, str]) -> Any:
     return hashlib.sha256(json.dumps(fields, ensure_ascii=True).encode() + b"\0")
 
 
+def header_digest(header: dict) -> str:
+    """The header checks itself: restore acts on it (names, image, range) before
+    the manifest at the end has been reached."""
+    return hashlib.sha256(json.dumps(header, sort_keys=True).encode()).hexdigest()
+
+
 def _segments(fd: int, size: int) -> list[tuple[int, int]]:
     """(offset, length) of the data of a file with holes."""
     result = []
@@ -439,7 +445,7 @@ def _write(dest, mode, header, layer, base, count, store, image_name, with_image
             ) as archive,
         ):
             writer = _Writer(archive, base, count)
-            writer.add_json(HEADER, header)
+            writer.add_json(HEADER, {**header, "sha256": header_digest(header)})
             writer.add_tree(layer, LAYER, shift=True)
             if with_image:
                 writer.add_tree(store.path(image_name), IMAGE, shift=False)
@@ -498,6 +504,8 @@ class _Reader:
                 if name != HEADER:
                     raise CorruptArchive("not a pymachine backup (no pymachine-backup.json first)")
                 self.header = self._json(archive, member, name)
+                if self.header.pop("sha256", None) != header_digest(self.header):
+                    raise CorruptArchive(f"{HEADER}: checksum mismatch (the archive is corrupt)")
                 on_header(self)
                 continue
             self._member(archive, member, name)
@@ -549,9 +557,7 @@ class _Reader:
             raise CorruptArchive("the manifest's checksum does not match (the archive is corrupt)")
 
     def _member(self, archive: tarfile.TarFile, member: tarfile.TarInfo, name: str) -> None:
-        from bootstrap.tarimport import member_path
-
-        rel_all = member_path(name)
+        rel_all = _member_path(name)
         prefix, _, rel = rel_all.partition("/")
         if prefix not in self.trees:
             raise CorruptArchive(f"unexpected entry {name!r} (only layer/ and image/)")
@@ -594,9 +600,7 @@ class _Reader:
         elif member.issym():
             os.symlink(member.linkname, path)
         elif member.islnk():
-            from bootstrap.tarimport import member_path
-
-            prefix, _, target = member_path(member.linkname).partition("/")
+            prefix, _, target = _member_path(member.linkname).partition("/")
             if self.trees.get(prefix) is not tree or target not in tree.others:
                 raise CorruptArchive(f"hard link {rel!r}: {member.linkname!r} is no earlier file")
             os.link(tree.path(target), path, follow_symlinks=False)
@@ -661,6 +665,16 @@ class _Reader:
             os.chmod(path, member.mode & 0o7777)
         mtime_ns = int(pax.get(MTIME_NS) or int(member.mtime) * 1_000_000_000)
         os.utime(path, ns=(mtime_ns, mtime_ns), follow_symlinks=False)
+
+
+def _member_path(name: str) -> str:
+    """NAME relative to the archive's root: absolute names and '..' refused."""
+    from bootstrap.tarimport import member_path
+
+    try:
+        return member_path(name)
+    except InvalidInput as exc:
+        raise CorruptArchive(str(exc)) from None
 
 
 def _as_written(member: tarfile.TarInfo, name: str) -> tarfile.TarInfo:
@@ -811,7 +825,8 @@ def _read_archive(source: str, reader: _Reader, on_header) -> None:
                 reader.read(archive, on_header)
             while plain.read(CHUNK):  # to the end: a compressed stream checks itself there
                 pass
-        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, ValueError) as exc:
+            # (ValueError: tarfile's own parsing of a cut sparse map or number)
             raise CorruptArchive(f"broken archive: {exc}") from None
 
 
