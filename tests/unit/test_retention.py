@@ -118,7 +118,7 @@ def _brute(history: list[tuple[str, datetime]], term: Term) -> set[str]:
     keys = {
         "h": lambda t: t.strftime("%Y%m%d%H"),
         "d": lambda t: t.strftime("%Y%m%d"),
-        "w": lambda t: "%04d-%02d" % t.isocalendar()[:2],
+        "w": lambda t: "{:04d}-{:02d}".format(*t.isocalendar()[:2]),
         "m": lambda t: t.strftime("%Y%m"),
         "y": lambda t: t.strftime("%Y"),
     }
