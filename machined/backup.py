@@ -291,8 +291,11 @@ class _Writer:
         mode = st.st_mode
         info = tarfile.TarInfo(name)
         info.mode = stat.S_IMODE(mode)
-        info.uid = self.unshift(st.st_uid) if shift else st.st_uid
-        info.gid = self.unshift(st.st_gid) if shift else st.st_gid
+        if shift and stat.S_ISCHR(mode) and st.st_rdev == 0:
+            info.uid = info.gid = 0  # a whiteout: overlayfs makes it as its mounter, host root
+        else:
+            info.uid = self.unshift(st.st_uid) if shift else st.st_uid
+            info.gid = self.unshift(st.st_gid) if shift else st.st_gid
         info.uname = info.gname = ""
         info.mtime = st.st_mtime_ns // 1_000_000_000
         pax: dict[str, str] = {MTIME_NS: str(st.st_mtime_ns)}
