@@ -62,6 +62,8 @@ class SnapshotInfo:
         self.entries = int(meta.get("entries", 0))
         self.copied_bytes = int(meta.get("copied_bytes", 0))
         self.method = str(meta.get("method", ""))
+        self.linked = int(meta.get("linked", 0))
+        self.started_ns = int(meta.get("started_ns", 0))  # the real clock's, for the links
 
     def to_json(self) -> dict:
         return {
@@ -71,6 +73,7 @@ class SnapshotInfo:
             "auto": self.auto,
             "entries": self.entries,
             "copied_bytes": self.copied_bytes,
+            "linked": self.linked,
             "method": self.method,
         }
 
@@ -211,7 +214,7 @@ class Snapshots:
                     k: tuple(v) for k, v in json.loads((previous.path / INDEX).read_text()).items()
                 }
                 link_dest = previous.path / LAYER
-                trusted_before = int(previous.created * 1e9) - treecopy.CTIME_MARGIN_NS
+                trusted_before = previous.started_ns - treecopy.CTIME_MARGIN_NS
         started_ns = time.time_ns()
         tmp = directory / f"{TEMP_PREFIX}{snap}.{os.getpid()}"
         _remove_stale(directory)
