@@ -108,6 +108,9 @@ def test_snapshot_of_a_running_machine_restores_exactly_and_later_writes_never_r
     assert inside(host, name, INVENTORY) != seen_inside
     assert host_tree(host, s1) == seen_host  # neither snapshot saw any of it
     assert host_tree(host, s2) == seen_host
+    host.pymachine("snapshot", name, "s3")  # sees the in-place writes (same size, same inode)
+    changed = host_tree(host, upper_of(name))
+    assert host_tree(host, f"/var/lib/pymachine/machines/{name}/snapshots/s3/layer") == changed
 
     refused = host.pymachine("restore", name, "s1", check=False)
     assert refused.returncode == 5 and "running" in refused.stderr
@@ -119,9 +122,9 @@ def test_snapshot_of_a_running_machine_restores_exactly_and_later_writes_never_r
     assert host_tree(host, s1) == seen_host  # restoring copied out of it
 
     names = [s["name"] for s in snapshots(host, name)]
-    assert names == ["s1", "s2"]
+    assert names == ["s1", "s2", "s3"]
     host.pymachine("snapshot", "remove", name, "s1")
-    assert [s["name"] for s in snapshots(host, name)] == ["s2"]
+    assert [s["name"] for s in snapshots(host, name)] == ["s2", "s3"]
     assert host_tree(host, s2) == seen_host  # its links to s1 outlive s1
 
 
