@@ -49,6 +49,7 @@ from machined.errors import Conflict, InvalidInput, NotFound, PymachineError
 from machined.machines import Machines
 from machined.names import validate_image_name, validate_machine_name
 from machined.runtime import userns
+from machined.treecopy import open_same, read_xattrs
 
 FORMAT = "pymachine-backup"
 VERSION = 1
@@ -275,19 +276,51 @@ class _Writer:
         self.archive.addfile(info, io.BytesIO(data))
 
     def add_tree(self, root: Path, prefix: str, *, shift: bool) -> None:
-        root_dev = os.lstat(root).st_dev
-        stack = [""]
-        while stack:
-            rel = stack.pop()
-            path = os.path.join(root, rel) if rel else os.fspath(root)
-            st = os.lstat(path)
-            self.add(path, f"{prefix}/{rel}" if rel else prefix, st, shift=shift)
-            if stat.S_ISDIR(st.st_mode) and (not rel or st.st_dev == root_dev):
-                with os.scandir(path) as it:
-                    names = sorted((e.name for e in it), reverse=True)
-                stack.extend(f"{rel}/{n}" if rel else n for n in names)
+        """ROOT as entries PREFIX/…, reached through file descriptors only (as
+        :mod:`machined.treecopy` walks a layer: nothing swapped in is followed)."""
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            self._directory(fd, prefix, os.fstat(fd), os.fstat(fd).st_dev, shift)
+        finally:
+            os.close(fd)
 
-    def add(self, path: str, name: str, st: os.stat_result, *, shift: bool) -> None:
+    def _directory(self, fd: int, name: str, st: os.stat_result, dev: int, shift: bool) -> None:
+        self.add(name, st, read_xattrs(fd), shift=shift)
+        if st.st_dev != dev:
+            return  # another file system mounted below: its mount point only
+        with os.scandir(fd) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for entry in entries:
+            child = f"{name}/{entry.name}"
+            est = entry.stat(follow_symlinks=False)
+            if stat.S_ISDIR(est.st_mode) or stat.S_ISREG(est.st_mode):
+                flags = os.O_RDONLY | (
+                    os.O_DIRECTORY if stat.S_ISDIR(est.st_mode) else os.O_NONBLOCK
+                )
+                sub = open_same(entry.name, fd, est, flags)
+                try:
+                    if stat.S_ISDIR(est.st_mode):
+                        self._directory(sub, child, est, dev, shift)
+                    else:
+                        self.add(child, est, read_xattrs(sub), shift=shift, fd=sub)
+                finally:
+                    os.close(sub)
+                continue
+            link = os.readlink(entry.name, dir_fd=fd) if stat.S_ISLNK(est.st_mode) else ""
+            xattrs = read_xattrs(f"/proc/self/fd/{fd}/{entry.name}")
+            self.add(child, est, xattrs, shift=shift, link=link)
+
+    def add(
+        self,
+        name: str,
+        st: os.stat_result,
+        xattrs: dict[str, bytes],
+        *,
+        shift: bool,
+        fd: int = -1,
+        link: str = "",
+    ) -> None:
+        """One entry: FD the open regular file, LINK a symlink's target."""
         mode = st.st_mode
         info = tarfile.TarInfo(name)
         info.mode = stat.S_IMODE(mode)
@@ -299,7 +332,7 @@ class _Writer:
         info.uname = info.gname = ""
         info.mtime = st.st_mtime_ns // 1_000_000_000
         pax: dict[str, str] = {MTIME_NS: str(st.st_mtime_ns)}
-        for key, value in _xattrs(path).items():
+        for key, value in xattrs.items():
             pax[XATTR + key] = value.decode("utf-8", "surrogateescape")
         size = 0
         segments = None
@@ -316,7 +349,7 @@ class _Writer:
             info.type = tarfile.DIRTYPE
         elif stat.S_ISLNK(mode):
             info.type = tarfile.SYMTYPE
-            info.linkname = os.readlink(path)
+            info.linkname = link
         elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
             info.type = tarfile.CHRTYPE if stat.S_ISCHR(mode) else tarfile.BLKTYPE
             info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
@@ -330,41 +363,27 @@ class _Writer:
             self.archive.addfile(info)
             self.manifest.append((name, digest.hexdigest()))
             return
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            if st.st_blocks * 512 < st.st_size:
-                segments = _segments(fd, size)
-            data = _FileData(fd, size, digest, segments)
-            if segments is not None:
-                pax.update(
-                    {
-                        "GNU.sparse.major": "1",
-                        "GNU.sparse.minor": "0",
-                        "GNU.sparse.name": name,
-                        "GNU.sparse.realsize": str(size),
-                    }
-                )
-                info.name = f"{name.split('/', 1)[0]}/GNUSparseFile.0/{len(self.manifest)}"
-            info.pax_headers = pax
-            info.size = data.stored
-            self.archive.addfile(info, io.BufferedReader(data, CHUNK))
-        finally:
-            os.close(fd)
+        if st.st_blocks * 512 < st.st_size:
+            segments = _segments(fd, size)
+        data = _FileData(fd, size, digest, segments)
+        if segments is not None:
+            pax.update(
+                {
+                    "GNU.sparse.major": "1",
+                    "GNU.sparse.minor": "0",
+                    "GNU.sparse.name": name,
+                    "GNU.sparse.realsize": str(size),
+                }
+            )
+            info.name = f"{name.split('/', 1)[0]}/GNUSparseFile.0/{len(self.manifest)}"
+        info.pax_headers = pax
+        info.size = data.stored
+        self.archive.addfile(info, io.BufferedReader(data, CHUNK))
         self.manifest.append((name, digest.hexdigest()))
 
     def finish(self) -> None:
         total = hashlib.sha256("".join(f"{d}  {n}\n" for n, d in self.manifest).encode())
         self.add_json(MANIFEST, {"entries": self.manifest, "total": total.hexdigest()})
-
-
-def _xattrs(path: str) -> dict[str, bytes]:
-    try:
-        names = os.listxattr(path, follow_symlinks=False)
-    except OSError as exc:
-        if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
-            return {}
-        raise
-    return {n: os.getxattr(path, n, follow_symlinks=False) for n in sorted(names)}
 
 
 def backup(

@@ -24,7 +24,6 @@ next write. Data is therefore shared only where nothing can write it again:
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import os
@@ -73,41 +72,48 @@ class _Copier:
         self.dirs: list[tuple[str, os.stat_result]] = []
 
     def run(self) -> Copied:
-        st = os.lstat(self.src)
-        if not stat.S_ISDIR(st.st_mode):
-            raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(self.src))
-        os.mkdir(self.dst, 0o700)
-        self.dirs.append(("", st))
-        self._walk("", st.st_dev)
-        for rel, dst_st in reversed(self.dirs):  # deepest last in, first done
-            self._metadata(self._dst(rel), rel, dst_st, is_link=False)
+        fd = os.open(self.src, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            os.mkdir(self.dst, 0o700)
+            self.dirs.append(("", st, read_xattrs(fd)))
+            self._walk("", fd, st.st_dev)
+        finally:
+            os.close(fd)
+        for rel, dir_st, xattrs in reversed(self.dirs):  # deepest last in, first done
+            self._metadata(self._dst(rel), dir_st, xattrs, is_link=False)
         return self.result
-
-    def _src(self, rel: str) -> str:
-        return os.path.join(self.src, rel) if rel else os.fspath(self.src)
 
     def _dst(self, rel: str) -> str:
         return os.path.join(self.dst, rel) if rel else os.fspath(self.dst)
 
-    def _walk(self, rel_dir: str, dev: int) -> None:
-        with os.scandir(self._src(rel_dir)) as it:
+    def _walk(self, rel_dir: str, dir_fd: int, dev: int) -> None:
+        """Copy the directory open as DIR_FD. Everything below is reached through
+        file descriptors, never by a path: a directory swapped for a symlink
+        while it is copied (it cannot be: the machine is frozen or stopped) is
+        refused, not followed."""
+        with os.scandir(dir_fd) as it:
             entries = sorted(it, key=lambda e: e.name)
         for entry in entries:
             rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
             st = entry.stat(follow_symlinks=False)
             self.result.entries += 1
-            if stat.S_ISDIR(st.st_mode):
-                os.mkdir(self._dst(rel), 0o700)
-                self.dirs.append((rel, st))
-                if st.st_dev == dev:  # one file system, as the layer is
-                    self._walk(rel, dev)
+            if not stat.S_ISDIR(st.st_mode):
+                self._entry(rel, dir_fd, entry.name, st)
                 continue
-            self._entry(rel, st)
+            fd = open_same(entry.name, dir_fd, st, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.mkdir(self._dst(rel), 0o700)
+                self.dirs.append((rel, st, read_xattrs(fd)))
+                if st.st_dev == dev:  # one file system, as the layer is
+                    self._walk(rel, fd, dev)
+            finally:
+                os.close(fd)
 
-    def _entry(self, rel: str, st: os.stat_result) -> None:
-        src, dst = self._src(rel), self._dst(rel)
+    def _entry(self, rel: str, dir_fd: int, name: str, st: os.stat_result) -> None:
+        dst = self._dst(rel)
         key = (st.st_dev, st.st_ino)
-        if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+        if st.st_nlink > 1:
             first = self.inodes.get(key)
             if first is not None:  # a hard link inside the tree: the same inode here too
                 os.link(self._dst(first), dst, follow_symlinks=False)
@@ -116,16 +122,23 @@ class _Copier:
         mode = st.st_mode
         if stat.S_ISREG(mode):
             self.result.index[rel] = (st.st_ino, st.st_ctime_ns)
-            if self._link_unchanged(rel, st, dst):
-                return
-            self._copy_file(src, dst, st)
-        elif stat.S_ISLNK(mode):
-            os.symlink(os.readlink(src), dst)
-        elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
-            os.mknod(dst, stat.S_IFMT(mode) | 0o600, st.st_rdev)
+            fd = open_same(name, dir_fd, st, os.O_RDONLY | os.O_NONBLOCK)
+            try:
+                xattrs = read_xattrs(fd)
+                if not self._link_unchanged(rel, st, dst):
+                    self._copy_file(fd, dst, st)
+            finally:
+                os.close(fd)
         else:
-            return
-        self._metadata(dst, rel, st, is_link=stat.S_ISLNK(mode))
+            # (no fd for these: their xattrs through the directory's, name not followed)
+            xattrs = read_xattrs(f"/proc/self/fd/{dir_fd}/{name}")
+            if stat.S_ISLNK(mode):
+                os.symlink(os.readlink(name, dir_fd=dir_fd), dst)
+            elif stat.S_IFMT(mode) in _NODES:
+                os.mknod(dst, stat.S_IFMT(mode) | 0o600, st.st_rdev)
+            else:
+                return
+        self._metadata(dst, st, xattrs, is_link=stat.S_ISLNK(mode))
 
     def _link_unchanged(self, rel: str, st: os.stat_result, dst: str) -> bool:
         if self.link_dest is None or st.st_nlink > 1:
@@ -144,35 +157,47 @@ class _Copier:
         self.result.linked += 1
         return True
 
-    def _copy_file(self, src: str, dst: str, st: os.stat_result) -> None:
-        fin = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    def _copy_file(self, fin: int, dst: str, st: os.stat_result) -> None:
+        fout = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
-            fout = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            try:
-                if self.reflink and st.st_size:
-                    try:
-                        fcntl.ioctl(fout, FICLONE, fin)
-                        self.result.reflinked += 1
-                        return
-                    except OSError as exc:
-                        if exc.errno not in _NO_REFLINK:
-                            raise
-                        self.reflink = False  # the file system cannot: plain copies from now on
-                self.result.bytes += copy_data(fin, fout, st.st_size)
-            finally:
-                os.close(fout)
+            if self.reflink and st.st_size:
+                try:
+                    fcntl.ioctl(fout, FICLONE, fin)
+                    self.result.reflinked += 1
+                    return
+                except OSError as exc:
+                    if exc.errno not in _NO_REFLINK:
+                        raise
+                    self.reflink = False  # the file system cannot: plain copies from now on
+            self.result.bytes += copy_data(fin, fout, st.st_size)
         finally:
-            os.close(fin)
+            os.close(fout)
 
-    def _metadata(self, path: str, rel: str, st: os.stat_result, *, is_link: bool) -> None:
+    def _metadata(
+        self, path: str, st: os.stat_result, xattrs: dict[str, bytes], *, is_link: bool
+    ) -> None:
         uid, gid = st.st_uid, st.st_gid
         if self.map_id is not None:
             uid, gid = self.map_id(uid), self.map_id(gid)
-        os.lchown(path, uid, gid)
-        copy_xattrs(self._src(rel), path)
+        os.lchown(path, uid, gid)  # first: a chown clears set-ID bits and capabilities
+        for name, value in xattrs.items():
+            os.setxattr(path, name, value, follow_symlinks=False)
         if not is_link:
-            os.chmod(path, stat.S_IMODE(st.st_mode))  # after chown, which clears set-ID bits
+            os.chmod(path, stat.S_IMODE(st.st_mode))
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+
+
+_NODES = (stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK)
+
+
+def open_same(name: str, dir_fd: int, st: os.stat_result, flags: int) -> int:
+    """NAME in DIR_FD opened (never through a link), if it is still the inode ST."""
+    fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    now = os.fstat(fd)
+    if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+        os.close(fd)
+        raise OSError(errno.ESTALE, f"{name} changed while it was copied")
+    return fd
 
 
 def copy_data(fin: int, fout: int, size: int) -> int:
@@ -199,18 +224,24 @@ def copy_data(fin: int, fout: int, size: int) -> int:
     return written
 
 
-def copy_xattrs(src: str, dst: str) -> None:
-    """Every extended attribute of SRC onto DST, links not followed."""
+def read_xattrs(target: int | str) -> dict[str, bytes]:
+    """Every extended attribute of TARGET (an fd, or a path whose last component
+    is not followed)."""
+    follow = isinstance(target, int)
     try:
-        names = os.listxattr(src, follow_symlinks=False)
+        names = os.listxattr(target, follow_symlinks=follow)
     except OSError as exc:
         if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
-            return
+            return {}
         raise
-    for name in names:
-        with contextlib.suppress(FileNotFoundError):  # gone between list and get: skip
-            value = os.getxattr(src, name, follow_symlinks=False)
-            os.setxattr(dst, name, value, follow_symlinks=False)
+    result = {}
+    for name in sorted(names):
+        try:
+            result[name] = os.getxattr(target, name, follow_symlinks=follow)
+        except OSError as exc:
+            if exc.errno != errno.ENODATA:  # (removed between list and get: not there)
+                raise
+    return result
 
 
 def copy_tree(
