@@ -325,3 +325,19 @@ def test_scheduled_backups_go_to_their_directory_and_are_pruned(
     host.pymachine("remove", f"{name}-r")
     host.pymachine("schedule", name, "--off", "--backup")
     host.run(["rm", "-rf", directory])
+
+
+def test_snapshot_with_stop_stops_copies_and_starts_again(systemd_host, make_machine, machine_name):
+    host = systemd_host
+    name = make_machine(machine_name)
+    inside(host, name, "echo kept > /root/f")
+    before = host.run(
+        ["systemctl", "show", "-p", "InvocationID", "--value", f"pymachine-{name}.service"]
+    ).stdout
+    host.pymachine("snapshot", name, "cold", "--stop")
+    unit = f"pymachine-{name}.service"
+    assert host.run(["systemctl", "is-active", unit]).stdout.strip() == "active"
+    after = host.run(["systemctl", "show", "-p", "InvocationID", "--value", unit]).stdout
+    assert after != before  # it was stopped and started again
+    layer = f"/var/lib/pymachine/machines/{name}/snapshots/cold/layer"
+    assert host.run(["cat", f"{layer}/root/f"]).stdout == "kept\n"
