@@ -223,6 +223,52 @@ def test_a_truncated_backup_is_refused_with_nothing_written(
     host.run(["rm", "-f", path])
 
 
+def run_by_timer(host, kind: str, name: str, now: str) -> None:
+    """One run of KIND's schedule for NAME started by its timer, with the
+    clock at NOW: the service gets PYMACHINE_TEST_NOW, the timer an elapse 1 µs
+    after its start besides its OnCalendar= (changed while the timer is
+    stopped: a reload would fire an active one at once); waits for the run."""
+    unit = f"/etc/systemd/system/pymachine-{kind}@{name}"
+    service, timer = f"pymachine-{kind}@{name}.service", f"pymachine-{kind}@{name}.timer"
+
+    def show() -> dict[str, str]:
+        out = host.run(
+            ["systemctl", "show", "-p", "InvocationID,ActiveState,Result", service]
+        ).stdout
+        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+    host.run(["systemctl", "stop", timer])
+    before = show()["InvocationID"]
+    host.run(["mkdir", "-p", f"{unit}.service.d", f"{unit}.timer.d"])
+    host.run(
+        ["tee", f"{unit}.service.d/60-test-clock.conf"],
+        input=f"[Service]\nEnvironment=PYMACHINE_TEST_NOW={_at(now)}\n",
+    )
+    host.run(
+        ["tee", f"{unit}.timer.d/60-test-now.conf"],
+        input="[Timer]\nOnActiveSec=1us\nAccuracySec=1us\n",
+    )
+    host.run(["systemctl", "daemon-reload"])
+    host.run(["systemctl", "start", timer])
+    deadline = time.monotonic() + 120
+    while True:
+        state = show()
+        if state["InvocationID"] != before and state["ActiveState"] in ("inactive", "failed"):
+            break
+        assert time.monotonic() < deadline, f"the timer did not run {service}: {state}"
+        time.sleep(0.05)
+    assert state["Result"] == "success", host.journal(service)
+
+
+def stop_timer_clock(host, kind: str, name: str) -> None:
+    unit = f"/etc/systemd/system/pymachine-{kind}@{name}"
+    host.run(["systemctl", "stop", f"pymachine-{kind}@{name}.timer"])
+    host.run(
+        ["rm", "-f", f"{unit}.service.d/60-test-clock.conf", f"{unit}.timer.d/60-test-now.conf"]
+    )
+    host.run(["systemctl", "daemon-reload"])
+
+
 def _at(text: str) -> float:
     return time.mktime(time.strptime(text, "%Y-%m-%d %H:%M"))
 
@@ -252,7 +298,6 @@ def test_scheduled_snapshots_run_from_their_timer_and_are_pruned_by_the_rule(
     host.pymachine("snapshot", name, "keepme")
 
     service = f"pymachine-snapshot@{name}.service"
-    clock = f"/etc/systemd/system/{service}.d/60-test-clock.conf"
     runs = [
         ("2026-03-02 10:00", ["2026-03-02 10:00"]),  # Monday, ISO week 10
         ("2026-03-02 18:00", ["2026-03-02 18:00"]),  # the same day: the newer one
@@ -263,22 +308,13 @@ def test_scheduled_snapshots_run_from_their_timer_and_are_pruned_by_the_rule(
     ]
     try:
         for now, kept in runs:
-            host.run(["mkdir", "-p", f"/etc/systemd/system/{service}.d"])
-            host.run(
-                [
-                    "sh",
-                    "-c",
-                    f"printf '[Service]\\nEnvironment=PYMACHINE_TEST_NOW={_at(now)}\\n' > {clock}",
-                ]
-            )
-            host.run(["systemctl", "daemon-reload"])
-            host.run(["systemctl", "start", service])
+            run_by_timer(host, "snapshot", name, now)
             autos = sorted(s["name"] for s in snapshots(host, name) if s["auto"])
             assert autos == sorted(_auto(t) for t in kept), now
             assert "keepme" in [s["name"] for s in snapshots(host, name)]
         assert "pruned: " + _auto("2026-03-02 18:00") in host.journal(service)
     finally:
-        host.run(["rm", "-f", clock])
+        stop_timer_clock(host, "snapshot", name)
     assert "snapshot: every daily, keep 2d,2w" in host.pymachine("schedule", name).stdout
     host.pymachine("schedule", name, "--off")
     timers = host.run(["systemctl", "list-timers", "--all", "--no-legend"]).stdout
@@ -300,21 +336,11 @@ def test_scheduled_backups_go_to_their_directory_and_are_pruned(
     bad = host.pymachine("schedule", name, "--backup-dir", directory, "--keep", "7q", check=False)
     assert bad.returncode == 2
     host.pymachine("schedule", name, "--backup-dir", directory, "--every", "weekly", "--keep", "2")
-    service = f"pymachine-backup@{name}.service"
-    clock = f"/etc/systemd/system/{service}.d/60-test-clock.conf"
     try:
         for now in ("2026-03-01 10:00", "2026-03-08 10:00", "2026-03-15 10:00"):
-            host.run(
-                [
-                    "sh",
-                    "-c",
-                    f"printf '[Service]\\nEnvironment=PYMACHINE_TEST_NOW={_at(now)}\\n' > {clock}",
-                ]
-            )
-            host.run(["systemctl", "daemon-reload"])
-            host.run(["systemctl", "start", service])
+            run_by_timer(host, "backup", name, now)
     finally:
-        host.run(["rm", "-f", clock])
+        stop_timer_clock(host, "backup", name)
     files = host.run(["ls", directory]).stdout.split()
     stamp = _auto  # the same stamp as the snapshots'
     assert files == [
