@@ -423,9 +423,9 @@ def backup(
             layer = paths.machine_state(name) / "upper"
             layer.mkdir(parents=True, exist_ok=True)
             definition_text = paths.definition_file(name).read_text()
-            from machined.snapshots import _layer_base
+            from machined.snapshots import layer_base
 
-            base = _layer_base(paths.machine_state(name))
+            base = layer_base(paths.machine_state(name))
         from machined import definition as definitions
 
         image_name = definitions.from_text(name, definition_text).image
@@ -819,7 +819,12 @@ def restore(
             shutil.rmtree(paths.machine_state(target), ignore_errors=True)
             raise
         image_stage.close()
-        return {"machine": target, "image": plan["image"], "image_restored": plan["image_restored"]}
+        return {
+            "machine": target,
+            "image": plan["image"],
+            "image_restored": plan["image_restored"],
+            "warnings": privileges(plan["definition"]),
+        }
     except BaseException:
         image_stage.__exit__(*sys.exc_info())
         shutil.rmtree(staging, ignore_errors=True)
@@ -827,6 +832,19 @@ def restore(
             if not paths.definition_file(allocated).exists():
                 userns.release(paths.state, allocated)
         raise
+
+
+def privileges(definition) -> list[str]:
+    """What a restored definition gives its machine of the host: the definition
+    is the archive's, so these are said before anyone starts it."""
+    said = []
+    if str(definition.private_users) == "no":
+        said.append("PrivateUsers=no: root inside is host root")
+    if definition.binds:
+        said.append("binds host paths: " + ", ".join(str(b) for b in definition.binds))
+    if definition.capability:
+        said.append("adds capabilities: " + ", ".join(definition.capability))
+    return said
 
 
 def _read_archive(source: str, reader: _Reader, on_header) -> None:

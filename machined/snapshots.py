@@ -239,7 +239,7 @@ class Snapshots:
                 "created": stamp,
                 "started_ns": started_ns,
                 "auto": auto,
-                "uid_base": _layer_base(state),
+                "uid_base": layer_base(state),
                 "entries": copied.entries,
                 "copied_bytes": copied.bytes,
                 "linked": copied.linked,
@@ -311,7 +311,7 @@ class Snapshots:
         return pruned
 
 
-def _layer_base(state: Path) -> int:
+def layer_base(state: Path) -> int:
     """The UID base ``upper/`` is owned by (``userns.own_layer``'s record)."""
     try:
         return int((state / userns.SHIFT_FILE).read_text())

@@ -112,6 +112,8 @@ def cmd_restore_backup(args: argparse.Namespace) -> int:
     result = backup.restore(args.file, args.name, allow_devices=args.allow_devices)
     extra = f" (image '{result['image']}' restored too)" if result["image_restored"] else ""
     print(f"Machine {result['machine']} restored{extra}.")
+    for line in result["warnings"]:
+        print(f"pymachine: warning: the restored definition {line}", file=sys.stderr)
     return 0
 
 

