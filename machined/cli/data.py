@@ -109,6 +109,11 @@ def cmd_backup(args: argparse.Namespace) -> int:
 def cmd_restore_backup(args: argparse.Namespace) -> int:
     from machined import backup
 
+    if args.file == "-" and sys.stdin.isatty():
+        from machined.errors import InvalidInput
+
+        raise InvalidInput("refusing to read a backup from a terminal: pipe one in")
+
     result = backup.restore(args.file, args.name, allow_devices=args.allow_devices)
     extra = f" (image '{result['image']}' restored too)" if result["image_restored"] else ""
     print(f"Machine {result['machine']} restored{extra}.")
