@@ -272,8 +272,9 @@ class Snapshots:
         state = self.paths.machine_state(name)
         upper = state / "upper"
         with self._locked(name):
+            for stale in state.glob(".upper.restore.*"):  # a restore killed half-way
+                shutil.rmtree(stale, ignore_errors=True)
             new = state / f".upper.restore.{os.getpid()}"
-            shutil.rmtree(new, ignore_errors=True)
             try:
                 treecopy.copy_tree(info.path / LAYER, new)  # a copy: later writes stay out of it
                 if upper.exists():
