@@ -89,8 +89,14 @@ def compression_for(dest: str, asked: str | None = None) -> str:
 @contextlib.contextmanager
 def _compressed_writer(out: IO[bytes], compression: str) -> Iterator[tuple[IO[bytes], str]]:
     """(stream, tarfile mode) writing OUT in COMPRESSION; zstd through the zstd tool."""
+    if compression == "gzip":  # level 6, gzip's own default (tarfile's "w|gz" takes 9: 3x slower)
+        import gzip
+
+        with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=6, mtime=0) as packed:
+            yield packed, "w|"  # type: ignore[misc]
+        return
     if compression != "zstd":
-        yield out, "w|gz" if compression == "gzip" else "w|"
+        yield out, "w|"
         return
     out.flush()
     try:
@@ -464,6 +470,7 @@ def _write(dest, mode, header, layer, base, count, store, image_name, with_image
                 format=tarfile.PAX_FORMAT,
                 encoding="utf-8",
                 errors="surrogateescape",
+                bufsize=CHUNK,
             ) as archive,
         ):
             writer = _Writer(archive, base, count)
@@ -860,7 +867,11 @@ def _read_archive(source: str, reader: _Reader, on_header) -> None:
     with stream_cm as stream, _decompressed(stream) as plain:
         try:
             with tarfile.open(
-                fileobj=plain, mode="r|*", encoding="utf-8", errors="surrogateescape"
+                fileobj=plain,
+                mode="r|*",
+                encoding="utf-8",
+                errors="surrogateescape",
+                bufsize=CHUNK,  # (the default 10 kB records: 100,000 reads a GB)
             ) as archive:
                 reader.read(archive, on_header)
             while plain.read(CHUNK):  # to the end: a compressed stream checks itself there
