@@ -416,3 +416,77 @@ def test_a_privileged_definition_is_restored_with_warnings_and_host_ids(env, tmp
     st = os.lstat(paths.machine_state("priv") / "upper" / "f")
     assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o4755)
     assert "priv" not in userns.allocations(paths.state)
+
+
+# --- fuzz: random entry sequences with valid checksums ------------------------------------
+
+_ODD = ["..", "a/../b", "/a", "", "./a", "a//b", "image/x", "x/../../y"]
+_TARGETS = ["a", "b", "/", "../../..", "{outside}", "{outside}/x", "../x", "layer/a", "layer/d0/f1"]
+
+
+def _random_entries(rng) -> list[tarfile.TarInfo]:
+    """Mostly well-formed trees (directories before what they hold), with odd
+    names, link targets, types and owners mixed in."""
+    dirs = [""]
+    entries = []
+    for i in range(rng.randrange(1, 12)):
+        kind = rng.choice(
+            [tarfile.REGTYPE] * 3
+            + [tarfile.DIRTYPE] * 3
+            + [tarfile.SYMTYPE] * 2
+            + [tarfile.LNKTYPE] * 2
+            + [tarfile.CHRTYPE, tarfile.FIFOTYPE, tarfile.BLKTYPE]
+        )
+        if rng.random() < 0.85:
+            parent = rng.choice(dirs)
+            rel = f"{parent}/{'d' if kind == tarfile.DIRTYPE else 'f'}{i}".lstrip("/")
+        else:
+            rel = rng.choice(_ODD + [f"{d}/s{i}/x" for d in dirs])
+        if kind == tarfile.DIRTYPE:
+            dirs.append(rel)
+        target = rng.choice(_TARGETS + [e.name for e in entries] * 2)
+        device = kind in (tarfile.CHRTYPE, tarfile.BLKTYPE) and rng.random() < 0.3
+        entries.append(
+            entry(
+                f"layer/{rel}",
+                kind,
+                target if kind in (tarfile.SYMTYPE, tarfile.LNKTYPE) else "",
+                uid=rng.choice([0, 1, 1000, 65535] * 8 + [65536, 2**31]),
+                mode=rng.choice([0o644, 0o4755, 0o7777, 0o000]),
+                devmajor=8 if device else 0,
+                devminor=3 if device else 0,
+            )
+        )
+    return entries
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_random_archives_are_restored_inside_or_refused_with_nothing_written(
+    env, tmp_path, seed
+) -> None:
+    import random
+
+    machines, paths = env
+    rng = random.Random(seed)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "x").write_text("host\n")
+    entries = []
+    for info in _random_entries(rng):
+        info.name = info.name.replace("{outside}", str(outside))
+        info.linkname = info.linkname.replace("{outside}", str(outside))
+        entries.append((info, b"data") if info.isreg() else info)
+    data = hostile(entries)
+    (tmp_path / "in.tar").write_bytes(data)
+    before = everything(paths.root)
+    try:
+        backup.restore(str(tmp_path / "in.tar"), "fuzz", machines=machines)
+    except (backup.CorruptArchive, NotFound) as exc:  # NotFound: an image/ entry's image
+        assert exc.exit_code in (ExitCode.INVALID, ExitCode.NOT_FOUND)
+        assert everything(paths.root) == before
+    else:
+        upper = paths.machine_state("fuzz") / "upper"
+        for path in upper.rglob("*"):  # rglob does not follow symlinks
+            assert os.path.realpath(path.parent).startswith(os.path.realpath(upper))
+    assert sorted(os.listdir(outside)) == ["x"]
+    assert (outside / "x").read_text() == "host\n" and os.stat(outside / "x").st_nlink == 1
