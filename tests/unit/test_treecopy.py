@@ -10,7 +10,7 @@ import time
 import pytest
 
 from machined import treecopy
-from tests.unit.test_backup_archive import BASE, fill_layer, tree
+from tests.unit.layers import BASE, fill_layer, tree
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="owners, devices, trusted.* need root")
 
