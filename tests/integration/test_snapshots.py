@@ -316,6 +316,9 @@ def test_scheduled_snapshots_run_from_their_timer_and_are_pruned_by_the_rule(
     finally:
         stop_timer_clock(host, "snapshot", name)
     assert "snapshot: every daily, keep 2d,2w" in host.pymachine("schedule", name).stdout
+    host.pymachine("stop", name)
+    refused = host.pymachine("remove", name, check=False)  # it would leave its timer behind
+    assert refused.returncode == 5 and "--off" in refused.stderr
     host.pymachine("schedule", name, "--off")
     timers = host.run(["systemctl", "list-timers", "--all", "--no-legend"]).stdout
     assert f"pymachine-snapshot@{name}.timer" not in timers
