@@ -142,6 +142,12 @@ def test_snapshot_refusals_and_exit_codes(systemd_host, make_machine, machine_na
         (("snapshots", "no-such-machine"), 4),
         (("restore-backup", "/nonexistent.tar"), 4),
         (("backup", name, "/tmp/x.zip"), 2),
+        (("snapshot", name, "one", "two"), 2),
+        (("snapshot", "remove", name), 4),  # machine 'remove' has no snapshots: no such machine
+        (("backup", name), 2),
+        (("schedule", name, "--every", "whenever"), 2),
+        (("schedule", name, "--keep", "1d,1d"), 2),
+        (("schedule", name, "--backup-dir", "/nonexistent"), 4),
     ]
     for args, code in cases:
         result = host.pymachine(*args, check=False)
