@@ -807,6 +807,7 @@ def restore(
                 image_meta={"source": f"backup of {header.get('machine')}: {image.get('source')}"},
                 layer_base=base or 0,
                 image_restored=bool(image.get("included")) and not have_image,
+                image_kept=bool(image.get("included")) and have_image,
             )
 
         reader = _Reader(allow_devices)
@@ -830,7 +831,14 @@ def restore(
             "machine": target,
             "image": plan["image"],
             "image_restored": plan["image_restored"],
-            "warnings": privileges(plan["definition"]),
+            "warnings": privileges(plan["definition"])
+            + (
+                [
+                    f"uses this host's image '{plan['image']}': the archive's copy was checked, not used"
+                ]
+                if plan["image_kept"]
+                else []
+            ),
         }
     except BaseException:
         image_stage.__exit__(*sys.exc_info())
@@ -846,7 +854,7 @@ def privileges(definition) -> list[str]:
     is the archive's, so these are said before anyone starts it."""
     said = []
     if str(definition.private_users) == "no":
-        said.append("PrivateUsers=no: root inside is host root")
+        said.append("has PrivateUsers=no: root inside is host root")
     if definition.binds:
         said.append("binds host paths: " + ", ".join(str(b) for b in definition.binds))
     if definition.capability:

@@ -118,7 +118,7 @@ def cmd_restore_backup(args: argparse.Namespace) -> int:
     extra = f" (image '{result['image']}' restored too)" if result["image_restored"] else ""
     print(f"Machine {result['machine']} restored{extra}.")
     for line in result["warnings"]:
-        print(f"pymachine: warning: the restored definition {line}", file=sys.stderr)
+        print(f"pymachine: warning: the restored machine {line}", file=sys.stderr)
     return 0
 
 

@@ -341,7 +341,7 @@ def test_a_privileged_definition_is_restored_with_warnings_and_host_ids(env, tmp
     (tmp_path / "priv.tar").write_bytes(data)
     result = backup.restore(str(tmp_path / "priv.tar"), "priv", machines=machines)
     assert result["warnings"] == [
-        "PrivateUsers=no: root inside is host root",
+        "has PrivateUsers=no: root inside is host root",
         "binds host paths: /srv:/srv",
     ]
     st = os.lstat(paths.machine_state("priv") / "upper" / "f")
@@ -421,3 +421,16 @@ def test_random_archives_are_restored_inside_or_refused_with_nothing_written(
             assert os.path.realpath(path.parent).startswith(os.path.realpath(upper))
     assert sorted(os.listdir(outside)) == ["x"]
     assert (outside / "x").read_text() == "host\n" and os.stat(outside / "x").st_nlink == 1
+
+
+def test_an_image_this_host_has_is_checked_but_not_replaced(env, tmp_path) -> None:
+    machines, paths = env
+    archive = tmp_path / "src.tar"
+    backup.backup("src", str(archive), with_image=True, machines=machines)
+    (paths.image("tiny") / "bin" / "sh").write_text("this host's\n")
+    result = backup.restore(str(archive), "again", machines=machines)
+    assert not result["image_restored"]
+    assert result["warnings"] == [
+        "uses this host's image 'tiny': the archive's copy was checked, not used"
+    ]
+    assert (paths.image("tiny") / "bin" / "sh").read_text() == "this host's\n"
