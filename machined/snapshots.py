@@ -186,6 +186,10 @@ class Snapshots:
             return
         from machined.dbus import BusError
 
+        status = self.machines.systemd.status(unit)
+        if status is not None and status.properties.get("FreezerState") == "frozen":
+            yield  # frozen by someone else (systemctl freeze): copied so, and left so
+            return
         try:
             self.machines.systemd.freeze_unit(unit)
         except BusError as exc:

@@ -376,3 +376,19 @@ def test_snapshot_with_stop_stops_copies_and_starts_again(systemd_host, make_mac
     assert after != before  # it was stopped and started again
     layer = f"/var/lib/pymachine/machines/{name}/snapshots/cold/layer"
     assert host.run(["cat", f"{layer}/root/f"]).stdout == "kept\n"
+
+
+def test_a_machine_frozen_by_its_user_is_snapshotted_and_left_frozen(
+    systemd_host, make_machine, machine_name
+):
+    host = systemd_host
+    name = make_machine(machine_name)
+    unit = f"pymachine-{name}.service"
+    host.run(["systemctl", "freeze", unit])
+    try:
+        host.pymachine("snapshot", name, "while-frozen")
+        state = host.run(["systemctl", "show", "-p", "FreezerState", "--value", unit]).stdout
+        assert state.strip() == "frozen"  # not thawed by the snapshot's own freeze and thaw
+    finally:
+        host.run(["systemctl", "thaw", unit])
+    assert [s["name"] for s in snapshots(host, name)] == ["while-frozen"]
