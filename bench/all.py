@@ -1,6 +1,6 @@
 """Run every benchmark in this (systemd) host and print the tables.
 
-python3 -m bench.all [--repeats N] [--sizes 1,10,50] [--only floors,start,several,density,imports]
+python3 -m bench.all [--repeats N] [--sizes 1,10,50] [--only floors,start,several,density,imports,snapshot]
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import os
 import platform
 from pathlib import Path
 
-from bench import density, floors, importtime, several, start_latency
+from bench import density, floors, importtime, several, snapshot, start_latency
 from bench.common import PY, load, run
 
 
@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         density.main(["--sizes", args.sizes])
     if "imports" in only:
         importtime.main()
+    if "snapshot" in only:  # not by default: it writes several GB
+        snapshot.main(["-n", str(min(args.repeats, 3))])
     return 0
 
 

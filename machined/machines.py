@@ -592,6 +592,11 @@ class Machines:
         unit_file = self.paths.unit_file(name)
         if unit_file.exists():
             raise Conflict(f"machine '{name}' is enabled; run 'pymachine disable {name}' first")
+        if (self.paths.definitions / "schedules" / f"{name}.json").exists():  # machined.schedule
+            raise Conflict(
+                f"machine '{name}' has a snapshot or backup schedule; "
+                f"run 'pymachine schedule {name} --off [--backup]' first"
+            )
         self.paths.definition_file(name).unlink()
         import shutil  # here: shutil loads bz2 and lzma, which start/stop/list need not pay for
 

@@ -36,3 +36,7 @@ def validate_machine_name(name: str) -> str:
 
 def validate_image_name(name: str) -> str:
     return _check("image", name)
+
+
+def validate_snapshot_name(name: str) -> str:
+    return _check("snapshot", name)

@@ -206,6 +206,14 @@ class Systemd:
     def restart_unit(self, unit: str, *, wait: bool = True, timeout: float = 300) -> str:
         return self._job("RestartUnit", unit, "replace", wait, timeout)
 
+    def freeze_unit(self, unit: str) -> None:
+        """Freeze the unit's cgroup (returns once frozen); BusError where the
+        cgroup v2 freezer is missing."""
+        self._manager("FreezeUnit", "s", [unit])
+
+    def thaw_unit(self, unit: str) -> None:
+        self._manager("ThawUnit", "s", [unit])
+
     def reset_failed(self, unit: str) -> None:
         try:
             self._manager("ResetFailedUnit", "s", [unit])

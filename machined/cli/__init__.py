@@ -28,6 +28,7 @@ VERB_MODULES = (
     "machined.cli.images",
     "machined.cli.units",
     "machined.cli.transfer",
+    "machined.cli.data",
 )
 
 

@@ -324,3 +324,16 @@ def attach(tree: int, target_fd: int) -> None:
         ),
         "move_mount",
     )
+
+
+RENAME_EXCHANGE = 2
+AT_FDCWD = -100
+
+
+def rename_exchange(a: str | os.PathLike, b: str | os.PathLike) -> None:
+    """Swap two paths atomically (renameat2 RENAME_EXCHANGE): a crash leaves
+    one or the other in each place, never neither."""
+    check(
+        _libc.renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE),
+        f"exchange {a} and {b}",
+    )
