@@ -64,10 +64,17 @@ def _identity(fd: int) -> tuple[int, int]:
 
 
 def _kernel(root_fd: int, path: str) -> tuple[int, int] | int:
-    try:
-        fd = linux.openat2(root_fd, path, os.O_PATH | os.O_CLOEXEC, linux.RESOLVE_IN_ROOT)
-    except OSError as exc:
-        return exc.errno
+    # openat2 answers EAGAIN when any rename or mount on the machine raced a
+    # lookup through ".." (a global sequence count): ask again, as its man page says.
+    for _ in range(1000):
+        try:
+            fd = linux.openat2(root_fd, path, os.O_PATH | os.O_CLOEXEC, linux.RESOLVE_IN_ROOT)
+            break
+        except OSError as exc:
+            if exc.errno != errno.EAGAIN:
+                return exc.errno
+    else:
+        raise AssertionError(f"openat2 {path!r}: EAGAIN 1000 times")
     try:
         return _identity(fd)
     finally:
