@@ -265,6 +265,27 @@ def _die_with_supervisor(go_read: int) -> None:
         raise RuntimeError("the runtime is gone")
 
 
+def _host_parent() -> int:
+    """Our parent's PID as the host sees it: getppid() is 0 for PID 1 of a PID
+    namespace, but the host's /proc (still mounted here, before the pivot)
+    shows the real one."""
+    with open("/proc/self/stat", "rb") as f:
+        return int(f.read().rsplit(b")", 1)[1].split()[1])
+
+
+def _wait_until_reparented(intermediate: _socket.socket, parent: int) -> None:
+    """Foreground: PID 1 arms ``PR_SET_PDEATHSIG`` for the runtime
+    (:func:`_die_with_supervisor`), and the kernel ties it to whoever is our
+    parent then. The intermediate is our parent until it exits right after it
+    sent our mount namespace; armed before that, its ordinary exit SIGKILLs
+    the container (seen under load: ``run`` exiting 137 with no output). So
+    wait for its end (EOF on its socket), then for the kernel to have moved
+    us to the runtime (a subreaper)."""
+    intermediate.recv(1)
+    while _host_parent() == parent:
+        os.sched_yield()
+
+
 def _pid1(
     init_fd: int | None,
     go_read: int,
@@ -285,10 +306,13 @@ def _pid1(
         message = receive(go_read)  # sent once the network is set up and the root mounted
         if message is None:
             raise RuntimeError("the runtime is gone")
+        parent = _host_parent() if foreground else 0  # the intermediate, seen from the host
         intermediate.send(b"N")
         namespace = receive_fds(intermediate)
         if not namespace:
             raise RuntimeError("the intermediate is gone")
+        if foreground:
+            _wait_until_reparented(intermediate, parent)
         intermediate.close()
         program = container.set_up(message, namespace[0])
         if foreground:
