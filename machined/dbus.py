@@ -123,8 +123,9 @@ def _decode(value: Any) -> Any:
 class Bus:
     """One connection to the system bus."""
 
-    def __init__(self) -> None:
-        self._bus = DBus()
+    def __init__(self, *, interactive: bool | None = None) -> None:
+        # interactive: let polkit ask the user for a password (an agent must run)
+        self._bus = DBus(interactive=interactive)
         self._callback_errors: list[Exception] = []
         self._handlers: list[_SignalHandler] = []
         try:

@@ -84,6 +84,17 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(*args, formatter_class=formatter_class, **kw)
 
 
+def _version() -> str:
+    """``pymachine --version``, and whether pymachined's files are installed and
+    this package's (``pymachine install-units``)."""
+    from machined.daemon.install import problems
+    from machined.paths import Paths
+
+    return "pymachine 0.1.0" + "".join(
+        f"\nwarning: {line}" for line in problems(Paths.from_env())
+    )
+
+
 def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     """The whole parser; with VERB (the first word of the command line), only
     that verb's group when one declares it: same parsing, usage and errors."""
@@ -91,7 +102,7 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
         prog="pymachine",
         description="Manage nspawn-style machines as systemd units.",
     )
-    parser.add_argument("--version", action="version", version="pymachine 0.1.0")
+    parser.add_argument("--version", action="store_true", help="show the version and exit")
     subparsers = parser.add_subparsers(dest="verb", metavar="VERB")
     subparsers.required = True
     groups = [] if verb == "--version" else _verb_groups(verb)  # printed before any verb
@@ -114,6 +125,9 @@ def split_command(argv: list[str]) -> tuple[list[str], list[str] | None]:
 
 def main(argv: list[str] | None = None) -> int:
     head, command = split_command(list(sys.argv[1:] if argv is None else argv))
+    if head[:1] == ["--version"]:
+        print(_version())
+        return int(ExitCode.OK)
     parser = build_parser(head[0] if head else None)
     args = parser.parse_args(head)
     if command is not None:

@@ -1,0 +1,94 @@
+"""The CLI's side of pymachined: one call on the system bus per verb.
+
+Every verb that changes or reads a machine asks pymachined
+(``org.pymachine.machine1``), as machinectl asks systemd-machined, so root and
+a polkit-authorized user take the same path and get the same checks. Lean on
+purpose (it is on every ``start``/``stop``/``list``): pystemd's sd-bus through
+:mod:`machined.dbus`, no dbus-next, no asyncio.
+
+Where pymachined is not installed (no ``pymachine install-units`` yet), or
+``PYMACHINE_ROOT`` points the CLI at another tree than the daemon's, root runs
+the library in-process as before (:func:`in_process`); anyone else gets one
+line saying what to install.
+"""
+
+from __future__ import annotations
+
+import os
+
+from machined import daemon
+from machined.errors import PymachineError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+    from machined.dbus import Bus
+
+#: The bus cannot start pymachined: its activation file is not installed.
+NOT_INSTALLED = (
+    "org.freedesktop.DBus.Error.ServiceUnknown",
+    "org.freedesktop.DBus.Error.NameHasNoOwner",
+)
+
+
+class NotInstalled(PymachineError):
+    """pymachined cannot be reached (root falls back to the library)."""
+
+
+def in_process() -> bool:
+    """Whether this call runs the library itself rather than asking pymachined:
+    only root with another ``PYMACHINE_ROOT`` than the daemon's (tests, a
+    second tree), or ``PYMACHINE_NO_DAEMON=1`` (benchmarks of the old path)."""
+    return bool(os.environ.get("PYMACHINE_ROOT") or os.environ.get("PYMACHINE_NO_DAEMON")) and (
+        os.geteuid() == 0
+    )
+
+
+_bus: Bus | None = None
+
+
+def bus() -> Bus:
+    global _bus
+    if _bus is None:
+        from machined.dbus import Bus
+
+        _bus = Bus(interactive=_interactive())
+    return _bus
+
+
+def _interactive() -> bool:
+    """Let polkit ask for a password when a person is there to answer."""
+    try:
+        return os.isatty(0)
+    except OSError:
+        return False
+
+
+def call(method: str, signature: str = "", args: list[Any] | tuple = (), **kw: Any) -> Any:
+    """MANAGER.METHOD(ARGS): its reply body; a pymachine error for a D-Bus error."""
+    from machined.dbus import BusError
+
+    try:
+        return bus().call(
+            daemon.BUS_NAME,
+            daemon.MANAGER_PATH,
+            daemon.MANAGER_INTERFACE,
+            method,
+            signature,
+            list(args),
+            **kw,
+        )
+    except BusError as exc:
+        if exc.name in NOT_INSTALLED:
+            if os.geteuid() == 0:
+                raise NotInstalled(str(exc)) from None
+            raise PymachineError(
+                "pymachined is not installed on this host: run 'pymachine install-units' as root"
+            ) from None
+        raise daemon.error_from(exc.name, str(exc)) from None
+
+
+def errors(pairs: list[tuple[str, str]]) -> list[PymachineError | None]:
+    """A batch's ``a(ss)`` answer as the library's list of errors."""
+    return [daemon.error_from(name, message) if name else None for name, message in pairs]

@@ -1,0 +1,62 @@
+"""The process pymachined starts for ``ExecMachine``: ``exec``/``shell`` as
+the CLI runs them in-process as root (:mod:`machined.runtime.enter`), with the
+caller's stdio as its own, its exit status written to a status descriptor.
+
+A process of its own, in a session of its own, so that it outlives a restart
+of pymachined (the unit has ``KillMode=process``) and the daemon never forks
+its threaded event loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from machined import machines
+
+BOOTSTRAP = (
+    "import sys; sys.path[:0] = sys.argv.pop(1).split(':'); "
+    "from machined.daemon.enter import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
+def command(request: dict, status_fd: int) -> list[str]:
+    """The helper's argv: ``python -I -S`` with the module path spelled out, as
+    the units' runtime is started (:func:`machined.machines.runtime_command`)."""
+    path = machines.runtime_command(request["name"])[5]
+    return [sys.executable, "-I", "-S", "-c", BOOTSTRAP, path, json.dumps(request), str(status_fd)]
+
+
+def run(request: dict, paths=None) -> int:  # noqa: ANN001
+    """REQUEST (:func:`machined.daemon.service.exec_request`) in its running
+    machine with this process's stdio: the command's exit status."""
+    from machined.runtime.enter import ExecRequest, run_in_machine
+    from machined.runtime.init import DEFAULT_PATH
+
+    with machines.Machines(paths) as m:
+        state = m.running_state(request["name"])
+        definition = m.load(request["name"])
+    base = {"PATH": DEFAULT_PATH, "container": "pymachine", **definition.environment}
+    exec_request = ExecRequest(
+        request["command"],
+        request["environment"],
+        request["user"],
+        request["working_directory"],
+        pty=request["pty"],
+    )
+    return run_in_machine(state, exec_request, base)
+
+
+def main(argv: list[str]) -> int:
+    request, status_fd = json.loads(argv[0]), int(argv[1])
+    os.set_inheritable(status_fd, False)  # never into the machine: only stdio crosses
+    from machined.errors import PymachineError
+
+    try:
+        code = run(request)
+    except PymachineError as exc:
+        print(f"pymachine: {exc}", file=sys.stderr)
+        code = int(exc.exit_code)
+    os.write(status_fd, f"{code}\n".encode())
+    return code

@@ -1,0 +1,598 @@
+"""pymachined's objects on the system bus: the Manager, one object per machine.
+
+The daemon holds no state of its own: every answer is read from the files
+under /etc/pymachine, /var/lib/pymachine, /run/pymachine and from systemd, and
+every change is made by the library (:mod:`machined.machines`, the same code
+the CLI ran in-process before), so pymachined can be restarted or killed at
+any time and the machines do not notice. The library is synchronous
+(pystemd); each call runs in a worker thread with a bus connection of its own.
+
+It is the trust boundary for callers that are not root: every method checks
+its polkit action first (:mod:`machined.daemon.polkit`), and what a caller
+sends is parsed and validated exactly as the CLI does it (definitions by
+:func:`machined.definition.from_text`, names, signals, environment).
+
+No ``from __future__ import annotations`` here: dbus-next reads the D-Bus
+signatures from the annotations' values.
+"""
+
+import asyncio
+import contextvars
+import functools
+import logging
+import os
+import stat
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from dbus_next import BusType, DBusError, Message, MessageFlag, Variant
+from dbus_next.aio import MessageBus
+from dbus_next.service import PropertyAccess, ServiceInterface, dbus_property, method, signal
+
+from machined import daemon, machines
+from machined.daemon import enter, polkit
+from machined.errors import InvalidInput, NotFound, PymachineError
+from machined.names import validate_image_name, validate_machine_name
+from machined.paths import Paths
+
+log = logging.getLogger("pymachined")
+
+#: The method call being handled (its sender and flags, for polkit): set by
+#: :class:`Bus` around each handler; the handler's task inherits it.
+CURRENT_MESSAGE: contextvars.ContextVar[Message] = contextvars.ContextVar("message")
+
+
+class Bus(MessageBus):
+    """dbus-next's bus, with each method call's message reachable from the
+    handler (:data:`CURRENT_MESSAGE`). dbus-next 0.2 hands a ``@method`` only
+    its arguments, and polkit needs the caller's bus name."""
+
+    def _make_method_handler(self, interface, method):  # noqa: ANN001 (dbus-next's hook)
+        inner = super()._make_method_handler(interface, method)
+
+        def handler(msg: Message, send_reply: Any) -> None:
+            token = CURRENT_MESSAGE.set(msg)
+            try:
+                inner(msg, send_reply)  # creates the handler's task: it copies the context
+            finally:
+                CURRENT_MESSAGE.reset(token)
+
+        return handler
+
+
+def api(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """A method's pymachine errors as D-Bus errors of their exit code's name
+    (:data:`machined.daemon.ERROR_NAMES`), with the CLI's message."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kw: Any) -> Any:
+        try:
+            return await fn(*args, **kw)
+        except PymachineError as exc:
+            raise DBusError(daemon.error_name(exc), str(exc)) from None
+
+    return wrapper
+
+
+def _pairs(errors: list[PymachineError | None]) -> list[list[str]]:
+    """A batch's errors as ``a(ss)``: (error name, message), ("", "") for success."""
+    return [["", ""] if e is None else [daemon.error_name(e), str(e)] for e in errors]
+
+
+class Daemon:
+    """What the objects share: the bus, the paths, polkit, the worker threads."""
+
+    def __init__(self, bus: MessageBus, paths: Paths) -> None:
+        self.bus = bus
+        self.paths = paths
+        self.manager = Manager(self)
+        self.machines: dict[str, MachineObject] = {}
+        self._children: set[asyncio.Task] = set()
+
+    async def authorize(self, action: str, what: str, **details: str) -> None:
+        msg = CURRENT_MESSAGE.get()
+        interactive = bool(msg.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION)
+        await polkit.check(
+            self.bus, msg.sender, action, details, interactive=interactive, what=what
+        )
+
+    async def blocking(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """FN(*ARGS) on a worker thread: the library blocks on systemd's jobs."""
+        return await asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args))
+
+    async def with_machines(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """FN(Machines, *ARGS) on a worker thread with a bus connection of its own."""
+
+        def run() -> Any:
+            with machines.Machines(self.paths) as m:
+                return fn(m, *args)
+
+        return await self.blocking(run)
+
+    # --- machine objects ----------------------------------------------------
+    def machine_object(self, name: str) -> "MachineObject":
+        """NAME's object, exported on first use (machines are defined by files,
+        which anyone with root may write: the daemon learns of them when asked)."""
+        found = self.machines.get(name)
+        if found is None:
+            found = self.machines[name] = MachineObject(self, name)
+            self.bus.export(found.path, found)
+        return found
+
+    def forget(self, name: str) -> None:
+        found = self.machines.pop(name, None)
+        if found is not None:
+            self.bus.unexport(found.path, found)
+
+    def changed(self, names: list[str]) -> None:
+        """PropertiesChanged of machines whose state this daemon just changed."""
+        for name in names:
+            found = self.machines.get(name)
+            if found is not None:
+                found.invalidate()
+
+    def spawn(self, coroutine: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._children.add(task)
+        task.add_done_callback(self._children.discard)
+
+
+class Manager(ServiceInterface):
+    """``org.pymachine.machine1.Manager`` at ``/org/pymachine/machine1``."""
+
+    def __init__(self, d: Daemon) -> None:
+        super().__init__(daemon.MANAGER_INTERFACE)
+        self.d = d
+
+    # --- reading: no authorization, as machined's ListMachines --------------
+    @method()
+    @api
+    async def ListMachines(self) -> "a(soa{sv})":
+        """(name, object, properties) of every machine: its object's properties
+        (org.pymachine.machine1.Machine), so ``list`` is one round trip."""
+        rows = await self.d.with_machines(_list_rows)
+        out = []
+        for props in rows:
+            found = self.d.machine_object(props["Name"])
+            found.remember(props)
+            out.append([props["Name"], found.path, variants(props)])
+        return out
+
+    @method()
+    @api
+    async def GetMachine(self, name: "s") -> "o":
+        validate_machine_name(name)
+        exists = self.d.paths.definition_file(name).is_file()
+        if not exists and not await self.d.with_machines(_has_units, name):
+            raise NotFound(f"machine '{name}' not found")
+        return self.d.machine_object(name).path
+
+    @method()
+    @api
+    async def GetMachineStatus(self, name: "s") -> "a{sv}":
+        """Every property of the machine's object, in one round trip (``status``)."""
+        props = await self.d.with_machines(_status, name)
+        self.d.machine_object(name).remember(props)
+        return variants(props)
+
+    # --- changing machines ---------------------------------------------------
+    @method()
+    @api
+    async def CreateMachine(self, name: "s", definition: "s") -> "o":
+        """DEFINITION: the text of a ``.machine`` file, parsed and validated as
+        the CLI does; binds, PrivateUsers= other than pick, extra capabilities,
+        host networking… need the privileged create action (see docs)."""
+        from machined import definition as definitions
+
+        validate_machine_name(name)
+        parsed = definitions.from_text(name, definition, f"<{name}.machine>")
+        privileged = privileged_features(parsed)
+        await self.d.authorize(
+            daemon.ACTION_CREATE_MACHINES, f"create machine '{name}'", machine=name
+        )
+        if privileged:
+            await self.d.authorize(
+                daemon.ACTION_CREATE_PRIVILEGED,
+                f"create machine '{name}' with {', '.join(privileged)}",
+                machine=name,
+            )
+        await self.d.with_machines(lambda m: m.create(parsed))
+        found = self.d.machine_object(name)
+        self.MachineNew(name, found.path)
+        return found.path
+
+    @method()
+    @api
+    async def StartMachines(self, names: "as") -> "a(ss)":
+        return await self._batch(names, "start", lambda m, ok: m.start_many(ok))
+
+    @method()
+    @api
+    async def StopMachines(self, names: "as") -> "a(ss)":
+        return await self._batch(names, "stop", lambda m, ok: m.stop_many(ok))
+
+    @method()
+    @api
+    async def RestartMachines(self, names: "as") -> "a(ss)":
+        return await self._batch(names, "restart", lambda m, ok: m.restart_many(ok))
+
+    @method()
+    @api
+    async def KillMachines(self, names: "as", signal_number: "i") -> "a(ss)":
+        if not 1 <= signal_number <= 64:
+            raise InvalidInput(f"invalid signal number {signal_number}")
+
+        def kill(m: machines.Machines, ok: list[str]) -> list[PymachineError | None]:
+            return [_tried(m.kill, name, signal_number) for name in ok]
+
+        return await self._batch(names, "kill", kill)
+
+    @method()
+    @api
+    async def RemoveMachines(self, names: "as") -> "a(ss)":
+        def remove(m: machines.Machines, ok: list[str]) -> list[PymachineError | None]:
+            return [_tried(m.remove, name) for name in ok]
+
+        errors = await self._batch(names, "remove", remove, daemon.ACTION_CREATE_MACHINES)
+        for name, (error, _message) in zip(names, errors, strict=True):
+            if not error:
+                path = daemon.object_path(daemon.MACHINE_PATH_PREFIX, name)
+                self.d.forget(name)
+                self.MachineRemoved(name, path)
+        return errors
+
+    async def _batch(
+        self,
+        names: list[str],
+        verb: str,
+        run: Callable[[machines.Machines, list[str]], list[PymachineError | None]],
+        action: str = daemon.ACTION_MANAGE_MACHINES,
+    ) -> list[list[str]]:
+        """VERB of NAMES as the CLI's batch verbs do it: each name checked (its
+        name, then polkit with ``machine=NAME``), the allowed ones run together
+        by the library; one (error name, message) per name, in order."""
+        errors: list[PymachineError | None] = [None] * len(names)
+        for i, name in enumerate(names):
+            try:
+                validate_machine_name(name)
+                await self.d.authorize(action, f"{verb} machine '{name}'", machine=name)
+            except PymachineError as exc:
+                errors[i] = exc
+        allowed = [i for i in range(len(names)) if errors[i] is None]
+        if allowed:
+            results = await self.d.with_machines(run, [names[i] for i in allowed])
+            for i, error in zip(allowed, results, strict=True):
+                errors[i] = error
+        self.d.changed([names[i] for i in allowed])
+        return _pairs(errors)
+
+    # --- inside a machine --------------------------------------------------------
+    @method()
+    @api
+    async def ExecMachine(
+        self,
+        name: "s",
+        command: "as",
+        environment: "a{ss}",
+        user: "s",
+        working_directory: "s",
+        pty: "b",
+        stdin: "h",
+        stdout: "h",
+        stderr: "h",
+        status: "h",
+    ) -> None:
+        """Run COMMAND (empty: the user's shell) in the running machine with the
+        caller's STDIN/STDOUT/STDERR (PTY: on a new pseudo-terminal inside,
+        relayed to them); its exit status is written to STATUS ("N\\n") when it
+        ends. Returns once it runs: the call is not held open, and the process
+        outlives a restart of pymachined."""
+        fds = (stdin, stdout, stderr, status)
+        try:
+            request = exec_request(name, command, environment, user, working_directory, pty)
+            for fd in fds[:3]:
+                check_stdio(fd)
+            await self.d.authorize(
+                daemon.ACTION_SHELL, f"run a command in machine '{name}'", machine=name
+            )
+            await self.d.with_machines(lambda m: m.running_state(name))
+            process = await asyncio.create_subprocess_exec(
+                *enter.command(request, status),
+                stdin=stdin,
+                stdout=stdout,
+                stderr=stderr,
+                pass_fds=(status,),
+                start_new_session=True,
+                env=machines.runtime_environment(self.d.paths),
+            )
+        finally:
+            for fd in fds:
+                os.close(fd)
+        self.d.spawn(process.wait())  # reaped by us while we live; by init if we die
+
+    @method()
+    @api
+    async def GarbageCollect(self) -> "as":
+        await self.d.authorize(daemon.ACTION_MANAGE_MACHINES, "clean up after machines")
+        return await self.d.with_machines(lambda m: m.gc())
+
+    # --- images ------------------------------------------------------------------
+    @method()
+    @api
+    async def ListImages(self) -> "a(stdas)":
+        """(name, size in bytes, created (seconds), machines using it)."""
+        from machined.images import ImageStore
+
+        infos = await self.d.blocking(lambda: ImageStore(self.d.paths).list())
+        return [[i.name, int(i.size or 0), float(i.created), list(i.used_by)] for i in infos]
+
+    @method()
+    @api
+    async def RemoveImage(self, name: "s") -> None:
+        from machined.images import ImageStore
+
+        validate_image_name(name)
+        await self.d.authorize(daemon.ACTION_MANAGE_IMAGES, f"remove image '{name}'", image=name)
+        await self.d.blocking(lambda: ImageStore(self.d.paths).remove(name))
+
+    # --- signals -------------------------------------------------------------------
+    @signal()
+    def MachineNew(self, name: "s", path: "o") -> "so":
+        return [name, path]
+
+    @signal()
+    def MachineRemoved(self, name: "s", path: "o") -> "so":
+        return [name, path]
+
+
+class MachineObject(ServiceInterface):
+    """``org.pymachine.machine1.Machine``: one machine, its properties read from
+    the files and systemd when asked (a snapshot serves one GetAll)."""
+
+    SNAPSHOT_SECONDS = 0.5
+
+    def __init__(self, d: Daemon, name: str) -> None:
+        super().__init__(daemon.MACHINE_INTERFACE)
+        self.d = d
+        self.machine = name  # (self.name is the interface's, dbus-next's)
+        self.path = daemon.object_path(daemon.MACHINE_PATH_PREFIX, name)
+        self._props: dict[str, Any] | None = None
+        self._at = 0.0
+
+    def remember(self, props: dict[str, Any]) -> None:
+        self._props, self._at = props, asyncio.get_running_loop().time()
+
+    def invalidate(self) -> None:
+        self._props = None
+        self.emit_properties_changed(
+            {},
+            [
+                "State",
+                "Leader",
+                "Addresses",
+                "MemoryCurrent",
+                "TasksCurrent",
+                "Since",
+                "Result",
+                "ExitStatus",
+            ],
+        )
+
+    def _get(self, key: str) -> Any:
+        """A property, from a fresh snapshot (read in the loop: a few ms of pystemd)."""
+        now = asyncio.get_running_loop().time()
+        if self._props is None or now - self._at > self.SNAPSHOT_SECONDS:
+            with machines.Machines(self.d.paths) as m:
+                self.remember(_status(m, self.machine, require_definition=False))
+        return self._props[key]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Name(self) -> "s":
+        return self.machine
+
+    @dbus_property(access=PropertyAccess.READ)
+    def State(self) -> "s":
+        return self._get("State")
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Image(self) -> "s":
+        return self._get("Image")
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Unit(self) -> "s":
+        return self._get("Unit")
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Leader(self) -> "u":
+        return self._get("Leader")
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Addresses(self) -> "as":
+        return self._get("Addresses")
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Limits(self) -> "a{ss}":
+        return self._get("Limits")
+
+    @dbus_property(access=PropertyAccess.READ)
+    def MemoryCurrent(self) -> "t":
+        return self._get("MemoryCurrent")
+
+    @dbus_property(access=PropertyAccess.READ)
+    def TasksCurrent(self) -> "t":
+        return self._get("TasksCurrent")
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Since(self) -> "t":
+        return self._get("Since")
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Result(self) -> "s":
+        return self._get("Result")
+
+    @dbus_property(access=PropertyAccess.READ)
+    def ExitStatus(self) -> "i":
+        return self._get("ExitStatus")
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Enabled(self) -> "b":
+        return self._get("Enabled")
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Boot(self) -> "b":
+        return self._get("Boot")
+
+    @dbus_property(access=PropertyAccess.READ)
+    def NetworkMode(self) -> "s":
+        return self._get("NetworkMode")
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Command(self) -> "as":
+        return self._get("Command")
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Security(self) -> "a{ss}":
+        return self._get("Security")
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Problem(self) -> "s":
+        return self._get("Problem")
+
+    @method()
+    @api
+    async def Start(self) -> None:
+        _raise_first(
+            await self.d.manager._batch([self.machine], "start", lambda m, ok: m.start_many(ok))
+        )
+
+    @method()
+    @api
+    async def Stop(self) -> None:
+        _raise_first(
+            await self.d.manager._batch([self.machine], "stop", lambda m, ok: m.stop_many(ok))
+        )
+
+
+# --- helpers (plain functions: the worker threads run them) ---------------------
+
+#: Each property's D-Bus signature, for a{sv} answers.
+SIGNATURES = {
+    "Name": "s", "State": "s", "Image": "s", "Unit": "s", "Leader": "u", "Addresses": "as",
+    "Limits": "a{ss}", "MemoryCurrent": "t", "TasksCurrent": "t", "Since": "t", "Result": "s",
+    "ExitStatus": "i", "Enabled": "b", "Boot": "b", "NetworkMode": "s", "Command": "as",
+    "Security": "a{ss}", "Problem": "s",
+}  # fmt: skip
+
+
+def variants(props: dict[str, Any]) -> dict[str, Variant]:
+    return {key: Variant(SIGNATURES[key], value) for key, value in props.items()}
+
+
+def _status(m: machines.Machines, name: str, *, require_definition: bool = True) -> dict[str, Any]:
+    return machines.status_properties(m.info(name, require_definition=require_definition), m.paths)
+
+
+def _list_rows(m: machines.Machines) -> list[dict[str, Any]]:
+    return [machines.status_properties(info, m.paths) for info in m.list()]
+
+
+def _has_units(m: machines.Machines, name: str) -> bool:
+    return bool(m._unit_states(name))
+
+
+def _tried(action: Callable[..., Any], *args: Any) -> PymachineError | None:
+    try:
+        action(*args)
+    except PymachineError as exc:
+        return exc
+    return None
+
+
+def _raise_first(pairs: list[list[str]]) -> None:
+    for error, message in pairs:
+        if error:
+            raise DBusError(error, message)
+
+
+def privileged_features(definition: Any) -> list[str]:
+    """What in DEFINITION reaches beyond a machine's own sandbox, so that only
+    the privileged create action may ask for it (docs/architecture.md, "The
+    daemon as the trust boundary"): host paths, host root, host network, host
+    ports below 1024, another bridge, capabilities or system calls beyond the
+    defaults, no no_new_privileges in an app machine."""
+    from machined.network.config import NetworkConfig, NetworkMode
+
+    found = []
+    if definition.binds:
+        found.append("Bind= (host paths)")
+    if definition.private_users != "pick":
+        found.append(f"PrivateUsers={definition.private_users}")
+    if definition.capability:
+        found.append("Capability=")
+    if any(not rule.startswith("~") for rule in definition.system_call_filter):
+        found.append("SystemCallFilter= (an allow list)")
+    if definition.no_new_privileges is False and not definition.boot:
+        found.append("NoNewPrivileges=no")
+    if definition.network.mode == NetworkMode.HOST:
+        found.append("the host's network")
+    if definition.network.bridge != NetworkConfig().bridge:
+        found.append(f"Bridge={definition.network.bridge}")
+    if any(port.host_port < 1024 for port in definition.network.ports):
+        found.append("host ports below 1024")
+    return found
+
+
+def exec_request(
+    name: str,
+    command: list[str],
+    environment: dict[str, str],
+    user: str,
+    working_directory: str,
+    pty: bool,
+) -> dict[str, Any]:
+    """An exec's arguments checked as the CLI checks them; the request the
+    helper (:mod:`machined.daemon.enter`) runs."""
+    from machined.definition import parse_env
+
+    validate_machine_name(name)
+    for key, value in environment.items():
+        parse_env(f"{key}={value}")
+    for text in [*command, user, working_directory, *environment.values()]:
+        if "\0" in text:
+            raise InvalidInput("a command, user or directory must not contain NUL")
+    if working_directory and not working_directory.startswith("/"):
+        raise InvalidInput(f"invalid working directory {working_directory!r}: must be absolute")
+    if not command and not pty:
+        raise InvalidInput("exec needs a command: pymachine exec NAME -- CMD [ARGS…]")
+    return {
+        "name": name,
+        "command": list(command),
+        "environment": dict(environment),
+        "user": user or None,
+        "working_directory": working_directory or None,
+        "pty": bool(pty),
+    }
+
+
+_O_PATH = 0o10000000
+
+
+def check_stdio(fd: int) -> None:
+    """Only stdio crosses into a machine: a terminal, pipe, socket, character
+    device or regular file. A directory (or an O_PATH descriptor) would let root
+    inside open host files relative to it."""
+    import fcntl
+
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISDIR(mode) or fcntl.fcntl(fd, fcntl.F_GETFL) & _O_PATH:
+        raise InvalidInput("only a terminal, pipe, socket or file may be a machine's stdio")
+
+
+async def serve(paths: Paths | None = None) -> None:
+    """Own the bus name and answer until the bus goes away."""
+    bus = await Bus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True).connect()
+    d = Daemon(bus, paths or Paths.from_env())
+    bus.export(daemon.MANAGER_PATH, d.manager)
+    reply = await bus.request_name(daemon.BUS_NAME)
+    log.info("pymachined: %s on the system bus (%s)", daemon.BUS_NAME, reply)
+    await bus.wait_for_disconnect()
