@@ -303,11 +303,20 @@ def _info_json(props: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _properties(answer: Any) -> dict[str, Any]:
+    """An ``a{sv}`` of machine properties as pystemd decodes it (a dictionary's
+    value as a list of pairs) in the shape the library makes them."""
+    props = dict(answer)
+    for key in ("Limits", "Security"):
+        props[key] = dict(props[key])
+    return props
+
+
 def _machine_list() -> list[dict[str, Any]]:
     """Every machine's properties, from pymachined (or the library in-process)."""
     answer = []
     if _daemon_call(lambda d: answer.append(d.call("ListMachines"))):
-        return [dict(props) for _name, _path, props in answer[0]]
+        return [_properties(props) for _name, _path, props in answer[0]]
     from machined.machines import status_properties
 
     with _machines() as machines:
@@ -317,7 +326,7 @@ def _machine_list() -> list[dict[str, Any]]:
 def _machine_status(name: str) -> dict[str, Any]:
     answer = []
     if _daemon_call(lambda d: answer.append(d.call("GetMachineStatus", "s", [name]))):
-        return dict(answer[0])
+        return _properties(answer[0])
     from machined.machines import status_properties
 
     with _machines() as machines:
@@ -450,11 +459,11 @@ def _exec_through_daemon(args: argparse.Namespace, command: list[str], environme
         started = _daemon_call(
             lambda d: d.call(
                 "ExecMachine",
-                "sasa{ss}ssbhhhh",
+                "sasasssbhhhh",
                 [
                     args.name,
                     command,
-                    environment,
+                    [f"{key}={value}" for key, value in environment.items()],
                     args.user or "",
                     args.workdir or "",
                     args.verb == "shell",

@@ -273,7 +273,7 @@ class Manager(ServiceInterface):
         self,
         name: "s",
         command: "as",
-        environment: "a{ss}",
+        environment: "as",
         user: "s",
         working_directory: "s",
         pty: "b",
@@ -282,7 +282,8 @@ class Manager(ServiceInterface):
         stderr: "h",
         status: "h",
     ) -> None:
-        """Run COMMAND (empty: the user's shell) in the running machine with the
+        """Run COMMAND (empty: the user's shell), with ENVIRONMENT ("NAME=VALUE"
+        strings), in the running machine with the
         caller's STDIN/STDOUT/STDERR (PTY: on a new pseudo-terminal inside,
         relayed to them); its exit status is written to STATUS ("N\\n") when it
         ends. Returns once it runs: the call is not held open, and the process
@@ -545,7 +546,7 @@ def privileged_features(definition: Any) -> list[str]:
 def exec_request(
     name: str,
     command: list[str],
-    environment: dict[str, str],
+    environment: list[str],
     user: str,
     working_directory: str,
     pty: bool,
@@ -555,9 +556,8 @@ def exec_request(
     from machined.definition import parse_env
 
     validate_machine_name(name)
-    for key, value in environment.items():
-        parse_env(f"{key}={value}")
-    for text in [*command, user, working_directory, *environment.values()]:
+    variables = dict(parse_env(text) for text in environment)
+    for text in [*command, user, working_directory, *environment]:
         if "\0" in text:
             raise InvalidInput("a command, user or directory must not contain NUL")
     if working_directory and not working_directory.startswith("/"):
@@ -567,7 +567,7 @@ def exec_request(
     return {
         "name": name,
         "command": list(command),
-        "environment": dict(environment),
+        "environment": variables,
         "user": user or None,
         "working_directory": working_directory or None,
         "pty": bool(pty),

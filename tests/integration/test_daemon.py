@@ -1,0 +1,156 @@
+"""pymachined in a throwaway systemd host with the real D-Bus broker and a
+real polkitd: activation, the API, polkit rules for a group, a user outside
+it, a killed daemon, two clients at once."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.harness.systemd_host import SystemdHost, default_binds
+
+pytestmark = pytest.mark.tier1
+
+RULES = Path(__file__).parents[2] / "docs/polkit/50-pymachine.rules"
+PYMACHINE = [sys.executable, "-m", "machined"]
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory: pytest.TempPathFactory):
+    """A host of the module's own (it installs pymachined, adds users and a
+    polkit rule): alice is in the group "pymachine", bob is not."""
+    from tests.harness import require_tier1
+
+    require_tier1()
+    base = tmp_path_factory.mktemp("daemon-host")
+    h = SystemdHost(base / "host", binds=default_binds(base))
+    h.start()
+    try:
+        h.run(
+            "set -e; groupadd pymachine; useradd -m -G pymachine alice; useradd -m bob; "
+            # the test run's interpreter may live under /root (in this host's overlay only)
+            "chmod 711 /root; mkdir -p /etc/polkit-1/rules.d"
+        )
+        h.run(
+            ["cp", "/dev/stdin", "/etc/polkit-1/rules.d/50-pymachine.rules"],
+            input=RULES.read_text(),
+        )
+        h.run(["chmod", "644", "/etc/polkit-1/rules.d/50-pymachine.rules"])  # polkitd reads it
+        h.pymachine("install-units")
+        h.pymachine("bootstrap", "--distro", "busybox", "tiny")
+        yield h
+    finally:
+        h.stop()
+
+
+def as_user(host: SystemdHost, user: str, *args: str, **kw) -> subprocess.CompletedProcess[str]:
+    return host.run(["runuser", "-u", user, "--", *PYMACHINE, *args], check=False, **kw)
+
+
+def make(host: SystemdHost, name: str, start: bool = True) -> str:
+    host.pymachine(
+        "create", name, "--image", "tiny", "--network", "none", "--",
+        "/bin/sh", "-c", "while :; do sleep 1; done",
+    )  # fmt: skip
+    if start:
+        host.pymachine("start", name)
+    return name
+
+
+def active(host: SystemdHost, unit: str) -> str:
+    return host.run(["systemctl", "is-active", unit], check=False).stdout.strip()
+
+
+def test_first_call_activates_pymachined_and_busctl_sees_the_api(host):
+    host.run(["systemctl", "stop", "pymachined.service"], check=False)
+    assert active(host, "pymachined.service") != "active"
+    host.pymachine("list")
+    assert active(host, "pymachined.service") == "active"
+    out = host.run(
+        ["busctl", "introspect", "org.pymachine.machine1", "/org/pymachine/machine1"]
+    ).stdout
+    for member in (".StartMachines", ".ListMachines", ".ExecMachine", ".MachineNew"):
+        assert member in out
+    make(host, "api1")
+    out = host.run(
+        ["busctl", "get-property", "org.pymachine.machine1", "/org/pymachine/machine1/machine/api1",
+         "org.pymachine.machine1.Machine", "State"]
+    ).stdout  # fmt: skip
+    assert out.strip() == 's "running"'
+
+
+def test_a_user_of_the_allowed_group_lists_starts_execs_shells_and_stops(host):
+    name = make(host, "alice1", start=False)
+    assert as_user(host, "alice", "start", name).returncode == 0
+    assert active(host, f"pymachine-{name}.service") == "active"
+    listed = as_user(host, "alice", "list")
+    assert listed.returncode == 0 and name in listed.stdout
+    status = as_user(host, "alice", "status", name)
+    assert status.returncode == 0 and "State: running" in status.stdout
+    out = as_user(host, "alice", "exec", name, "--", "hostname")
+    assert (out.returncode, out.stdout.strip()) == (0, name), out
+    code = as_user(host, "alice", "exec", name, "--", "/bin/sh", "-c", "exit 7")
+    assert code.returncode == 7
+    shell = as_user(host, "alice", "shell", name, "--", "/bin/sh", "-c", "echo in-$(hostname)")
+    assert shell.returncode == 0 and f"in-{name}" in shell.stdout
+    assert as_user(host, "alice", "stop", name).returncode == 0
+    assert active(host, f"pymachine-{name}.service") != "active"
+
+
+def test_a_user_outside_it_is_refused_in_one_line_and_nothing_changes(host):
+    name = make(host, "bob1")
+    for args in (["stop", name], ["exec", name, "--", "true"], ["remove", name]):
+        out = as_user(host, "bob", *args)
+        assert out.returncode == 6, out
+        assert out.stderr.startswith("pymachine: access denied") and out.stderr.count("\n") == 1
+    assert active(host, f"pymachine-{name}.service") == "active"
+    assert host.run(["test", "-f", f"/etc/pymachine/{name}.machine"], check=False).returncode == 0
+    assert name in as_user(host, "bob", "list").stdout  # reading is open, as machined's
+
+
+def test_the_group_may_not_create_what_reaches_into_the_host(host):
+    out = as_user(
+        host, "alice", "create", "priv1", "--image", "tiny", "--bind", "/etc:/hostetc",
+        "--", "/bin/true",
+    )  # fmt: skip
+    assert out.returncode == 6 and "Bind=" in out.stderr, out
+    for flags in (
+        ["--private-users", "no"],
+        ["--network", "host"],
+        ["--capability", "CAP_SYS_ADMIN"],
+    ):
+        out = as_user(
+            host, "alice", "create", "priv1", "--image", "tiny", *flags, "--", "/bin/true"
+        )
+        assert out.returncode == 6, (flags, out)
+    assert host.run(["test", "-e", "/etc/pymachine/priv1.machine"], check=False).returncode != 0
+    out = as_user(host, "alice", "create", "plain1", "--image", "tiny", "--network", "none")
+    assert out.returncode == 0, out
+    assert as_user(host, "alice", "remove", "plain1").returncode == 0
+
+
+def test_killing_pymachined_leaves_machines_running_and_the_next_call_restarts_it(host):
+    name = make(host, "kill1")
+    host.run(["systemctl", "kill", "-s", "KILL", "pymachined.service"])
+    host.run("while systemctl -q is-active pymachined.service; do sleep 0.1; done", timeout=30)
+    assert active(host, f"pymachine-{name}.service") == "active"
+    out = host.pymachine("status", name)
+    assert "State: running" in out.stdout
+    assert active(host, "pymachined.service") == "active"
+
+
+def test_two_clients_starting_one_machine_end_consistent(host):
+    name = make(host, "twice1", start=False)
+    clients = [
+        host.popen(
+            [*PYMACHINE, "start", name], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    codes = sorted(c.wait(timeout=120) for c in clients)
+    assert codes in ([0, 0], [0, 5]), [c.stderr.read() for c in clients]
+    assert active(host, f"pymachine-{name}.service") == "active"
+    assert host.pymachine("stop", name).returncode == 0
