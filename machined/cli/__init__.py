@@ -90,9 +90,7 @@ def _version() -> str:
     from machined.daemon.install import problems
     from machined.paths import Paths
 
-    return "pymachine 0.1.0" + "".join(
-        f"\nwarning: {line}" for line in problems(Paths.from_env())
-    )
+    return "pymachine 0.1.0" + "".join(f"\nwarning: {line}" for line in problems(Paths.from_env()))
 
 
 def build_parser(verb: str | None = None) -> argparse.ArgumentParser:

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 NOT_INSTALLED = (
     "org.freedesktop.DBus.Error.ServiceUnknown",
     "org.freedesktop.DBus.Error.NameHasNoOwner",
+    "DBusServiceUnknownError",  # pystemd's classes for the standard errors (machined.dbus)
+    "DBusNameHasNoOwnerError",
 )
 
 

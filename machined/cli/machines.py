@@ -450,16 +450,19 @@ def cmd_exec(args: argparse.Namespace) -> int:
 
 def _exec_through_daemon(args: argparse.Namespace, command: list[str], environment) -> int | None:
     """``ExecMachine`` with our stdin, stdout and stderr (only stdio crosses into
-    the machine) and a pipe on which pymachined's helper writes the exit status
-    when the command ends. None: run it in-process (root, without the daemon)."""
+    the machine), a pipe on which pymachined's helper writes the exit status
+    when the command ends, and one on which we send it our signals (the
+    command runs in a session of its own: the terminal's Ctrl-C reaches only
+    us). None: run it in-process (root, without the daemon)."""
     if os.environ.get("TERM"):
         environment = {"TERM": os.environ["TERM"], **environment}
     reader, writer = os.pipe()
+    signal_reader, signal_writer = os.pipe()
     try:
         started = _daemon_call(
             lambda d: d.call(
                 "ExecMachine",
-                "sasasssbhhhh",
+                "sasasssbhhhhh",
                 [
                     args.name,
                     command,
@@ -471,17 +474,24 @@ def _exec_through_daemon(args: argparse.Namespace, command: list[str], environme
                     1,
                     2,
                     writer,
+                    signal_reader,
                 ],
             )
         )
     finally:
         os.close(writer)
+        os.close(signal_reader)
     if not started:
         os.close(reader)
+        os.close(signal_writer)
         return None
     import signal
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal's Ctrl-C is the command's
+    def forward(number: int, _frame: object) -> None:  # the terminal's Ctrl-C is the command's
+        os.write(signal_writer, bytes([number]))
+
+    for number in (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(number, forward)
     with os.fdopen(reader) as answer:
         text = answer.read().strip()
     if not text.isdigit():

@@ -50,6 +50,7 @@ _ERROR_CLASSES: dict[str, type[PymachineError]] = {
     ERROR_NAMES[ExitCode.ACCESS_DENIED]: AccessDenied,
     # the bus's own refusal (its policy, or polkit through another service)
     "org.freedesktop.DBus.Error.AccessDenied": AccessDenied,
+    "DBusAccessDeniedError": AccessDenied,  # pystemd's name for it
     "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired": AccessDenied,
 }
 

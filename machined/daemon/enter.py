@@ -21,11 +21,28 @@ BOOTSTRAP = (
 )
 
 
-def command(request: dict, status_fd: int) -> list[str]:
+def command(request: dict, status_fd: int, signal_fd: int) -> list[str]:
     """The helper's argv: ``python -I -S`` with the module path spelled out, as
     the units' runtime is started (:func:`machined.machines.runtime_command`)."""
     path = machines.runtime_command(request["name"])[5]
-    return [sys.executable, "-I", "-S", "-c", BOOTSTRAP, path, json.dumps(request), str(status_fd)]
+    fds = [str(status_fd), str(signal_fd)]
+    return [sys.executable, "-I", "-S", "-c", BOOTSTRAP, path, json.dumps(request), *fds]
+
+
+def forward_signals(fd: int) -> None:
+    """The client's signals, a byte each on FD, to our process group (the
+    command's, as a terminal's Ctrl-C reaches it); EOF, the client gone: SIGHUP."""
+    import signal
+    import threading
+
+    def relay() -> None:
+        while data := os.read(fd, 16):
+            for number in data:
+                if number in (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP):
+                    os.killpg(0, number)
+        os.killpg(0, signal.SIGHUP)
+
+    threading.Thread(target=relay, daemon=True).start()
 
 
 def run(request: dict, paths=None) -> int:  # noqa: ANN001
@@ -49,10 +66,16 @@ def run(request: dict, paths=None) -> int:  # noqa: ANN001
 
 
 def main(argv: list[str]) -> int:
-    request, status_fd = json.loads(argv[0]), int(argv[1])
-    os.set_inheritable(status_fd, False)  # never into the machine: only stdio crosses
+    request, status_fd, signal_fd = json.loads(argv[0]), int(argv[1]), int(argv[2])
+    for fd in (status_fd, signal_fd):
+        os.set_inheritable(fd, False)  # never into the machine: only stdio crosses
+    import signal
+
     from machined.errors import PymachineError
 
+    for number in (signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP):  # ours are the command's
+        signal.signal(number, lambda *_: None)  # (a handler, not SIG_IGN: exec resets it)
+    forward_signals(signal_fd)
     try:
         code = run(request)
     except PymachineError as exc:

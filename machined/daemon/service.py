@@ -281,14 +281,17 @@ class Manager(ServiceInterface):
         stdout: "h",
         stderr: "h",
         status: "h",
+        signals: "h",
     ) -> None:
         """Run COMMAND (empty: the user's shell), with ENVIRONMENT ("NAME=VALUE"
         strings), in the running machine with the
         caller's STDIN/STDOUT/STDERR (PTY: on a new pseudo-terminal inside,
         relayed to them); its exit status is written to STATUS ("N\\n") when it
-        ends. Returns once it runs: the call is not held open, and the process
-        outlives a restart of pymachined."""
-        fds = (stdin, stdout, stderr, status)
+        ends. SIGNALS: the read end of the caller's pipe, a byte per signal to
+        forward to the command (its Ctrl-C); EOF hangs the command up. Returns
+        once it runs: the call is not held open, and the process outlives a
+        restart of pymachined."""
+        fds = (stdin, stdout, stderr, status, signals)
         try:
             request = exec_request(name, command, environment, user, working_directory, pty)
             for fd in fds[:3]:
@@ -298,11 +301,11 @@ class Manager(ServiceInterface):
             )
             await self.d.with_machines(lambda m: m.running_state(name))
             process = await asyncio.create_subprocess_exec(
-                *enter.command(request, status),
+                *enter.command(request, status, signals),
                 stdin=stdin,
                 stdout=stdout,
                 stderr=stderr,
-                pass_fds=(status,),
+                pass_fds=(status, signals),
                 start_new_session=True,
                 env=machines.runtime_environment(self.d.paths),
             )

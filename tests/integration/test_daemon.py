@@ -154,3 +154,15 @@ def test_two_clients_starting_one_machine_end_consistent(host):
     assert codes in ([0, 0], [0, 5]), [c.stderr.read() for c in clients]
     assert active(host, f"pymachine-{name}.service") == "active"
     assert host.pymachine("stop", name).returncode == 0
+
+
+def test_ctrl_c_of_a_non_root_exec_reaches_the_command(host):
+    name = make(host, "sigint1")
+    script = (
+        f"setpriv --reuid alice --regid alice --init-groups {' '.join(PYMACHINE)} exec {name} -- "
+        "/bin/sh -c 'trap \"exit 42\" INT; touch /ready; while :; do sleep 0.1; done' & "
+        f"until {' '.join(PYMACHINE)} exec {name} -- test -e /ready; do sleep 0.1; done; "
+        "kill -INT $!; wait $!; echo status=$?"
+    )
+    out = host.run(["/bin/bash", "-c", script], timeout=60)
+    assert "status=42" in out.stdout, out
