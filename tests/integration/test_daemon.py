@@ -166,3 +166,31 @@ def test_ctrl_c_of_a_non_root_exec_reaches_the_command(host):
     )
     out = host.run(["/bin/bash", "-c", script], timeout=60)
     assert "status=42" in out.stdout, out
+
+
+ASYNC_CLIENT = """
+import asyncio, sys
+from machined.client import Client
+from machined.errors import NotRunning
+
+async def main(name):
+    async with await Client.connect() as pm:
+        await pm.start(name)
+        states = {m["Name"]: m["State"] for m in await pm.list_machines()}
+        code = await pm.exec(name, ["/bin/sh", "-c", "hostname; exit 3"])
+        leader = (await pm.status(name))["Leader"]
+        await pm.stop(name)
+        try:
+            await pm.stop(name)
+        except NotRunning as exc:
+            error = type(exc).__name__
+        print(states[name], code, leader > 0, error)
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+def test_the_async_python_api_as_a_user_of_the_group(host):
+    name = make(host, "async1", start=False)
+    out = host.run(["runuser", "-u", "alice", "--", sys.executable, "-c", ASYNC_CLIENT, name])
+    assert out.stdout.split() == [name, "running", "3", "True", "NotRunning"], out
