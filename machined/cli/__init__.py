@@ -17,7 +17,7 @@ import os  # noqa: E402
 import sys  # noqa: E402
 from types import ModuleType  # noqa: E402
 
-from machined.errors import ExitCode, PymachineError  # noqa: E402
+from machined.errors import ExitCode, InvalidInput, PymachineError  # noqa: E402
 
 #: What pymachine imports that Python does not ship (pyproject.toml's dependencies).
 DEPENDENCIES = frozenset({"pystemd", "jinja2", "pyseccomp", "markupsafe"})
@@ -101,6 +101,9 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
         description="Manage nspawn-style machines as systemd units.",
     )
     parser.add_argument("--version", action="store_true", help="show the version and exit")
+    parser.add_argument(
+        "-H", "--host", metavar="[USER@]HOST", help="manage the machines of HOST (over ssh)"
+    )
     subparsers = parser.add_subparsers(dest="verb", metavar="VERB")
     subparsers.required = True
     groups = [] if verb == "--version" else _verb_groups(verb)  # printed before any verb
@@ -110,6 +113,45 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
         else:
             module.register(subparsers)
     return parser
+
+
+#: Verbs that are calls of pymachined: over D-Bus to the other host's. The
+#: others (a terminal's: exec, shell, run, logs; or not yet in the API) run the
+#: other host's pymachine under ``ssh``.
+_OVER_DBUS = frozenset(
+    {"create", "start", "stop", "restart", "kill", "remove", "rm", "list", "ls", "status", "gc"}
+)
+#: Verbs that need the caller's files: not with -H.
+_LOCAL_FILES = frozenset({"copy-to", "copy-from", "bind", "import-tar", "export-tar", "import-oci"})
+
+
+def _remote(head: list[str], command: list[str] | None) -> list[str]:
+    """``-H [USER@]HOST VERB …``: the verbs that are D-Bus calls go to
+    pymachined on HOST over systemd's D-Bus-over-SSH transport (``ssh -xT
+    HOST systemd-stdio-bridge``, what ``systemctl -H`` uses); the others run
+    the other host's pymachine under ``ssh`` (``-t`` from a terminal). Returns
+    the rest of the command line (or does not return)."""
+    from machined.remote import bus_address, ssh_argv, validate_host
+
+    if head[0].startswith("--host="):
+        host, rest = head[0].split("=", 1)[1], head[1:]
+    elif len(head) > 1:
+        host, rest = head[1], head[2:]
+    else:
+        raise InvalidInput("-H needs a host: pymachine -H [USER@]HOST VERB …")
+    validate_host(host)
+    verb = rest[0] if rest else ""
+    if verb in _LOCAL_FILES:
+        raise InvalidInput(f"'{verb}' works on this host's files: run it on {host} itself")
+    if verb not in _OVER_DBUS:
+        sys.stdout.flush()
+        argv = ssh_argv(
+            host, ["pymachine", *rest, *(["--", *command] if command is not None else [])]
+        )
+        os.execvp(argv[0], argv)
+    os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = bus_address(host)
+    os.environ["PYMACHINE_REMOTE"] = host  # never the in-process fallback (machined.cli.daemon)
+    return rest
 
 
 def split_command(argv: list[str]) -> tuple[list[str], list[str] | None]:
@@ -123,6 +165,12 @@ def split_command(argv: list[str]) -> tuple[list[str], list[str] | None]:
 
 def main(argv: list[str] | None = None) -> int:
     head, command = split_command(list(sys.argv[1:] if argv is None else argv))
+    if head[:1] in (["-H"], ["--host"]) or head[:1] and head[0].startswith("--host="):
+        try:
+            head = _remote(head, command)
+        except PymachineError as exc:
+            print(f"pymachine: {exc}", file=sys.stderr)
+            return int(exc.exit_code)
     if head[:1] == ["--version"]:
         print(_version())
         return int(ExitCode.OK)

@@ -42,6 +42,8 @@ def in_process() -> bool:
     """Whether this call runs the library itself rather than asking pymachined:
     only root with another ``PYMACHINE_ROOT`` than the daemon's (tests, a
     second tree), or ``PYMACHINE_NO_DAEMON=1`` (benchmarks of the old path)."""
+    if os.environ.get("PYMACHINE_REMOTE"):  # -H: the other host's pymachined, always
+        return False
     return bool(os.environ.get("PYMACHINE_ROOT") or os.environ.get("PYMACHINE_NO_DAEMON")) and (
         os.geteuid() == 0
     )
@@ -83,6 +85,11 @@ def call(method: str, signature: str = "", args: list[Any] | tuple = (), **kw: A
         )
     except BusError as exc:
         if exc.name in NOT_INSTALLED:
+            if os.environ.get("PYMACHINE_REMOTE"):
+                raise PymachineError(
+                    f"pymachined is not installed on {os.environ['PYMACHINE_REMOTE']}: "
+                    "run 'pymachine install-units' there as root"
+                ) from None
             if os.geteuid() == 0:
                 raise NotInstalled(str(exc)) from None
             raise PymachineError(

@@ -374,7 +374,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     # journalctl reads the service's journal while we ask pymachined (the scope's, if
     # the machine turns out to run in the foreground, is read afterwards)
-    early = None if args.json else Journal(unit_name(validate_machine_name(args.name)), args.lines)
+    remote = bool(os.environ.get("PYMACHINE_REMOTE"))  # -H: the journal is the other host's
+    early = (
+        None
+        if args.json or remote
+        else Journal(unit_name(validate_machine_name(args.name)), args.lines)
+    )
     try:
         props = _machine_status(args.name)
     except BaseException:
@@ -419,7 +424,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         for key, value in rows:
             if value:
                 print(f"{key:>{width}}: {value}")
-        lines = (early or Journal(info["unit"], args.lines)).lines()
+        lines = "" if remote else (early or Journal(info["unit"], args.lines)).lines()
         if lines:
             print()
             print(lines)
@@ -490,8 +495,8 @@ def _exec_through_daemon(args: argparse.Namespace, command: list[str], environme
     def forward(number: int, _frame: object) -> None:  # the terminal's Ctrl-C is the command's
         os.write(signal_writer, bytes([number]))
 
-    for number in (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(number, forward)
+    for number in (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP, signal.SIGWINCH):
+        signal.signal(number, forward)  # (SIGWINCH: shell's relay copies the new size)
     with os.fdopen(reader) as answer:
         text = answer.read().strip()
     if not text.isdigit():

@@ -29,6 +29,11 @@ def command(request: dict, status_fd: int, signal_fd: int) -> list[str]:
     return [sys.executable, "-I", "-S", "-c", BOOTSTRAP, path, json.dumps(request), *fds]
 
 
+#: What a client may forward: a terminal's keys, a hangup, a resize (``shell``:
+#: the relay copies the caller's window size to the machine's pty again).
+FORWARDED = frozenset({2, 3, 15, 1, 28})  # SIGINT SIGQUIT SIGTERM SIGHUP SIGWINCH
+
+
 def forward_signals(fd: int) -> None:
     """The client's signals, a byte each on FD, to our process group (the
     command's, as a terminal's Ctrl-C reaches it); EOF, the client gone: SIGHUP."""
@@ -38,7 +43,7 @@ def forward_signals(fd: int) -> None:
     def relay() -> None:
         while data := os.read(fd, 16):
             for number in data:
-                if number in (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP):
+                if number in FORWARDED:
                     os.killpg(0, number)
         os.killpg(0, signal.SIGHUP)
 

@@ -194,3 +194,34 @@ def test_the_async_python_api_as_a_user_of_the_group(host):
     name = make(host, "async1", start=False)
     out = host.run(["runuser", "-u", "alice", "--", sys.executable, "-c", ASYNC_CLIENT, name])
     assert out.stdout.split() == [name, "running", "3", "True", "NotRunning"], out
+
+
+SSH_STUB = """#!/bin/sh
+# ssh's stand-in in the test host: 'ssh [OPTIONS] -- HOST COMMAND…' runs COMMAND here,
+# through a shell as sshd would (no network, no sshd: the transport is what is tested)
+echo "$@" >> /run/ssh-stub.log
+while [ "$1" != "--" ]; do shift; done
+shift 2
+exec /bin/sh -c "$*"
+"""
+
+
+def test_dash_h_reaches_pymachined_over_the_ssh_stdio_bridge(host):
+    name = make(host, "remote1")
+    host.run(
+        ["sh", "-c", "cat > /usr/local/bin/ssh && chmod 755 /usr/local/bin/ssh"], input=SSH_STUB
+    )
+    try:
+        listed = host.pymachine("-H", "root@other", "list")
+        assert name in listed.stdout
+        assert "root@other systemd-stdio-bridge" in host.run(["cat", "/run/ssh-stub.log"]).stdout
+        assert host.pymachine("-H", "root@other", "stop", name).returncode == 0
+        assert active(host, f"pymachine-{name}.service") != "active"
+        host.pymachine("-H", "other", "start", name)
+        out = host.pymachine("-H", "other", "exec", name, "--", "hostname")
+        assert out.stdout.strip() == name  # exec: the other host's pymachine under ssh
+        bad = host.pymachine("-H", "-oProxyCommand=touch /pwned", "list", check=False)
+        assert bad.returncode == 2 and "invalid host" in bad.stderr
+        assert host.run(["test", "-e", "/pwned"], check=False).returncode != 0
+    finally:
+        host.run(["rm", "-f", "/usr/local/bin/ssh"])
