@@ -266,6 +266,50 @@ class Manager(ServiceInterface):
         self.d.changed([names[i] for i in allowed])
         return _pairs(errors)
 
+    @method()
+    @api
+    async def EnableMachine(self, name: "s", now: "b") -> "a{sv}":
+        """``pymachine enable [--now]``: what it did (machined.units.Enabled's fields)."""
+        from machined import units
+
+        validate_machine_name(name)
+        await self.d.authorize(
+            daemon.ACTION_MANAGE_MACHINES, f"enable machine '{name}'", machine=name
+        )
+        result = await self.d.with_machines(lambda m: units.enable(name, now=now, machines=m))
+        self.d.changed([name])
+        return result_fields(result)
+
+    @method()
+    @api
+    async def DisableMachine(self, name: "s", now: "b") -> "a{sv}":
+        from machined import units
+
+        validate_machine_name(name)
+        await self.d.authorize(
+            daemon.ACTION_MANAGE_MACHINES, f"disable machine '{name}'", machine=name
+        )
+        result = await self.d.with_machines(lambda m: units.disable(name, now=now, machines=m))
+        self.d.changed([name])
+        return result_fields(result)
+
+    @method()
+    @api
+    async def SetMachineProperties(self, name: "s", assignments: "as", runtime: "b") -> "a{sv}":
+        """``pymachine set``: ASSIGNMENTS ("MemoryMax=1G"), validated by the
+        library as the CLI's are (resource-control keys only)."""
+        from machined import units
+
+        validate_machine_name(name)
+        await self.d.authorize(
+            daemon.ACTION_MANAGE_MACHINES, f"change the limits of machine '{name}'", machine=name
+        )
+        result = await self.d.with_machines(
+            lambda m: units.set_properties(name, assignments, runtime=runtime, machines=m)
+        )
+        self.d.changed([name])
+        return result_fields(result)
+
     # --- inside a machine --------------------------------------------------------
     @method()
     @api
@@ -486,6 +530,27 @@ SIGNATURES = {
     "ExitStatus": "i", "Enabled": "b", "Boot": "b", "NetworkMode": "s", "Command": "as",
     "Security": "a{ss}", "Problem": "s",
 }  # fmt: skip
+
+
+def result_fields(result: Any) -> dict[str, Variant]:
+    """A library result (a dataclass of str, bool, path, list of str or of
+    pairs) as ``a{sv}``; None fields are left out."""
+    import dataclasses
+
+    out = {}
+    for f in dataclasses.fields(result):
+        value = getattr(result, f.name)
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            out[f.name] = Variant("b", value)
+        elif isinstance(value, list) and value and isinstance(value[0], tuple):
+            out[f.name] = Variant("a(ss)", [[str(a), str(b)] for a, b in value])
+        elif isinstance(value, list):
+            out[f.name] = Variant("as", [str(v) for v in value])
+        else:
+            out[f.name] = Variant("s", str(value))
+    return out
 
 
 def variants(props: dict[str, Any]) -> dict[str, Variant]:

@@ -225,3 +225,23 @@ def test_dash_h_reaches_pymachined_over_the_ssh_stdio_bridge(host):
         assert host.run(["test", "-e", "/pwned"], check=False).returncode != 0
     finally:
         host.run(["rm", "-f", "/usr/local/bin/ssh"])
+
+
+def test_the_group_enables_sets_limits_and_disables_through_pymachined(host):
+    name = make(host, "enable1")
+    out = as_user(host, "alice", "enable", name)
+    assert out.returncode == 0 and "starts it at boot" in out.stdout, out
+    wants = f"/etc/systemd/system/machines.target.wants/pymachine-{name}.service"
+    assert host.run(["test", "-L", wants], check=False).returncode == 0
+    out = as_user(host, "alice", "set", name, "-p", "TasksMax=77")
+    assert out.returncode == 0 and "Saved TasksMax=77" in out.stdout, out
+    assert "TasksMax=77" in host.run(["cat", f"/etc/pymachine/{name}.machine"]).stdout
+    bad = as_user(host, "alice", "set", name, "-p", "ExecStart=/bin/evil")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad
+    denied = as_user(host, "bob", "disable", name)
+    assert denied.returncode == 6, denied
+    out = as_user(host, "alice", "disable", "--now", name)
+    assert out.returncode == 0 and "Stopped machine" in out.stdout, out
+    assert host.run(
+        ["test", "-e", f"/etc/systemd/system/pymachine-{name}.service"], check=False
+    ).returncode
