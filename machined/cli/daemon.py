@@ -101,3 +101,39 @@ def call(method: str, signature: str = "", args: list[Any] | tuple = (), **kw: A
 def errors(pairs: list[tuple[str, str]]) -> list[PymachineError | None]:
     """A batch's ``a(ss)`` answer as the library's list of errors."""
     return [daemon.error_from(name, message) if name else None for name, message in pairs]
+
+
+def run_job(method: str, signature: str, args: list[Any], quiet: bool = False) -> int:
+    """Start a job (``BootstrapImage``, ``ImportTar``), show its progress on
+    stderr and wait for its ``JobRemoved``: its exit code, its error printed.
+    Ctrl-C cancels it (the work is atomic: nothing is left behind)."""
+    import sys
+
+    ended: dict[int, tuple[str, int, str]] = {}
+    b = bus()
+    b.match_signal(
+        daemon.BUS_NAME,
+        None,
+        daemon.MANAGER_INTERFACE,
+        "JobRemoved",
+        lambda body: ended.__setitem__(body[0], (body[2], body[3], body[4])),
+    )
+    job_id, path = call(method, signature, args)
+
+    def progress(body: Any) -> None:
+        changed = dict(body[1])
+        if "Status" in changed and not quiet:
+            print(changed["Status"], file=sys.stderr)
+
+    b.match_signal(
+        daemon.BUS_NAME, path, "org.freedesktop.DBus.Properties", "PropertiesChanged", progress
+    )
+    while job_id not in ended:
+        try:
+            b.process_until(lambda: job_id in ended, 3600)
+        except KeyboardInterrupt:
+            b.call(daemon.BUS_NAME, path, "org.pymachine.machine1.Job", "Cancel")
+    _result, code, message = ended[job_id]
+    if code:
+        print(f"pymachine: {message or 'the job failed'}", file=sys.stderr)
+    return code

@@ -17,61 +17,26 @@ signatures from the annotations' values.
 """
 
 import asyncio
-import contextvars
 import functools
 import logging
 import os
+import re
 import stat
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from dbus_next import BusType, DBusError, Message, MessageFlag, Variant
+from dbus_next import BusType, DBusError, MessageFlag, Variant
 from dbus_next.aio import MessageBus
 from dbus_next.service import PropertyAccess, ServiceInterface, dbus_property, method, signal
 
 from machined import daemon, machines
-from machined.daemon import enter, polkit
+from machined.daemon import enter, jobs, polkit
+from machined.daemon.bus import CURRENT_MESSAGE, Bus, api
 from machined.errors import InvalidInput, NotFound, PymachineError
 from machined.names import validate_image_name, validate_machine_name
 from machined.paths import Paths
 
 log = logging.getLogger("pymachined")
-
-#: The method call being handled (its sender and flags, for polkit): set by
-#: :class:`Bus` around each handler; the handler's task inherits it.
-CURRENT_MESSAGE: contextvars.ContextVar[Message] = contextvars.ContextVar("message")
-
-
-class Bus(MessageBus):
-    """dbus-next's bus, with each method call's message reachable from the
-    handler (:data:`CURRENT_MESSAGE`). dbus-next 0.2 hands a ``@method`` only
-    its arguments, and polkit needs the caller's bus name."""
-
-    def _make_method_handler(self, interface, method):  # noqa: ANN001 (dbus-next's hook)
-        inner = super()._make_method_handler(interface, method)
-
-        def handler(msg: Message, send_reply: Any) -> None:
-            token = CURRENT_MESSAGE.set(msg)
-            try:
-                inner(msg, send_reply)  # creates the handler's task: it copies the context
-            finally:
-                CURRENT_MESSAGE.reset(token)
-
-        return handler
-
-
-def api(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-    """A method's pymachine errors as D-Bus errors of their exit code's name
-    (:data:`machined.daemon.ERROR_NAMES`), with the CLI's message."""
-
-    @functools.wraps(fn)
-    async def wrapper(*args: Any, **kw: Any) -> Any:
-        try:
-            return await fn(*args, **kw)
-        except PymachineError as exc:
-            raise DBusError(daemon.error_name(exc), str(exc)) from None
-
-    return wrapper
 
 
 def _pairs(errors: list[PymachineError | None]) -> list[list[str]]:
@@ -87,6 +52,7 @@ class Daemon:
         self.paths = paths
         self.manager = Manager(self)
         self.machines: dict[str, MachineObject] = {}
+        self.jobs: dict[int, jobs.Job] = {}
         self._children: set[asyncio.Task] = set()
 
     async def authorize(self, action: str, what: str, **details: str) -> None:
@@ -130,6 +96,26 @@ class Daemon:
             found = self.machines.get(name)
             if found is not None:
                 found.invalidate()
+
+    async def start_job(
+        self, kind: str, image: str, argv: list[str], stdin: int | None = None
+    ) -> list[Any]:
+        job = jobs.Job(kind, image, self._job_ended, self.authorize)
+        self.bus.export(job.path, job)
+        self.jobs[job.id] = job
+        try:
+            await job.run(argv, self.paths, stdin)
+        except BaseException:
+            self.jobs.pop(job.id, None)
+            self.bus.unexport(job.path, job)
+            raise
+        self.manager.JobNew(job.id, job.path)
+        return [job.id, job.path]
+
+    def _job_ended(self, job: "jobs.Job", code: int, message: str) -> None:
+        self.jobs.pop(job.id, None)
+        self.bus.unexport(job.path, job)
+        self.manager.JobRemoved(job.id, job.path, "failed" if code else "done", code, message)
 
     def spawn(self, coroutine: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coroutine)
@@ -383,7 +369,79 @@ class Manager(ServiceInterface):
         await self.d.authorize(daemon.ACTION_MANAGE_IMAGES, f"remove image '{name}'", image=name)
         await self.d.blocking(lambda: ImageStore(self.d.paths).remove(name))
 
+    @method()
+    @api
+    async def BootstrapImage(
+        self,
+        image: "s",
+        distribution: "s",
+        release: "s",
+        variant: "s",
+        include: "as",
+        no_cache: "b",
+    ) -> "uo":
+        """Build IMAGE as ``pymachine bootstrap`` does, as a job: (id, job).
+        No mirror or architecture from a caller (a mirror is a URL root fetches,
+        file: ones too); the daemon's configuration decides them."""
+        validate_image_name(image)
+        if distribution not in ("debian", "ubuntu", "arch", "fedora", "busybox"):
+            raise InvalidInput(f"unknown distribution {distribution!r}")
+        if variant not in ("", "minbase", "standard"):
+            raise InvalidInput(f"unknown variant {variant!r}")
+        for text in (release, *include):
+            if not _PACKAGE_TEXT.fullmatch(text or "x"):
+                raise InvalidInput(f"invalid release or package name {text!r}")
+        await self.d.authorize(
+            daemon.ACTION_MANAGE_IMAGES, f"bootstrap image '{image}'", image=image
+        )
+        argv = ["bootstrap", f"--distro={distribution}"]
+        argv += [f"--release={release}"] if release else []
+        argv += [f"--variant={variant}"] if variant else []
+        argv += [f"--include={','.join(include)}"] if include else []
+        argv += ["--no-cache"] if no_cache else []
+        return await self.d.start_job("bootstrap", image, [*argv, image])
+
+    @method()
+    @api
+    async def ImportTar(self, fd: "h", image: "s", allow_devices: "b") -> "uo":
+        """Unpack the tar archive read from FD into IMAGE as ``pymachine
+        import-tar`` does, as a job: (id, job). Device nodes need the
+        privileged action."""
+        try:
+            validate_image_name(image)
+            check_stdio(fd)
+            await self.d.authorize(
+                daemon.ACTION_MANAGE_IMAGES, f"import image '{image}'", image=image
+            )
+            if allow_devices:
+                await self.d.authorize(
+                    daemon.ACTION_CREATE_PRIVILEGED,
+                    f"import image '{image}' with device nodes",
+                    image=image,
+                )
+            argv = ["import-tar", "-", image, *(["--allow-devices"] if allow_devices else [])]
+            return await self.d.start_job("import-tar", image, argv, stdin=fd)
+        finally:
+            os.close(fd)
+
+    @method()
+    @api
+    async def ListJobs(self) -> "a(ussdo)":
+        """(id, type, image, progress, job) of the jobs running."""
+        return [[j.id, j.kind, j.image, j.progress, j.path] for j in self.d.jobs.values()]
+
     # --- signals -------------------------------------------------------------------
+    @signal()
+    def JobNew(self, job_id: "u", path: "o") -> "uo":
+        return [job_id, path]
+
+    @signal()
+    def JobRemoved(
+        self, job_id: "u", path: "o", result: "s", exit_code: "i", message: "s"
+    ) -> "uosis":
+        """RESULT "done" or "failed"; EXIT_CODE: the CLI's (README), MESSAGE its error."""
+        return [job_id, path, result, exit_code, message]
+
     @signal()
     def MachineNew(self, name: "s", path: "o") -> "so":
         return [name, path]
@@ -643,6 +701,8 @@ def exec_request(
 
 
 _O_PATH = 0o10000000
+#: A release or package name: what apt, dnf and pacman take, nothing an option parser reads.
+_PACKAGE_TEXT = re.compile(r"[A-Za-z0-9][A-Za-z0-9+._:~=-]*")
 
 
 def check_stdio(fd: int) -> None:

@@ -16,6 +16,12 @@ pytestmark = pytest.mark.tier1
 
 RULES = Path(__file__).parents[2] / "docs/polkit/50-pymachine.rules"
 PYMACHINE = [sys.executable, "-m", "machined"]
+#: The group may manage images too (not in the example rule).
+IMAGES_RULE = """polkit.addRule(function(action, subject) {
+    if (action.id == "org.pymachine.machine1.manage-images" && subject.isInGroup("pymachine"))
+        return polkit.Result.YES;
+});
+"""
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +44,15 @@ def host(tmp_path_factory: pytest.TempPathFactory):
             ["cp", "/dev/stdin", "/etc/polkit-1/rules.d/50-pymachine.rules"],
             input=RULES.read_text(),
         )
-        h.run(["chmod", "644", "/etc/polkit-1/rules.d/50-pymachine.rules"])  # polkitd reads it
+        h.run(["cp", "/dev/stdin", "/etc/polkit-1/rules.d/51-images.rules"], input=IMAGES_RULE)
+        h.run(
+            [
+                "chmod",
+                "644",
+                "/etc/polkit-1/rules.d/50-pymachine.rules",
+                "/etc/polkit-1/rules.d/51-images.rules",
+            ]
+        )  # polkitd reads them
         h.pymachine("install-units")
         h.pymachine("bootstrap", "--distro", "busybox", "tiny")
         yield h
@@ -245,3 +259,25 @@ def test_the_group_enables_sets_limits_and_disables_through_pymachined(host):
     assert host.run(
         ["test", "-e", f"/etc/systemd/system/pymachine-{name}.service"], check=False
     ).returncode
+
+
+def test_image_jobs_bootstrap_and_import_for_the_group_with_progress(host):
+    try:
+        out = as_user(host, "alice", "bootstrap", "--distro", "busybox", "alicebox")
+        assert out.returncode == 0, out
+        assert "ready" in out.stderr  # the builder's own progress lines, relayed by the job
+        assert host.run(["test", "-x", "/var/lib/machines/alicebox/bin/busybox"]).returncode == 0
+        again = as_user(host, "alice", "bootstrap", "--distro", "busybox", "alicebox")
+        assert again.returncode == 5 and "pymachine:" in again.stderr, again
+        host.run(
+            "tar -C /var/lib/machines/alicebox -cf /home/alice/box.tar . && chown alice /home/alice/box.tar"
+        )
+        out = as_user(host, "alice", "import-tar", "/home/alice/box.tar", "alicebox2")
+        assert out.returncode == 0, out
+        assert host.run(["test", "-x", "/var/lib/machines/alicebox2/bin/busybox"]).returncode == 0
+        denied = as_user(host, "bob", "image", "remove", "alicebox2")
+        assert denied.returncode == 6, denied
+        assert as_user(host, "alice", "image", "remove", "alicebox", "alicebox2").returncode == 0
+        assert host.run(["test", "-e", "/var/lib/machines/alicebox"], check=False).returncode
+    finally:
+        host.run(["rm", "-rf", "/var/lib/machines/alicebox", "/var/lib/machines/alicebox2"])
