@@ -74,7 +74,13 @@ def call(method: str, signature: str = "", args: list[Any] | tuple = (), **kw: A
     from machined.dbus import BusError
 
     try:
-        return bus().call(
+        connection = bus()
+    except BusError as exc:  # no system bus (no systemd): nothing to ask
+        if os.geteuid() == 0 and not os.environ.get("PYMACHINE_REMOTE"):
+            raise NotInstalled(str(exc)) from None
+        raise
+    try:
+        return connection.call(
             daemon.BUS_NAME,
             daemon.MANAGER_PATH,
             daemon.MANAGER_INTERFACE,
