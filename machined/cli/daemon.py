@@ -69,16 +69,24 @@ def _interactive() -> bool:
         return False
 
 
+def _connected() -> Bus:
+    """:func:`bus`; without a system bus at all (no systemd), root's calls run
+    in-process (:class:`NotInstalled`)."""
+    from machined.dbus import BusError
+
+    try:
+        return bus()
+    except BusError as exc:
+        if os.geteuid() == 0 and not os.environ.get("PYMACHINE_REMOTE"):
+            raise NotInstalled(str(exc)) from None
+        raise
+
+
 def call(method: str, signature: str = "", args: list[Any] | tuple = (), **kw: Any) -> Any:
     """MANAGER.METHOD(ARGS): its reply body; a pymachine error for a D-Bus error."""
     from machined.dbus import BusError
 
-    try:
-        connection = bus()
-    except BusError as exc:  # no system bus (no systemd): nothing to ask
-        if os.geteuid() == 0 and not os.environ.get("PYMACHINE_REMOTE"):
-            raise NotInstalled(str(exc)) from None
-        raise
+    connection = _connected()
     try:
         return connection.call(
             daemon.BUS_NAME,
@@ -116,7 +124,7 @@ def run_job(method: str, signature: str, args: list[Any], quiet: bool = False) -
     import sys
 
     ended: dict[int, tuple[str, int, str]] = {}
-    b = bus()
+    b = _connected()
     b.match_signal(
         daemon.BUS_NAME,
         None,
