@@ -25,7 +25,7 @@ import stat
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from dbus_next import BusType, DBusError, MessageFlag, Variant
+from dbus_next import BusType, DBusError, Message, MessageFlag, Variant
 from dbus_next.aio import MessageBus
 from dbus_next.service import PropertyAccess, ServiceInterface, dbus_property, method, signal
 
@@ -716,11 +716,66 @@ def check_stdio(fd: int) -> None:
         raise InvalidInput("only a terminal, pipe, socket or file may be a machine's stdio")
 
 
+SYSTEMD = "org.freedesktop.systemd1"
+_UNIT_PATH = "/org/freedesktop/systemd1/unit/"
+_MACHINE_UNIT_PATH = _UNIT_PATH + "pymachine_2d"  # pymachine-…
+
+
+def _unit_name(path: str) -> str:
+    """The unit a systemd object path names (``pymachine_2dweb_2eservice``)."""
+    return re.sub(
+        r"_([0-9a-f]{2})", lambda m: chr(int(m.group(1), 16)), path.removeprefix(_UNIT_PATH)
+    )
+
+
+async def follow_systemd(d: Daemon) -> None:
+    """PropertiesChanged of a machine's object when its unit changes state,
+    whoever changed it (systemctl, a machine powering itself off, another
+    client): systemd's own signals, as machined follows its scopes."""
+    rule = (
+        f"type='signal',sender='{SYSTEMD}',interface='org.freedesktop.DBus.Properties',"
+        f"member='PropertiesChanged',path_namespace='{_UNIT_PATH.rstrip('/')}'"
+    )
+    for message in (
+        Message(
+            destination="org.freedesktop.DBus",
+            path="/org/freedesktop/DBus",
+            interface="org.freedesktop.DBus",
+            member="AddMatch",
+            signature="s",
+            body=[rule],
+        ),
+        Message(  # systemd sends its units' signals only while someone subscribed
+            destination=SYSTEMD,
+            path="/org/freedesktop/systemd1",
+            interface="org.freedesktop.systemd1.Manager",
+            member="Subscribe",
+        ),
+    ):
+        await d.bus.call(message)
+
+    def on_message(msg: Message) -> None:
+        if (
+            msg.member == "PropertiesChanged"
+            and msg.path
+            and msg.path.startswith(_MACHINE_UNIT_PATH)
+            and msg.body
+            and msg.body[0] == "org.freedesktop.systemd1.Unit"
+            and "ActiveState" in msg.body[1]
+        ):
+            unit = _unit_name(msg.path)
+            name = unit.removeprefix("pymachine-").rsplit(".", 1)[0]
+            d.changed([name])
+
+    d.bus.add_message_handler(on_message)
+
+
 async def serve(paths: Paths | None = None) -> None:
     """Own the bus name and answer until the bus goes away."""
     bus = await Bus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True).connect()
     d = Daemon(bus, paths or Paths.from_env())
     bus.export(daemon.MANAGER_PATH, d.manager)
+    await follow_systemd(d)
     reply = await bus.request_name(daemon.BUS_NAME)
     log.info("pymachined: %s on the system bus (%s)", daemon.BUS_NAME, reply)
     await bus.wait_for_disconnect()

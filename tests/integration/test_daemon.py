@@ -281,3 +281,38 @@ def test_image_jobs_bootstrap_and_import_for_the_group_with_progress(host):
         assert host.run(["test", "-e", "/var/lib/machines/alicebox"], check=False).returncode
     finally:
         host.run(["rm", "-rf", "/var/lib/machines/alicebox", "/var/lib/machines/alicebox2"])
+
+
+WATCH = """
+import asyncio, subprocess, sys
+from dbus_next import BusType, Message
+from dbus_next.aio import MessageBus
+
+async def main(name):
+    bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
+    reply = await bus.call(Message(destination="org.pymachine.machine1", path="/org/pymachine/machine1",
+        interface="org.pymachine.machine1.Manager", member="GetMachine", signature="s", body=[name]))
+    path = reply.body[0]
+    await bus.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+        interface="org.freedesktop.DBus", member="AddMatch", signature="s",
+        body=[f"type='signal',interface='org.freedesktop.DBus.Properties',path='{path}'"]))
+    changed = asyncio.get_running_loop().create_future()
+    def handler(msg):
+        if msg.path == path and msg.member == "PropertiesChanged" and not changed.done():
+            changed.set_result(msg.body[2])
+    bus.add_message_handler(handler)
+    subprocess.run(["systemctl", "stop", f"pymachine-{name}.service"], check=True)
+    print(" ".join(await asyncio.wait_for(changed, 60)))
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+def test_a_stop_by_systemctl_is_a_propertieschanged_of_the_machine(host):
+    name = make(host, "watch1")
+    out = host.run([sys.executable, "-c", WATCH, name], timeout=90)
+    assert "State" in out.stdout.split(), out
+    assert 's "stopped"' in host.run(
+        ["busctl", "get-property", "org.pymachine.machine1", f"/org/pymachine/machine1/machine/{name}",
+         "org.pymachine.machine1.Machine", "State"]
+    ).stdout  # fmt: skip
