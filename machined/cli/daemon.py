@@ -132,7 +132,20 @@ def run_job(method: str, signature: str, args: list[Any], quiet: bool = False) -
         "JobRemoved",
         lambda body: ended.__setitem__(body[0], (body[2], body[3], body[4])),
     )
-    job_id, path = call(method, signature, args)
+    import signal
+
+    def interrupt(_number: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    for number in (signal.SIGTERM, signal.SIGHUP):  # as Ctrl-C: the job is ours to cancel
+        signal.signal(number, interrupt)
+    # held until we know the job's id (and can cancel it); then delivered in the loop
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+    try:
+        job_id, path = call(method, signature, args)
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        raise
 
     def progress(body: Any) -> None:
         changed = dict(body[1])
@@ -142,11 +155,17 @@ def run_job(method: str, signature: str, args: list[Any], quiet: bool = False) -
     b.match_signal(
         daemon.BUS_NAME, path, "org.freedesktop.DBus.Properties", "PropertiesChanged", progress
     )
+    cancelled = unblocked = False
     while job_id not in ended:
         try:
+            if not unblocked:
+                unblocked = True
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             b.process_until(lambda: job_id in ended, 3600)
         except KeyboardInterrupt:
-            b.call(daemon.BUS_NAME, path, "org.pymachine.machine1.Job", "Cancel")
+            if not cancelled:
+                cancelled = True
+                b.call(daemon.BUS_NAME, path, "org.pymachine.machine1.Job", "Cancel")
     _result, code, message = ended[job_id]
     if code:
         print(f"pymachine: {message or 'the job failed'}", file=sys.stderr)
