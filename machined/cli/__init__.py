@@ -187,6 +187,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.exit_code)
     except KeyboardInterrupt:
         return 130
+    except PermissionError as exc:  # a verb not (yet) in pymachined's API, run as a user
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(
+            f"pymachine: access denied{where}: '{args.verb}' needs root on this host",
+            file=sys.stderr,
+        )
+        return int(ExitCode.ACCESS_DENIED)
     except ModuleNotFoundError as exc:
         if exc.name not in DEPENDENCIES:
             raise

@@ -114,7 +114,13 @@ def cmd_set(args: argparse.Namespace) -> int:
 
 
 def cmd_install_units(args: argparse.Namespace) -> int:
+    import os
+
     from machined import units
+    from machined.errors import AccessDenied
+
+    if os.geteuid() != 0:
+        raise AccessDenied("access denied: 'install-units' needs root (it writes /etc and /usr)")
 
     result = units.install_units()
     lines = [f"Installed {name}." for name in result.installed]

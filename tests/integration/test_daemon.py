@@ -316,3 +316,11 @@ def test_a_stop_by_systemctl_is_a_propertieschanged_of_the_machine(host):
         ["busctl", "get-property", "org.pymachine.machine1", f"/org/pymachine/machine1/machine/{name}",
          "org.pymachine.machine1.Machine", "State"]
     ).stdout  # fmt: skip
+
+
+def test_verbs_outside_the_api_refuse_a_user_in_one_line(host):
+    name = make(host, "outside1")
+    for args in (["run", name], ["copy-to", name, "/etc/hostname"], ["install-units"]):
+        out = as_user(host, "alice", *args)
+        assert out.returncode in (1, 6) and out.stderr.count("\n") == 1, (args, out)
+        assert "Traceback" not in out.stderr and "root" in out.stderr, (args, out)
