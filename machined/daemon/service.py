@@ -53,6 +53,7 @@ class Daemon:
         self.manager = Manager(self)
         self.machines: dict[str, MachineObject] = {}
         self.jobs: dict[int, jobs.Job] = {}
+        self.images: dict[str, ImageObject] = {}
         self._children: set[asyncio.Task] = set()
 
     async def authorize(self, action: str, what: str, **details: str) -> None:
@@ -362,12 +363,29 @@ class Manager(ServiceInterface):
 
     @method()
     @api
+    async def GetImage(self, name: "s") -> "o":
+        from machined.images import ImageStore
+
+        validate_image_name(name)
+        info = await self.d.blocking(lambda: ImageStore(self.d.paths).info(name))
+        found = self.d.images.get(name)
+        if found is None:
+            found = self.d.images[name] = ImageObject(name)
+            self.d.bus.export(found.path, found)
+        found.info = info
+        return found.path
+
+    @method()
+    @api
     async def RemoveImage(self, name: "s") -> None:
         from machined.images import ImageStore
 
         validate_image_name(name)
         await self.d.authorize(daemon.ACTION_MANAGE_IMAGES, f"remove image '{name}'", image=name)
         await self.d.blocking(lambda: ImageStore(self.d.paths).remove(name))
+        found = self.d.images.pop(name, None)
+        if found is not None:
+            self.d.bus.unexport(found.path, found)
 
     @method()
     @api
@@ -577,6 +595,40 @@ class MachineObject(ServiceInterface):
         _raise_first(
             await self.d.manager._batch([self.machine], "stop", lambda m, ok: m.stop_many(ok))
         )
+
+
+class ImageObject(ServiceInterface):
+    """``org.pymachine.machine1.Image``: one image as ``GetImage`` last read it."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(daemon.IMAGE_INTERFACE)
+        self.image = name
+        self.path = daemon.object_path(daemon.IMAGE_PATH_PREFIX, name)
+        self.info: Any = None
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Name(self) -> "s":
+        return self.image
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Path(self) -> "s":
+        return str(self.info.path)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Size(self) -> "t":
+        return int(self.info.size or 0)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Created(self) -> "d":
+        return float(self.info.created)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def UsedBy(self) -> "as":
+        return list(self.info.used_by)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Source(self) -> "s":
+        return self.info.source or ""
 
 
 # --- helpers (plain functions: the worker threads run them) ---------------------

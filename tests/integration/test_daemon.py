@@ -324,3 +324,21 @@ def test_verbs_outside_the_api_refuse_a_user_in_one_line(host):
         out = as_user(host, "alice", *args)
         assert out.returncode in (1, 6) and out.stderr.count("\n") == 1, (args, out)
         assert "Traceback" not in out.stderr and "root" in out.stderr, (args, out)
+
+
+def test_an_image_is_an_object_with_properties(host):
+    out = host.run(
+        ["busctl", "call", "org.pymachine.machine1", "/org/pymachine/machine1",
+         "org.pymachine.machine1.Manager", "GetImage", "s", "tiny"]
+    ).stdout  # fmt: skip
+    assert out.strip() == 'o "/org/pymachine/machine1/image/tiny"'
+    size = host.run(
+        ["busctl", "get-property", "org.pymachine.machine1", "/org/pymachine/machine1/image/tiny",
+         "org.pymachine.machine1.Image", "Size"]
+    ).stdout.split()  # fmt: skip
+    assert size[0] == "t" and int(size[1]) > 0
+    missing = host.run(
+        ["busctl", "call", "org.pymachine.machine1", "/org/pymachine/machine1",
+         "org.pymachine.machine1.Manager", "GetImage", "s", "nope"], check=False
+    )  # fmt: skip
+    assert missing.returncode != 0 and "not found" in missing.stderr
