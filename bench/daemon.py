@@ -9,7 +9,7 @@ bound: the daemon's ratio within 1.1x of the in-process one. Then ``pymachine
 list`` right after ``systemctl stop pymachined`` (D-Bus activation included)
 against a warm one, and the Pss of pymachined against systemd-machined's.
 
-    python3 -m bench.daemon [-n REPEATS]   (inside a systemd host: bench/run-daemon)
+    python3 -m bench.daemon [-n REPEATS]   (inside a systemd host: bench/run --only daemon)
 """
 
 from __future__ import annotations
@@ -55,13 +55,15 @@ def pss_kb(unit: str) -> int:
     return 0
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("-n", "--repeats", type=int, default=10)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     run(pymachine("install-units"))
     ensure_image()
-    pym_create(OURS, "--network", "none", "--private-users", "no", command=["/bin/sleep", "1000000"])
+    pym_create(
+        OURS, "--network", "none", "--private-users", "no", command=["/bin/sleep", "1000000"]
+    )
     nspawn_machine(REF)
     run(pymachine("list"))  # activated, warm
     settle = lambda: time.sleep(0.3)  # noqa: E731 (a stopped machine's async teardown)
@@ -96,14 +98,27 @@ def main() -> None:
         run(["systemctl", "stop", "pymachined.service"])
         return timed(pymachine("list"))
 
-    first = rounds(max(3, args.repeats // 2), {"first": cold, "warm": lambda: timed(pymachine("list"))})
-    memory = {"pymachined": pss_kb("pymachined.service"), "machined": pss_kb("systemd-machined.service")}
+    first = rounds(
+        max(3, args.repeats // 2), {"first": cold, "warm": lambda: timed(pymachine("list"))}
+    )
+    memory = {
+        "pymachined": pss_kb("pymachined.service"),
+        "machined": pss_kb("systemd-machined.service"),
+    }
     raw = {**cycle, **reads, **first}
     rows = []
     for verb in ("start", "stop", "list", "status"):
-        ref_label = {"start": "machinectl start", "stop": "systemctl stop"}.get(verb, f"machinectl {verb}")
-        rows.append(pair_row(f"{verb} (pymachined)", raw[f"{verb} daemon"], raw[f"{verb} ref"], ref_label))
-        rows.append(pair_row(f"{verb} (in-process)", raw[f"{verb} in-process"], raw[f"{verb} ref"], ref_label))
+        ref_label = {"start": "machinectl start", "stop": "systemctl stop"}.get(
+            verb, f"machinectl {verb}"
+        )
+        rows.append(
+            pair_row(f"{verb} (pymachined)", raw[f"{verb} daemon"], raw[f"{verb} ref"], ref_label)
+        )
+        rows.append(
+            pair_row(
+                f"{verb} (in-process)", raw[f"{verb} in-process"], raw[f"{verb} ref"], ref_label
+            )
+        )
     rows.append(pair_row("list, first call (activation)", raw["first"], raw["warm"], "list, warm"))
     print(f"load before/after: {load()}")
     print(table(PAIR_HEADERS, rows))

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from enum import StrEnum
 
+from machined.daemon import NO_VALUE  # a property's "no value" (status_properties)
 from machined.errors import Conflict, InvalidInput, NotFound, NotRunning, PymachineError
 from machined.names import validate_machine_name
 from machined.paths import ROOT_ENV, Paths, unit_name
@@ -622,8 +623,6 @@ def apply_image_defaults(definition: MachineDefinition, paths: Paths) -> None:
     definition.user = definition.user or config.user
 
 
-#: systemd's "no value" for a number (MemoryCurrent= of a stopped unit): D-Bus has no None.
-NO_VALUE = 2**64 - 1
 
 
 def status_properties(info: MachineInfo, paths: Paths) -> dict[str, Any]:

@@ -284,7 +284,7 @@ def _info_json(props: dict[str, Any]) -> dict[str, Any]:
     """A machine's properties (machines.status_properties) as ``--json`` shows them."""
     import time
 
-    from machined.machines import NO_VALUE
+    from machined.daemon import NO_VALUE
 
     since = props["Since"] / 1e6 if props["Since"] else None
     running = props["State"] == "running"

@@ -26,6 +26,9 @@ IMAGE_INTERFACE = "org.pymachine.machine1.Image"
 MACHINE_PATH_PREFIX = MANAGER_PATH + "/machine/"
 IMAGE_PATH_PREFIX = MANAGER_PATH + "/image/"
 
+#: systemd's "no value" for a number (MemoryCurrent= of a stopped unit): D-Bus has no None.
+NO_VALUE = 2**64 - 1
+
 #: polkit actions (units/org.pymachine.machine1.policy); reading needs none.
 ACTION_MANAGE_MACHINES = "org.pymachine.machine1.manage-machines"  # start stop restart kill set
 ACTION_CREATE_MACHINES = "org.pymachine.machine1.create-machines"  # create remove enable disable
