@@ -461,8 +461,12 @@ def _exec_through_daemon(args: argparse.Namespace, command: list[str], environme
     us). None: run it in-process (root, without the daemon)."""
     if os.environ.get("TERM"):
         environment = {"TERM": os.environ["TERM"], **environment}
+    import signal
+
     reader, writer = os.pipe()
     signal_reader, signal_writer = os.pipe()
+    forwarded = (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP, signal.SIGWINCH)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, forwarded)  # held until they can be sent
     try:
         started = _daemon_call(
             lambda d: d.call(
@@ -483,20 +487,24 @@ def _exec_through_daemon(args: argparse.Namespace, command: list[str], environme
                 ],
             )
         )
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        raise
     finally:
         os.close(writer)
         os.close(signal_reader)
     if not started:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         os.close(reader)
         os.close(signal_writer)
         return None
-    import signal
 
     def forward(number: int, _frame: object) -> None:  # the terminal's Ctrl-C is the command's
         os.write(signal_writer, bytes([number]))
 
-    for number in (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP, signal.SIGWINCH):
+    for number in forwarded:
         signal.signal(number, forward)  # (SIGWINCH: shell's relay copies the new size)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     with os.fdopen(reader) as answer:
         text = answer.read().strip()
     if not text.isdigit():

@@ -9,6 +9,7 @@ its threaded event loop.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -34,18 +35,35 @@ def command(request: dict, status_fd: int, signal_fd: int) -> list[str]:
 FORWARDED = frozenset({2, 3, 15, 1, 28})  # SIGINT SIGQUIT SIGTERM SIGHUP SIGWINCH
 
 
+def _children() -> list[int]:
+    pid = os.getpid()
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
 def forward_signals(fd: int) -> None:
-    """The client's signals, a byte each on FD, to our process group (the
-    command's, as a terminal's Ctrl-C reaches it); EOF, the client gone: SIGHUP."""
+    """The client's signals, a byte each on FD, to our child (the process that
+    joined the machine, which forwards them to the command, as it does for the
+    CLI's own signals); EOF, the client gone: SIGHUP. Not to our whole process
+    group: the command would get each signal twice (and its forwarder could
+    find it gone)."""
     import signal
     import threading
+
+    def send(number: int) -> None:
+        for child in _children():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, number)
 
     def relay() -> None:
         while data := os.read(fd, 16):
             for number in data:
                 if number in FORWARDED:
-                    os.killpg(0, number)
-        os.killpg(0, signal.SIGHUP)
+                    send(number)
+        send(signal.SIGHUP)
 
     threading.Thread(target=relay, daemon=True).start()
 
