@@ -623,8 +623,6 @@ def apply_image_defaults(definition: MachineDefinition, paths: Paths) -> None:
     definition.user = definition.user or config.user
 
 
-
-
 def status_properties(info: MachineInfo, paths: Paths) -> dict[str, Any]:
     """What ``status`` and ``list`` show of a machine, as the D-Bus properties
     of its object (``org.pymachine.machine1.Machine``): the CLI renders these,

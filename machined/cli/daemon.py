@@ -52,21 +52,57 @@ def in_process() -> bool:
 _bus: Bus | None = None
 
 
+#: sd-bus gives up on a call after 25 s; pymachined answers a stop when the
+#: machine has stopped (StopTimeoutSec= may be longer) and the library bounds
+#: its own waits (120 s a start, 300 s a stop).
+CALL_TIMEOUT = "330s"
+
+
 def bus() -> Bus:
     global _bus
     if _bus is None:
         from machined.dbus import Bus
 
-        _bus = Bus(interactive=_interactive())
+        os.environ.setdefault("SYSTEMD_BUS_TIMEOUT", CALL_TIMEOUT)  # read by sd-bus
+        interactive = _interactive()
+        if interactive:
+            _start_agent()
+        _bus = Bus(interactive=interactive)
     return _bus
 
 
 def _interactive() -> bool:
     """Let polkit ask for a password when a person is there to answer."""
     try:
-        return os.isatty(0)
+        return os.isatty(0) and os.geteuid() != 0  # (root is always allowed)
     except OSError:
         return False
+
+
+def _start_agent() -> None:
+    """polkit's text agent for this process, as machinectl starts it: it asks
+    on our terminal when an action needs a password. Waits until the agent is
+    registered (it closes the notify descriptor), so the first call finds it."""
+    import shutil
+    import subprocess
+
+    agent = shutil.which("pkttyagent")
+    if agent is None:
+        return
+    # it goes when we go (we leave with os._exit: no clean-up runs)
+    setpriv = shutil.which("setpriv")
+    reaper = [setpriv, "--pdeathsig", "TERM", "--"] if setpriv else []
+    reader, writer = os.pipe()
+    argv = [agent, "--process", str(os.getpid()), "--notify-fd", str(writer), "--fallback"]
+    try:
+        subprocess.Popen([*reaper, *argv], pass_fds=(writer,), stdout=subprocess.DEVNULL)
+    except OSError:
+        os.close(reader)
+        return
+    finally:
+        os.close(writer)
+    os.read(reader, 1)  # EOF: registered (or it gave up)
+    os.close(reader)
 
 
 def _connected() -> Bus:

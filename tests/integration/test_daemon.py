@@ -342,3 +342,17 @@ def test_an_image_is_an_object_with_properties(host):
          "org.pymachine.machine1.Manager", "GetImage", "s", "nope"], check=False
     )  # fmt: skip
     assert missing.returncode != 0 and "not found" in missing.stderr
+
+
+def test_a_stop_longer_than_sd_bus_default_timeout_is_waited_for(host):
+    """StopTimeoutSec=40 and a payload that ignores SIGTERM: the stop takes ~40 s,
+    beyond sd-bus's default 25 s for a call's answer."""
+    name = "slowstop1"
+    host.pymachine(
+        "create", name, "--image", "tiny", "--network", "none", "--stop-timeout", "40",
+        "--", "/bin/sh", "-c", "trap '' TERM; while :; do sleep 1; done",
+    )  # fmt: skip
+    host.pymachine("start", name)
+    out = host.pymachine("stop", name, check=False, timeout=120)
+    assert out.returncode == 0, out
+    assert active(host, f"pymachine-{name}.service") != "active"
