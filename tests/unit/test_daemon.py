@@ -164,3 +164,23 @@ def test_every_exit_code_has_an_error_name_and_back() -> None:
         assert type(back) is type(exc) and back.exit_code == exc.exit_code
     assert {int(c) for c in daemon.ERROR_NAMES} == {int(c) for c in ExitCode} - {0}
     assert daemon.error_from("org.example.Unknown", "m").exit_code == ExitCode.FAILURE
+
+
+def test_the_cli_client_loads_neither_dbus_next_nor_asyncio() -> None:
+    """The client side stays lean: pystemd's sd-bus, no event loop (a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "before = set(sys.modules)\n"
+        "from machined import cli\n"
+        "cli.build_parser('start').parse_args(['start', 'm'])\n"
+        "from machined.cli import daemon, machines\n"
+        "from machined import dbus\n"
+        "loaded = set(sys.modules) - before\n"
+        "print(sorted(m for m in ('asyncio', 'dbus_next', 'shutil', 'typing', 'machined.machines')"
+        " if m in loaded))\n"
+    )
+    out = subprocess.check_output([sys.executable, "-c", code], text=True)
+    assert out.strip() == "[]"
