@@ -66,7 +66,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     nspawn_machine(REF)
     run(pymachine("list"))  # activated, warm
-    settle = lambda: time.sleep(0.3)  # noqa: E731 (a stopped machine's async teardown)
+
+    def settle() -> None:
+        # StartLimitBurst=5 would refuse the sixth start in 10 s; then a stopped
+        # machine's asynchronous teardown
+        run(["systemctl", "reset-failed", f"systemd-nspawn@{REF}.service"], check=False)
+        time.sleep(0.3)
+
     cycle = rounds(
         args.repeats,
         {
@@ -94,6 +100,20 @@ def main(argv: list[str] | None = None) -> None:
         },
     )
 
+    # a list while another client's stop waits 5 s for a payload that ignores
+    # SIGTERM (pystemd's sd_bus_wait held the GIL: the daemon froze, 5-7 s a list)
+    slow = "bd-slow"
+    pym_create(slow, "--network", "none", "--stop-timeout", "5", command=[
+        "/bin/sh", "-c", "trap '' TERM; while :; do sleep 1; done"])  # fmt: skip
+    during: list[float] = []
+    for _ in range(3):
+        run(pymachine("start", slow))
+        stopping = subprocess.Popen(pymachine("stop", slow), stdout=subprocess.DEVNULL)
+        time.sleep(1)
+        during.append(timed(pymachine("list")))
+        stopping.wait()
+    pym_remove(slow)
+
     def cold() -> float:
         run(["systemctl", "stop", "pymachined.service"])
         return timed(pymachine("list"))
@@ -105,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
         "pymachined": pss_kb("pymachined.service"),
         "machined": pss_kb("systemd-machined.service"),
     }
-    raw = {**cycle, **reads, **first}
+    raw = {**cycle, **reads, **first, "list during a stop": during}
     rows = []
     for verb in ("start", "stop", "list", "status"):
         ref_label = {"start": "machinectl start", "stop": "systemctl stop"}.get(
@@ -120,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
             )
         )
     rows.append(pair_row("list, first call (activation)", raw["first"], raw["warm"], "list, warm"))
+    rows.append(pair_row("list during another's 5 s stop", during, raw["warm"], "list, warm"))
     print(f"load before/after: {load()}")
     print(table(PAIR_HEADERS, rows))
     print(

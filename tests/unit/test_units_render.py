@@ -514,4 +514,6 @@ def test_install_units_installs_pymachined_and_version_sees_it(env):
     service = (paths.unit_files / "pymachined.service").read_text()
     assert "Type=dbus" in service and "BusName=org.pymachine.machine1" in service
     (paths.root / install.FILES[3][1]).write_text("<policyconfig/>")  # an older package's
-    assert len(install.problems(paths)) == 1 and "not this pymachine's" in install.problems(paths)[0]
+    assert (
+        len(install.problems(paths)) == 1 and "not this pymachine's" in install.problems(paths)[0]
+    )
