@@ -3,16 +3,18 @@ D-Bus activation through ``pymachined.service``)."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
 import sys
+
+# asyncio imports ssl when it can (OpenSSL: ~4 MB of the daemon's idle Pss);
+# pymachined speaks D-Bus on a local socket only, never TLS. Before asyncio.
+sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
+
+import asyncio  # noqa: E402
+import contextlib  # noqa: E402
+import logging  # noqa: E402
 
 
 def run() -> None:
-    # asyncio imports ssl when it can (OpenSSL: ~4 MB of the daemon's Pss, 16 -> 12
-    # MB idle); pymachined speaks D-Bus on a local socket only, never TLS.
-    sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     from machined.daemon.service import serve
 
