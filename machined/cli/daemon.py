@@ -177,6 +177,14 @@ def run_job(method: str, signature: str, args: list[Any], quiet: bool = False) -
         signal.signal(number, interrupt)
     # held until we know the job's id (and can cancel it); then delivered in the loop
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+    lost: list[bool] = []  # pymachined went away (the job's work may still finish)
+    b.match_signal(
+        "org.freedesktop.DBus",
+        "/org/freedesktop/DBus",
+        "org.freedesktop.DBus",
+        "NameOwnerChanged",
+        lambda body: lost.append(True) if body[0] == daemon.BUS_NAME and not body[2] else None,
+    )
     try:
         job_id, path = call(method, signature, args)
     except BaseException:
@@ -197,7 +205,12 @@ def run_job(method: str, signature: str, args: list[Any], quiet: bool = False) -
             if not unblocked:
                 unblocked = True
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-            b.process_until(lambda: job_id in ended, 3600)
+            b.process_until(lambda: job_id in ended or bool(lost), 3600)
+            if lost and job_id not in ended:
+                raise PymachineError(
+                    f"pymachined went away during the job ({path}): it may still finish; "
+                    "see 'pymachine images'"
+                )
         except KeyboardInterrupt:
             if not cancelled:
                 cancelled = True

@@ -104,5 +104,6 @@ def main(argv: list[str]) -> int:
     except PymachineError as exc:
         print(f"pymachine: {exc}", file=sys.stderr)
         code = int(exc.exit_code)
-    os.write(status_fd, f"{code}\n".encode())
+    with contextlib.suppress(OSError):  # the caller may have gone
+        os.write(status_fd, f"{code}\n".encode())
     return code

@@ -824,6 +824,13 @@ async def follow_systemd(d: Daemon) -> None:
 
 async def serve(paths: Paths | None = None) -> None:
     """Own the bus name and answer until the bus goes away."""
+    # a worker thread per call in flight: a stop holds one for StopTimeoutSec=,
+    # and a list must not queue behind a few of them (asyncio's default is 6)
+    from concurrent.futures import ThreadPoolExecutor
+
+    asyncio.get_running_loop().set_default_executor(
+        ThreadPoolExecutor(max_workers=64, thread_name_prefix="pymachined")
+    )
     bus = await Bus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True).connect()
     d = Daemon(bus, paths or Paths.from_env())
     bus.export(daemon.MANAGER_PATH, d.manager)

@@ -356,3 +356,30 @@ def test_a_stop_longer_than_sd_bus_default_timeout_is_waited_for(host):
     out = host.pymachine("stop", name, check=False, timeout=120)
     assert out.returncode == 0, out
     assert active(host, f"pymachine-{name}.service") != "active"
+
+
+def _job_script(then: str) -> str:
+    """import-tar from a pipe that stays open (the job waits), THEN once it runs."""
+    return (
+        "rm -f /run/tarpipe; mkfifo /run/tarpipe; exec 3<>/run/tarpipe; "
+        f"{' '.join(PYMACHINE)} import-tar - pipeimg < /run/tarpipe 2>/run/job.err & pid=$!; "
+        "until busctl call org.pymachine.machine1 /org/pymachine/machine1 "
+        "org.pymachine.machine1.Manager ListJobs 2>/dev/null | grep -q pipeimg; do sleep 0.1; done; "
+        f"{then}; wait $pid; echo rc=$?; exec 3>&-; cat /run/job.err"
+    )
+
+
+def test_a_signal_to_the_client_cancels_its_job_and_nothing_is_left(host):
+    out = host.run(["bash", "-c", _job_script("kill -TERM $pid")], timeout=60).stdout
+    assert "rc=0" not in out and "rc=" in out, out
+    leftovers = host.run("ls -A /var/lib/machines | grep pipeimg || true").stdout
+    assert leftovers == "", leftovers
+    assert "pipeimg" not in host.run(["busctl", "call", "org.pymachine.machine1",
+        "/org/pymachine/machine1", "org.pymachine.machine1.Manager", "ListJobs"]).stdout  # fmt: skip
+
+
+def test_a_client_says_so_when_pymachined_goes_away_during_its_job(host):
+    out = host.run(
+        ["bash", "-c", _job_script("systemctl kill -s KILL pymachined.service")], timeout=60
+    ).stdout
+    assert "rc=1" in out and "pymachined went away" in out, out
