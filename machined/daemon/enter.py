@@ -44,6 +44,10 @@ def _children() -> list[int]:
         return []
 
 
+def copy_command(request: dict) -> list[str]:
+    return command(request, 0, 0)[:-2]
+
+
 def forward_signals(fd: int) -> None:
     """The client's signals, a byte each on FD, to our child (the process that
     joined the machine, which forwards them to the command, as it does for the
@@ -88,7 +92,30 @@ def run(request: dict, paths=None) -> int:  # noqa: ANN001
     return run_in_machine(state, exec_request, base)
 
 
+def copy(request: dict) -> int:
+    """copy-to (the caller's file is our stdin) or copy-from (into our stdout)
+    of one regular file: its exit code; warnings and the error on stderr."""
+    from machined import transfer
+    from machined.errors import PymachineError
+
+    try:
+        with machines.Machines() as m:
+            state = m.running_state(request["name"])
+        if request["op"] == "copy-to":
+            warnings = transfer.copy_fd_to(state, 0, request["source_name"], request["path"])
+        else:
+            warnings = transfer.copy_to_fd(state, request["path"], 1)
+    except PymachineError as exc:
+        print(f"pymachine: {exc}", file=sys.stderr)
+        return int(exc.exit_code)
+    for line in warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str]) -> int:
+    if len(argv) == 1:
+        return copy(json.loads(argv[0]))
     request, status_fd, signal_fd = json.loads(argv[0]), int(argv[1]), int(argv[2])
     for fd in (status_fd, signal_fd):
         os.set_inheritable(fd, False)  # never into the machine: only stdio crosses

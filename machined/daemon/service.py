@@ -347,6 +347,63 @@ class Manager(ServiceInterface):
 
     @method()
     @api
+    async def CopyToMachine(self, name: "s", source: "h", source_name: "s", path: "s") -> "as":
+        """copy-to of one regular file the caller opened for reading (so it is
+        read with the caller's rights) to PATH in the running machine (an
+        existing directory there: under SOURCE_NAME). Its warnings."""
+        try:
+            validate_machine_name(name)
+            check_file(source, writing=False)
+            await self.d.authorize(
+                daemon.ACTION_SHELL, f"copy a file into machine '{name}'", machine=name
+            )
+            request = {"op": "copy-to", "name": name, "source_name": source_name, "path": path}
+            return await self._copy(request, stdin=source)
+        finally:
+            os.close(source)
+
+    @method()
+    @api
+    async def CopyFromMachine(self, name: "s", path: "s", destination: "h") -> "as":
+        """copy-from of the regular file PATH in the running machine into
+        DESTINATION, a file the caller opened for writing. Its warnings."""
+        try:
+            validate_machine_name(name)
+            check_file(destination, writing=True)
+            await self.d.authorize(
+                daemon.ACTION_SHELL, f"copy a file out of machine '{name}'", machine=name
+            )
+            return await self._copy(
+                {"op": "copy-from", "name": name, "path": path}, stdout=destination
+            )
+        finally:
+            os.close(destination)
+
+    async def _copy(self, request: dict[str, Any], **stdio: int) -> list[str]:
+        """The copy in a helper process (it forks into the machine: never from
+        this threaded one); its error as the CLI's."""
+        process = await asyncio.create_subprocess_exec(
+            *enter.copy_command(request),
+            stdin=stdio.get("stdin", asyncio.subprocess.DEVNULL),
+            stdout=stdio.get("stdout", asyncio.subprocess.DEVNULL),
+            stderr=asyncio.subprocess.PIPE,
+            env=machines.runtime_environment(self.d.paths),
+        )
+        _out, err = await process.communicate()
+        lines = err.decode(errors="replace").splitlines()
+        if process.returncode:
+            from machined.errors import ExitCode
+
+            code = ExitCode(process.returncode) if process.returncode in iter(ExitCode) else 1
+            message = next((x for x in reversed(lines) if x.startswith("pymachine: ")), "")
+            raise DBusError(
+                daemon.ERROR_NAMES.get(code, daemon.ERROR_NAMES[ExitCode.FAILURE]),
+                message.removeprefix("pymachine: ") or "the copy failed",
+            )
+        return [x.removeprefix("warning: ") for x in lines if x.startswith("warning: ")]
+
+    @method()
+    @api
     async def GarbageCollect(self) -> "as":
         await self.d.authorize(daemon.ACTION_MANAGE_MACHINES, "clean up after machines")
         return await self.d.with_machines(lambda m: m.gc())
@@ -755,6 +812,22 @@ def exec_request(
 _O_PATH = 0o10000000
 #: A release or package name: what apt, dnf and pacman take, nothing an option parser reads.
 _PACKAGE_TEXT = re.compile(r"[A-Za-z0-9][A-Za-z0-9+._:~=-]*")
+
+
+def check_file(fd: int, *, writing: bool) -> None:
+    """A copy's end: a regular file (or pipe) the caller opened for reading
+    (WRITING: for writing), never an O_PATH descriptor (reopened by root, it
+    would read what the caller may not)."""
+    import fcntl
+
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    mode = os.fstat(fd).st_mode
+    access = flags & os.O_ACCMODE
+    readable, writable = access in (os.O_RDONLY, os.O_RDWR), access in (os.O_WRONLY, os.O_RDWR)
+    if flags & _O_PATH or not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+        raise InvalidInput("a copy takes one regular file")
+    if not (writable if writing else readable):
+        raise InvalidInput(f"the file is not open for {'writing' if writing else 'reading'}")
 
 
 def check_stdio(fd: int) -> None:

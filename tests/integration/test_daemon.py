@@ -320,7 +320,7 @@ def test_a_stop_by_systemctl_is_a_propertieschanged_of_the_machine(host):
 
 def test_verbs_outside_the_api_refuse_a_user_in_one_line(host):
     name = make(host, "outside1")
-    for args in (["run", name], ["copy-to", name, "/etc/hostname"], ["install-units"]):
+    for args in (["run", name], ["copy-to", name, "/etc", "/x"], ["install-units"]):
         out = as_user(host, "alice", *args)
         assert out.returncode in (1, 6) and out.stderr.count("\n") == 1, (args, out)
         assert "Traceback" not in out.stderr and "root" in out.stderr, (args, out)
@@ -383,3 +383,27 @@ def test_a_client_says_so_when_pymachined_goes_away_during_its_job(host):
         ["bash", "-c", _job_script("systemctl kill -s KILL pymachined.service")], timeout=60
     ).stdout
     assert "rc=1" in out and "pymachined went away" in out, out
+
+
+def test_the_group_copies_its_own_files_in_and_out_and_nothing_else(host):
+    name = make(host, "copy1")
+    host.run(
+        "echo alice-data > /home/alice/note && chown alice /home/alice/note && chmod 4755 /home/alice/note"
+    )
+    out = as_user(host, "alice", "copy-to", name, "/home/alice/note", "/note")
+    assert out.returncode == 0, out
+    inside = host.pymachine("exec", name, "--", "/bin/sh", "-c", "cat /note; stat -c '%u %a' /note")
+    assert inside.stdout.split() == ["alice-data", "0", "755"]  # the machine's root's; no set-ID
+    host.pymachine("exec", name, "--", "/bin/sh", "-c", "echo from-inside > /out")
+    out = as_user(host, "alice", "copy-from", name, "/out", "/home/alice/out")
+    assert out.returncode == 0, out
+    copied = host.run("cat /home/alice/out; stat -c %U /home/alice/out").stdout.split()
+    assert copied == ["from-inside", "alice"]
+    # what alice may not read stays out; what does not exist leaves her file as it was
+    secret = as_user(host, "alice", "copy-to", name, "/etc/shadow", "/shadow")
+    assert secret.returncode != 0 and secret.stderr.count("\n") == 1, secret
+    assert host.pymachine("exec", name, "--", "test", "-e", "/shadow", check=False).returncode
+    missing = as_user(host, "alice", "copy-from", name, "/nope", "/home/alice/out")
+    assert missing.returncode == 4 and missing.stderr.count("\n") == 1, missing
+    assert host.run(["cat", "/home/alice/out"]).stdout.strip() == "from-inside"
+    assert as_user(host, "bob", "copy-from", name, "/out", "/tmp/bob-out").returncode == 6
