@@ -134,9 +134,10 @@ class Job(ServiceInterface):
     @method()
     @api
     async def Cancel(self) -> None:
-        """SIGTERM to the work; its staging directory goes with it."""
+        """SIGINT to the work (a KeyboardInterrupt: the builders remove their
+        staging directory on the way out, as after a Ctrl-C)."""
         await self._authorize(
             daemon.ACTION_MANAGE_IMAGES, f"cancel job {self.id}", image=self.image
         )
         if self._process is not None and self._process.returncode is None:
-            os.killpg(self._process.pid, signal.SIGTERM)
+            os.killpg(self._process.pid, signal.SIGINT)
