@@ -32,6 +32,7 @@ from dbus_next import BusType, Message, MessageType, Variant
 from dbus_next.aio import MessageBus
 
 from machined import daemon
+from machined.daemon.bus import to_bus
 from machined.errors import PymachineError
 
 __all__ = ["Client"]
@@ -220,16 +221,8 @@ class Client:
         self.bus.add_message_handler(handler)
 
     async def _add_match(self) -> None:
-        reply = await self.bus.call(
-            Message(
-                destination="org.freedesktop.DBus",
-                path="/org/freedesktop/DBus",
-                interface="org.freedesktop.DBus",
-                member="AddMatch",
-                signature="s",
-                body=[f"type='signal',interface='{daemon.MANAGER_INTERFACE}'"],
-            )
-        )
+        rule = f"type='signal',interface='{daemon.MANAGER_INTERFACE}'"
+        reply = await self.bus.call(to_bus("AddMatch", "s", [rule]))
         if reply.message_type == MessageType.ERROR:
             raise PymachineError(f"cannot watch pymachined: {reply.error_name}")
 

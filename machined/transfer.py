@@ -447,7 +447,9 @@ def copy_to_fd(state: RuntimeState, machine_path: str, destination: int) -> list
             real = os.path.realpath(machine_path)  # inside the machine's root
             st = os.stat(real, follow_symlinks=False)
             if not stat.S_ISREG(st.st_mode):  # (never opens a device or a FIFO)
-                raise _Failure("invalid", f"{machine_path}: only a regular file can be copied")
+                raise _Failure(
+                    "invalid", f"{machine_path}: only a regular file (a directory: as root)"
+                )
             src = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
             try:
                 if not stat.S_ISREG(os.fstat(src).st_mode):  # replaced meanwhile

@@ -37,10 +37,14 @@ def cmd_copy_to(args: argparse.Namespace) -> int:
 
 
 def _copy_file_to(args: argparse.Namespace) -> bool:
-    """copy-to of a regular file through pymachined: we open it (with our
-    rights) and pass the descriptor. A directory is root's, in-process."""
+    """A user's copy-to of a regular file through pymachined: we open it (with
+    our rights) and pass the descriptor. Root copies in-process, as before
+    (directories, set-ID bits, any file)."""
     import os
     import stat
+
+    if os.geteuid() == 0:
+        return False
 
     try:
         fd = os.open(args.host_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
@@ -81,9 +85,13 @@ def cmd_copy_from(args: argparse.Namespace) -> int:
 def _copy_file_from(args: argparse.Namespace) -> bool:
     """copy-from through pymachined into a file we create (with our rights)
     next to the destination, renamed over it once the copy succeeded: a
-    failed copy leaves the destination as it was. One regular file."""
+    failed copy leaves the destination as it was. One regular file; root
+    copies in-process (directories, modes and times kept)."""
     import os
     import tempfile
+
+    if os.geteuid() == 0:
+        return False
 
     host = os.path.abspath(args.host_path or args.machine_path)
     if os.path.isdir(host):

@@ -50,3 +50,16 @@ def api(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
             raise DBusError(daemon.error_name(exc), str(exc)) from None
 
     return wrapper
+
+
+def to_bus(member: str, signature: str = "", body: list[Any] | None = None) -> Message:
+    """A call of the bus itself (``org.freedesktop.DBus``: AddMatch,
+    GetConnectionUnixUser …)."""
+    return Message(
+        destination="org.freedesktop.DBus",
+        path="/org/freedesktop/DBus",
+        interface="org.freedesktop.DBus",
+        member=member,
+        signature=signature,
+        body=body or [],
+    )

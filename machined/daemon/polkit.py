@@ -11,6 +11,7 @@ from __future__ import annotations
 from dbus_next import Message, MessageType, Variant
 from dbus_next.aio import MessageBus
 
+from machined.daemon.bus import to_bus
 from machined.errors import AccessDenied
 
 POLKIT = "org.freedesktop.PolicyKit1"
@@ -20,16 +21,7 @@ ALLOW_USER_INTERACTION = 1  # CheckAuthorizationFlags
 
 
 async def caller_uid(bus: MessageBus, sender: str) -> int:
-    reply = await bus.call(
-        Message(
-            destination="org.freedesktop.DBus",
-            path="/org/freedesktop/DBus",
-            interface="org.freedesktop.DBus",
-            member="GetConnectionUnixUser",
-            signature="s",
-            body=[sender],
-        )
-    )
+    reply = await bus.call(to_bus("GetConnectionUnixUser", "s", [sender]))
     if reply.message_type == MessageType.ERROR:
         raise AccessDenied(f"cannot identify the caller {sender}: {reply.body}")
     return int(reply.body[0])

@@ -31,7 +31,7 @@ from dbus_next.service import PropertyAccess, ServiceInterface, dbus_property, m
 
 from machined import daemon, machines
 from machined.daemon import enter, jobs, polkit
-from machined.daemon.bus import CURRENT_MESSAGE, Bus, api
+from machined.daemon.bus import CURRENT_MESSAGE, Bus, api, to_bus
 from machined.errors import InvalidInput, NotFound, PymachineError
 from machined.names import validate_image_name, validate_machine_name
 from machined.paths import Paths
@@ -259,26 +259,18 @@ class Manager(ServiceInterface):
         """``pymachine enable [--now]``: what it did (machined.units.Enabled's fields)."""
         from machined import units
 
-        validate_machine_name(name)
-        await self.d.authorize(
-            daemon.ACTION_MANAGE_MACHINES, f"enable machine '{name}'", machine=name
+        return await self._unit_verb(
+            name, "enable", lambda m: units.enable(name, now=now, machines=m)
         )
-        result = await self.d.with_machines(lambda m: units.enable(name, now=now, machines=m))
-        self.d.changed([name])
-        return result_fields(result)
 
     @method()
     @api
     async def DisableMachine(self, name: "s", now: "b") -> "a{sv}":
         from machined import units
 
-        validate_machine_name(name)
-        await self.d.authorize(
-            daemon.ACTION_MANAGE_MACHINES, f"disable machine '{name}'", machine=name
+        return await self._unit_verb(
+            name, "disable", lambda m: units.disable(name, now=now, machines=m)
         )
-        result = await self.d.with_machines(lambda m: units.disable(name, now=now, machines=m))
-        self.d.changed([name])
-        return result_fields(result)
 
     @method()
     @api
@@ -287,13 +279,21 @@ class Manager(ServiceInterface):
         library as the CLI's are (resource-control keys only)."""
         from machined import units
 
+        return await self._unit_verb(
+            name,
+            "change the limits of",
+            lambda m: units.set_properties(name, assignments, runtime=runtime, machines=m),
+        )
+
+    async def _unit_verb(
+        self, name: str, verb: str, run: Callable[[machines.Machines], Any]
+    ) -> dict[str, Variant]:
+        """An enabled-unit verb of the library (machined.units), checked and authorized."""
         validate_machine_name(name)
         await self.d.authorize(
-            daemon.ACTION_MANAGE_MACHINES, f"change the limits of machine '{name}'", machine=name
+            daemon.ACTION_MANAGE_MACHINES, f"{verb} machine '{name}'", machine=name
         )
-        result = await self.d.with_machines(
-            lambda m: units.set_properties(name, assignments, runtime=runtime, machines=m)
-        )
+        result = await self.d.with_machines(run)
         self.d.changed([name])
         return result_fields(result)
 
@@ -862,14 +862,7 @@ async def follow_systemd(d: Daemon) -> None:
         f"member='PropertiesChanged',path_namespace='{_UNIT_PATH.rstrip('/')}'"
     )
     for message in (
-        Message(
-            destination="org.freedesktop.DBus",
-            path="/org/freedesktop/DBus",
-            interface="org.freedesktop.DBus",
-            member="AddMatch",
-            signature="s",
-            body=[rule],
-        ),
+        to_bus("AddMatch", "s", [rule]),
         Message(  # systemd sends its units' signals only while someone subscribed
             destination=SYSTEMD,
             path="/org/freedesktop/systemd1",
