@@ -1,6 +1,6 @@
 """Run every benchmark in this (systemd) host and print the tables.
 
-python3 -m bench.all [--repeats N] [--sizes 1,10,50] [--only floors,start,several,density,imports,snapshot]
+python3 -m bench.all [--repeats N] [--sizes 1,10,50] [--only floors,start,several,density,imports,snapshot,daemon]
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import os
 import platform
 from pathlib import Path
 
-from bench import density, floors, importtime, several, snapshot, start_latency
+from bench import daemon, density, floors, importtime, several, snapshot, start_latency
 from bench.common import PY, load, run
 
 
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("-n", "--repeats", type=int, default=10)
     parser.add_argument("--sizes", default="1,10,50")
-    parser.add_argument("--only", default="floors,start,several,density,imports")
+    parser.add_argument("--only", default="floors,start,several,density,imports,daemon")
     args = parser.parse_args(argv)
     only = set(args.only.split(","))
     # units started by systemd run `python3 -m machined.runtime` from / : make
@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         importtime.main()
     if "snapshot" in only:  # not by default: it writes several GB
         snapshot.main(["-n", str(min(args.repeats, 3))])
+    if "daemon" in only:  # last: it installs pymachined, which the others do not measure
+        daemon.main(["-n", str(args.repeats)])
     return 0
 
 

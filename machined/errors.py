@@ -16,6 +16,7 @@ class ExitCode(IntEnum):
     NOT_RUNNING = 3  # like systemctl status / LSB: the machine is not running
     NOT_FOUND = 4  # no such machine or image (systemctl's "no such unit")
     CONFLICT = 5  # already running, still in use, already exists
+    ACCESS_DENIED = 6  # pymachined (polkit) refused the caller: nothing was changed
 
 
 class PymachineError(Exception):
@@ -36,3 +37,7 @@ class NotRunning(PymachineError):
 
 class Conflict(PymachineError):
     exit_code = ExitCode.CONFLICT
+
+
+class AccessDenied(PymachineError):
+    exit_code = ExitCode.ACCESS_DENIED

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from enum import StrEnum
 
+from machined.daemon import NO_VALUE  # a property's "no value" (status_properties)
 from machined.errors import Conflict, InvalidInput, NotFound, NotRunning, PymachineError
 from machined.names import validate_machine_name
 from machined.paths import ROOT_ENV, Paths, private_dirs, unit_name
@@ -174,7 +175,12 @@ class Machines:
 
     # --- definitions -------------------------------------------------------
     def create(self, definition: MachineDefinition) -> None:
-        definition.validate()
+        """Write the definition and make the writable layer. A definition
+        without a command (and not booting) takes its image's default command
+        (an imported OCI image's Entrypoint/Cmd/Env/WorkingDir/User)."""
+        if not definition.command and not definition.boot:
+            apply_image_defaults(definition, self.paths)
+        definition.validate()  # the image's values too, before anything is written
         if _definition_exists(definition.name, self.paths):
             raise Conflict(f"machine '{definition.name}' already exists")
         if not self.paths.image(definition.image).is_dir():
@@ -652,6 +658,67 @@ class Machines:
         if current is None or not current.alive():
             raise NotRunning(f"machine '{name}' is not running")
         return current
+
+
+def apply_image_defaults(definition: MachineDefinition, paths: Paths) -> None:
+    """An imported OCI image brings its Entrypoint/Cmd/Env/WorkingDir/User
+    along: these values and no others (each is checked as if typed by hand,
+    so a hostile config is refused, never written as another key)."""
+    from machined.images import ImageStore
+
+    try:
+        config = ImageStore(paths).config(definition.image)
+    except NotFound:
+        return  # create reports the missing image itself
+    except InvalidInput as exc:
+        raise InvalidInput(f"image '{definition.image}': {exc}") from None
+    definition.command = list(config.command)
+    definition.environment = {**config.environment_dict, **definition.environment}
+    definition.working_directory = definition.working_directory or config.working_directory
+    definition.user = definition.user or config.user
+
+
+def status_properties(info: MachineInfo, paths: Paths) -> dict[str, Any]:
+    """What ``status`` and ``list`` show of a machine, as the D-Bus properties
+    of its object (``org.pymachine.machine1.Machine``): the CLI renders these,
+    whether pymachined or this process computed them."""
+    definition = info.definition
+    return {
+        "Name": info.name,
+        "State": str(info.state),
+        "Image": info.image or "",
+        "Unit": info.unit,
+        "Leader": info.leader or 0,
+        "Addresses": [info.address] if info.address else [],
+        "Limits": dict(definition.resources) if definition else {},
+        "MemoryCurrent": NO_VALUE if info.memory is None else info.memory,
+        "TasksCurrent": NO_VALUE if info.tasks is None else info.tasks,
+        "Since": int(info.since * 1_000_000) if info.since else 0,
+        "Result": info.result or "",
+        "ExitStatus": -1 if info.exit_status is None else info.exit_status,
+        "Enabled": paths.unit_file(info.name).is_file(),
+        "Boot": bool(definition and definition.boot),
+        "NetworkMode": str(definition.network.mode) if definition else "",
+        "Command": list(definition.command) if definition else [],
+        "Security": _security_of(info, paths),
+        "Problem": info.problem or "",
+    }
+
+
+def _security_of(info: MachineInfo, paths: Paths) -> dict[str, str]:
+    """What confines the running machine, from its runtime's record."""
+    if info.state != MachineState.RUNNING:
+        return {}
+    from machined.runtime import security
+
+    # security.read_state, without its preload: that imports pyseccomp and loads
+    # libseccomp (~6 ms) for exec, which applies the policy; status only shows it
+    record = paths.machine_runtime(info.name) / security.POLICY_FILE
+    try:
+        policy = security.SecurityPolicy.from_json(record.read_text())
+    except (OSError, ValueError, TypeError):
+        return {}
+    return {key: str(value) for key, value in security.describe(policy).items() if value}
 
 
 class _Start:

@@ -402,6 +402,75 @@ def copy_from(state: RuntimeState, machine_path: str, host_path: str | None = No
         os.close(dst_dir)
 
 
+def copy_fd_to(state: RuntimeState, source: int, source_name: str, machine_path: str) -> list[str]:
+    """copy-to of one regular file the caller opened (pymachined: a user's own
+    file, so it is read with the user's rights): its data, mode without set-ID
+    bits (a user's file never becomes set-ID root inside) and times, owned by
+    the machine's root, at MACHINE_PATH (an existing directory: under
+    SOURCE_NAME)."""
+    st = os.fstat(source)
+    if not stat.S_ISREG(st.st_mode):
+        raise InvalidInput("only a regular file can be copied from a descriptor")
+    if not source_name or "/" in source_name or source_name in (".", ".."):
+        raise InvalidInput(f"invalid file name {source_name!r}")
+    machine_path = _machine_path(machine_path)
+    uid, gid = root_ids(state.leader)
+    parent, name = _split(machine_path)
+
+    def job() -> list[str]:
+        dst_dir, dst_name = _open_destination(parent, name, source_name)
+        copier = _Copier(uid, gid)
+        try:
+            existing = None
+            with contextlib.suppress(FileNotFoundError):
+                existing = os.stat(dst_name, dir_fd=dst_dir, follow_symlinks=False)
+            if existing is not None and not stat.S_ISREG(existing.st_mode):
+                copier._replace_non_directory(dst_dir, dst_name)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+            dst = os.open(dst_name, flags, 0o600, dir_fd=dst_dir)
+            try:
+                os.lseek(source, 0, os.SEEK_SET)
+                _copy_data(source, dst, st.st_size)
+                copier._finish_fd(dst, st)
+                os.fchmod(dst, stat.S_IMODE(st.st_mode) & 0o777)
+            finally:
+                os.close(dst)
+        except OSError as exc:
+            raise _os_failure(exc, f"copying to {machine_path} in machine {state.name}") from None
+        finally:
+            os.close(dst_dir)
+        return copier.warnings
+
+    return _in_machine(state, job, (uid, gid))
+
+
+def copy_to_fd(state: RuntimeState, machine_path: str, destination: int) -> list[str]:
+    """copy-from of one regular file (resolved inside the machine) into a file
+    the caller opened for writing (pymachined: a user's own file)."""
+    machine_path = _machine_path(machine_path)
+
+    def job() -> list[str]:
+        try:
+            real = os.path.realpath(machine_path)  # inside the machine's root
+            st = os.stat(real, follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode):  # (never opens a device or a FIFO)
+                raise _Failure(
+                    "invalid", f"{machine_path}: only a regular file (a directory: as root)"
+                )
+            src = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                if not stat.S_ISREG(os.fstat(src).st_mode):  # replaced meanwhile
+                    raise _Failure("invalid", f"{machine_path}: only a regular file can be copied")
+                _copy_data(src, destination, st.st_size)
+            finally:
+                os.close(src)
+        except OSError as exc:
+            raise _os_failure(exc, f"{machine_path} in machine {state.name}") from None
+        return []
+
+    return _in_machine(state, job)
+
+
 # --- bind ------------------------------------------------------------------------------
 
 

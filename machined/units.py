@@ -557,6 +557,11 @@ def install_units(*, machines: Machines | None = None) -> Installed:
                 result.installed.append(name)
             if _has_install_section(text):
                 to_enable.append(name)
+        from machined.daemon import install
+
+        daemon_files, same = install.install(paths)  # pymachined: unit, bus, polkit files
+        result.installed += daemon_files
+        result.unchanged += same
         # GetUnitFileState and EnableUnitFiles read the files on disk; Reload comes last
         # so that systemd sees the new files and the new .wants/ symlinks at once
         enable_now = [u for u in to_enable if systemd.unit_file_state(u) in (None, "disabled")]

@@ -17,7 +17,7 @@ import os  # noqa: E402
 import sys  # noqa: E402
 from types import ModuleType  # noqa: E402
 
-from machined.errors import ExitCode, PymachineError  # noqa: E402
+from machined.errors import ExitCode, InvalidInput, PymachineError  # noqa: E402
 
 #: What pymachine imports that Python does not ship (pyproject.toml's dependencies).
 DEPENDENCIES = frozenset({"pystemd", "jinja2", "pyseccomp", "markupsafe"})
@@ -85,6 +85,15 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(*args, formatter_class=formatter_class, **kw)
 
 
+def _version() -> str:
+    """``pymachine --version``, and whether pymachined's files are installed and
+    this package's (``pymachine install-units``)."""
+    from machined.daemon.install import problems
+    from machined.paths import Paths
+
+    return "pymachine 0.1.0" + "".join(f"\nwarning: {line}" for line in problems(Paths.from_env()))
+
+
 def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     """The whole parser; with VERB (the first word of the command line), only
     that verb's group when one declares it: same parsing, usage and errors."""
@@ -92,7 +101,10 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
         prog="pymachine",
         description="Manage nspawn-style machines as systemd units.",
     )
-    parser.add_argument("--version", action="version", version="pymachine 0.1.0")
+    parser.add_argument("--version", action="store_true", help="show the version and exit")
+    parser.add_argument(
+        "-H", "--host", metavar="[USER@]HOST", help="manage the machines of HOST (over ssh)"
+    )
     subparsers = parser.add_subparsers(dest="verb", metavar="VERB")
     subparsers.required = True
     groups = [] if verb == "--version" else _verb_groups(verb)  # printed before any verb
@@ -102,6 +114,45 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
         else:
             module.register(subparsers)
     return parser
+
+
+#: Verbs that are calls of pymachined: over D-Bus to the other host's. The
+#: others (a terminal's: exec, shell, run, logs; or not yet in the API) run the
+#: other host's pymachine under ``ssh``.
+_OVER_DBUS = frozenset(
+    {"create", "start", "stop", "restart", "kill", "remove", "rm", "list", "ls", "status", "gc"}
+)
+#: Verbs that need the caller's files: not with -H.
+_LOCAL_FILES = frozenset({"copy-to", "copy-from", "bind", "import-tar", "export-tar", "import-oci"})
+
+
+def _remote(head: list[str], command: list[str] | None) -> list[str]:
+    """``-H [USER@]HOST VERB …``: the verbs that are D-Bus calls go to
+    pymachined on HOST over systemd's D-Bus-over-SSH transport (``ssh -xT
+    HOST systemd-stdio-bridge``, what ``systemctl -H`` uses); the others run
+    the other host's pymachine under ``ssh`` (``-t`` from a terminal). Returns
+    the rest of the command line (or does not return)."""
+    from machined.remote import bus_address, ssh_argv, validate_host
+
+    if head[0].startswith("--host="):
+        host, rest = head[0].split("=", 1)[1], head[1:]
+    elif len(head) > 1:
+        host, rest = head[1], head[2:]
+    else:
+        raise InvalidInput("-H needs a host: pymachine -H [USER@]HOST VERB …")
+    validate_host(host)
+    verb = rest[0] if rest else ""
+    if verb in _LOCAL_FILES:
+        raise InvalidInput(f"'{verb}' works on this host's files: run it on {host} itself")
+    if verb not in _OVER_DBUS:
+        sys.stdout.flush()
+        argv = ssh_argv(
+            host, ["pymachine", *rest, *(["--", *command] if command is not None else [])]
+        )
+        os.execvp(argv[0], argv)
+    os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = bus_address(host)
+    os.environ["PYMACHINE_REMOTE"] = host  # never the in-process fallback (machined.cli.daemon)
+    return rest
 
 
 def split_command(argv: list[str]) -> tuple[list[str], list[str] | None]:
@@ -115,6 +166,15 @@ def split_command(argv: list[str]) -> tuple[list[str], list[str] | None]:
 
 def main(argv: list[str] | None = None) -> int:
     head, command = split_command(list(sys.argv[1:] if argv is None else argv))
+    if head[:1] in (["-H"], ["--host"]) or head[:1] and head[0].startswith("--host="):
+        try:
+            head = _remote(head, command)
+        except PymachineError as exc:
+            print(f"pymachine: {exc}", file=sys.stderr)
+            return int(exc.exit_code)
+    if head[:1] == ["--version"]:
+        print(_version())
+        return int(ExitCode.OK)
     parser = build_parser(head[0] if head else None)
     args = parser.parse_args(head)
     if command is not None:
@@ -128,6 +188,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.exit_code)
     except KeyboardInterrupt:
         return 130
+    except PermissionError as exc:  # a verb not (yet) in pymachined's API, run as a user
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(
+            f"pymachine: access denied{where}: '{args.verb}' needs root on this host",
+            file=sys.stderr,
+        )
+        return int(ExitCode.ACCESS_DENIED)
     except ModuleNotFoundError as exc:
         if exc.name not in DEPENDENCIES:
             raise

@@ -182,8 +182,36 @@ def _register_registry(subparsers: Any) -> None:
 # --- handlers ----------------------------------------------------------------
 
 
+def _job(method: str, signature: str, job_args: list) -> int | None:
+    """Through pymachined as a job (machined.cli.daemon.run_job); None: in-process."""
+    from machined.cli import daemon
+
+    if daemon.in_process():
+        return None
+    try:
+        return daemon.run_job(method, signature, job_args)
+    except daemon.NotInstalled:
+        return None
+
+
 def cmd_bootstrap(args: argparse.Namespace) -> int:
     from bootstrap.build import bootstrap_image
+
+    if not (args.mirror or args.architecture or args.hostname):  # not in the API (root's)
+        code = _job(
+            "BootstrapImage",
+            "ssssasb",
+            [
+                args.image,
+                args.distro,
+                args.release or "",
+                args.variant,
+                [p.strip() for item in args.include for p in item.split(",") if p.strip()],
+                args.no_cache,
+            ],
+        )
+        if code is not None:
+            return code
     from bootstrap.distributions import BootstrapConfig, Distribution
 
     include = tuple(p.strip() for item in args.include for p in item.split(",") if p.strip())
@@ -223,8 +251,11 @@ def cmd_images(args: argparse.Namespace) -> int:
 
 
 def cmd_image_remove(args: argparse.Namespace) -> int:
+    from machined.cli.machines import _daemon_call
     from machined.images import ImageStore
 
+    if _daemon_call(lambda d: [d.call("RemoveImage", "s", [name]) for name in args.images]):
+        return 0
     store = ImageStore()
     for name in args.images:
         store.remove(name)
@@ -303,8 +334,28 @@ def _origin_lines(origin: dict[str, Any]) -> list[tuple[str, str]]:
 def cmd_import_tar(args: argparse.Namespace) -> int:
     from bootstrap.tarimport import import_tar
 
+    code = _import_tar_job(args)
+    if code is not None:
+        return code
+
     import_tar(args.file, args.image, allow_devices=args.allow_devices)
     return 0
+
+
+def _import_tar_job(args: argparse.Namespace) -> int | None:
+    """import-tar through pymachined: the archive is our open file (or stdin),
+    so a user's own file is read with the user's rights, never the daemon's."""
+    import os
+
+    try:
+        fd = 0 if args.file == "-" else os.open(args.file, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None  # import_tar's own error for it
+    try:
+        return _job("ImportTar", "hsb", [fd, args.image, args.allow_devices])
+    finally:
+        if fd:
+            os.close(fd)
 
 
 def cmd_export_tar(args: argparse.Namespace) -> int:

@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from machined.errors import InvalidInput
+from machined.errors import InvalidInput, PymachineError
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without typing's import (~1.5 ms a call)
 if TYPE_CHECKING:
@@ -137,29 +137,8 @@ def _build_definition(name: str, args: argparse.Namespace, command: list[str]):
         definition.network.address = args.address
     definition.network.ports = [PortForward.parse(p) for p in args.port]
     _apply_security_flags(definition, args)
-    definition.command = command
-    if not command and not args.boot:
-        _apply_image_defaults(definition)
+    definition.command = command  # none: the image's (Machines.create)
     return definition.validate()
-
-
-def _apply_image_defaults(definition) -> None:
-    """An imported OCI image brings its Entrypoint/Cmd/Env/WorkingDir/User
-    along: these values and no others (each is checked as if typed by hand,
-    so a hostile config is refused, never written as another key)."""
-    from machined.errors import NotFound
-    from machined.images import ImageStore
-
-    try:
-        config = ImageStore().config(definition.image)
-    except NotFound:
-        return  # create reports the missing image itself
-    except InvalidInput as exc:
-        raise InvalidInput(f"image '{definition.image}': {exc}") from None
-    definition.command = list(config.command)
-    definition.environment = {**config.environment_dict, **definition.environment}
-    definition.working_directory = definition.working_directory or config.working_directory
-    definition.user = definition.user or config.user
 
 
 def _command(args: argparse.Namespace) -> list[str]:
@@ -172,20 +151,60 @@ def _machines():
     return Machines()
 
 
-# --- verbs ---------------------------------------------------------------------
+def _daemon_call(call) -> bool:
+    """CALL(client) through pymachined (machined.cli.daemon): False when this
+    process is to run the library itself instead (root, without the daemon)."""
+    from machined.cli import daemon
+
+    if daemon.in_process():
+        return False
+    try:
+        call(daemon)
+    except daemon.NotInstalled:
+        return False
+    return True
 
 
-def cmd_create(args: argparse.Namespace) -> int:
-    definition = _build_definition(args.name, args, _command(args))
+def _create_call(definition):
+    from machined.definition import to_text
+
+    return lambda daemon: daemon.call("CreateMachine", "ss", [definition.name, to_text(definition)])
+
+
+def _batch(method: str, names: list[str], local, signature: str = "as", *extra) -> int:
+    """METHOD(NAMES, *EXTRA) of pymachined (each name's error reported, the
+    first one's exit code), or LOCAL(machines) in-process without it."""
+    answer = []
+    if _daemon_call(lambda d: answer.append(d.call(method, signature, [names, *extra]))):
+        from machined.cli import daemon
+
+        return _report(daemon.errors(answer[0]))
     with _machines() as machines:
-        machines.create(definition)
-        shared = machines.port_sharers(definition)
-    for port, other in shared:
+        return local(machines)
+
+
+def _warn_port_sharers(definition) -> None:
+    """create goes on, as podman does, when another machine forwards one of
+    its host ports too, and says so: only one of them can run at a time."""
+    if not definition.network.ports:
+        return
+    for port, other in _machines().port_sharers(definition):
         print(
             f"pymachine: warning: host port {port.protocol}:{port.host_port} is also forwarded "
             f"to machine '{other}': only one of them can run at a time",
             file=sys.stderr,
         )
+
+
+# --- verbs ---------------------------------------------------------------------
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    definition = _build_definition(args.name, args, _command(args))
+    if not _daemon_call(_create_call(definition)):
+        with _machines() as machines:
+            machines.create(definition)
+    _warn_port_sharers(definition)
     if not args.quiet:
         print(f"Created machine {definition.name} from image {definition.image}.")
     return 0
@@ -230,18 +249,19 @@ def _report(errors) -> int:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    with _machines() as machines:
-        return _together(args.names, machines.start, machines.start_many)
+    return _batch(
+        "StartMachines", args.names, lambda m: _together(args.names, m.start, m.start_many)
+    )
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    with _machines() as machines:
-        return _together(args.names, machines.stop, machines.stop_many)
+    return _batch("StopMachines", args.names, lambda m: _together(args.names, m.stop, m.stop_many))
 
 
 def cmd_restart(args: argparse.Namespace) -> int:
-    with _machines() as machines:
-        return _together(args.names, machines.restart, machines.restart_many)
+    return _batch(
+        "RestartMachines", args.names, lambda m: _together(args.names, m.restart, m.restart_many)
+    )
 
 
 def _parse_signal(text: str) -> int:
@@ -265,66 +285,100 @@ def cmd_kill(args: argparse.Namespace) -> int:
     number = _parse_signal(args.signal)
     if not 0 < number < signal.NSIG:
         raise InvalidInput(f"unknown signal {args.signal!r}")
-    with _machines() as machines:
-        return _each(args.names, lambda name: machines.kill(name, number))
+    return _batch(
+        "KillMachines",
+        args.names,
+        lambda m: _each(args.names, lambda name: m.kill(name, number)),
+        "asi",
+        number,
+    )
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
-    with _machines() as machines:
-        return _each(args.names, machines.remove)
+    return _batch("RemoveMachines", args.names, lambda m: _each(args.names, m.remove))
 
 
-def _info_json(info) -> dict[str, Any]:
+def _info_json(props: dict[str, Any]) -> dict[str, Any]:
+    """A machine's properties (machines.status_properties) as ``--json`` shows them."""
+    import time
+
+    from machined.daemon import NO_VALUE
+
+    since = props["Since"] / 1e6 if props["Since"] else None
+    running = props["State"] == "running"
     return {
-        "name": info.name,
-        "state": str(info.state),
-        "image": info.image,
-        "unit": info.unit,
-        "address": info.address,
-        "leader": info.leader,
-        "memory": info.memory,
-        "tasks": info.tasks,
-        "since": info.since,
-        "uptime": info.uptime,
-        "result": info.result,
+        "name": props["Name"],
+        "state": props["State"],
+        "image": props["Image"] or None,
+        "unit": props["Unit"],
+        "address": (props["Addresses"] or [None])[0],
+        "leader": props["Leader"] or None,
+        "memory": None if props["MemoryCurrent"] == NO_VALUE else props["MemoryCurrent"],
+        "tasks": None if props["TasksCurrent"] == NO_VALUE else props["TasksCurrent"],
+        "since": since,
+        "uptime": time.time() - since if since and running else None,
+        "result": props["Result"] or None,
     }
+
+
+def _properties(answer: Any) -> dict[str, Any]:
+    """An ``a{sv}`` of machine properties as pystemd decodes it (a dictionary's
+    value as a list of pairs) in the shape the library makes them."""
+    props = dict(answer)
+    for key in ("Limits", "Security"):
+        props[key] = dict(props[key])
+    return props
+
+
+def _machine_list() -> list[dict[str, Any]]:
+    """Every machine's properties, from pymachined (or the library in-process)."""
+    answer = []
+    if _daemon_call(lambda d: answer.append(d.call("ListMachines"))):
+        return [_properties(props) for _name, _path, props in answer[0]]
+    from machined.machines import status_properties
+
+    with _machines() as machines:
+        return [status_properties(info, machines.paths) for info in machines.list()]
+
+
+def _machine_status(name: str) -> dict[str, Any]:
+    answer = []
+    if _daemon_call(lambda d: answer.append(d.call("GetMachineStatus", "s", [name]))):
+        return _properties(answer[0])
+    from machined.machines import status_properties
+
+    with _machines() as machines:
+        return status_properties(machines.info(name), machines.paths)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
     from machined.cli.output import human_bytes, human_duration, print_json, print_table
 
-    with _machines() as machines:
-        infos = machines.list()
-    for info in infos:  # a broken definition is listed (with what systemd knows) and named
-        if info.problem:
-            print(f"pymachine: warning: {info.problem}", file=sys.stderr)
+    machines = [_info_json(props) | {"problem": props["Problem"]} for props in _machine_list()]
+    for info in machines:  # a broken definition is listed (with what systemd knows) and named
+        if info["problem"]:
+            print(f"pymachine: warning: {info['problem']}", file=sys.stderr)
     if args.json:
-        print_json([_info_json(i) for i in infos])
+        print_json([{k: v for k, v in i.items() if k != "problem"} for i in machines])
         return 0
     rows = [
         (
-            i.name,
-            i.state,
-            i.image,
-            i.address,
-            human_bytes(i.memory) if i.memory is not None else None,
-            i.tasks,
-            human_duration(i.uptime) if i.uptime is not None else None,
+            i["name"],
+            i["state"],
+            i["image"],
+            i["address"],
+            human_bytes(i["memory"]) if i["memory"] is not None else None,
+            i["tasks"],
+            human_duration(i["uptime"]) if i["uptime"] is not None else None,
         )
-        for i in infos
+        for i in machines
     ]
     print_table(
         ("name", "state", "image", "address", "memory", "tasks", "uptime"),
         rows,
-        legend=f"{len(infos)} machines listed.",
+        legend=f"{len(machines)} machines listed.",
     )
     return 0
-
-
-def _limits_text(info) -> str:
-    if info.definition is None or not info.definition.resources:
-        return "-"
-    return " ".join(f"{k}={v}" for k, v in info.definition.resources.items())
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -332,89 +386,67 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from machined.cli.output import human_bytes, human_duration, print_json
     from machined.errors import ExitCode
-    from machined.machines import Journal, MachineState
+    from machined.machines import Journal
     from machined.names import validate_machine_name
     from machined.paths import unit_name
 
-    # journalctl reads the service's journal while we ask systemd (the scope's, if
+    # journalctl reads the service's journal while we ask pymachined (the scope's, if
     # the machine turns out to run in the foreground, is read afterwards)
-    early = None if args.json else Journal(unit_name(validate_machine_name(args.name)), args.lines)
+    remote = bool(os.environ.get("PYMACHINE_REMOTE"))  # -H: the journal is the other host's
+    early = (
+        None
+        if args.json or remote
+        else Journal(unit_name(validate_machine_name(args.name)), args.lines)
+    )
     try:
-        with _machines() as machines:
-            info = machines.info(args.name)
+        props = _machine_status(args.name)
     except BaseException:
         if early is not None:
             early.close()
         raise
-    if early is not None and early.unit != info.unit:
+    info = _info_json(props)
+    running = info["state"] == "running"
+    if early is not None and early.unit != info["unit"]:
         early.close()  # the scope's journal it is
         early = None
     if args.json:
-        data = _info_json(info)
-        data["limits"] = dict(info.definition.resources) if info.definition else {}
-        data["exit_status"] = info.exit_status
-        print_json(data)
+        info["limits"] = dict(props["Limits"])
+        info["exit_status"] = None if props["ExitStatus"] < 0 else props["ExitStatus"]
+        print_json(info)
     else:
-        definition = info.definition
-        dot = "●" if info.state == MachineState.RUNNING else "○"
-        print(f"{dot} {info.name} - pymachine machine")
+        result = info["result"]
+        dot = "●" if running else "○"
+        print(f"{dot} {info['name']} - pymachine machine")
+        limits = " ".join(f"{k}={v}" for k, v in props["Limits"].items()) or "-"
         rows = [
             (
                 "State",
-                f"{info.state}"
-                + (f" (result: {info.result})" if info.result and info.result != "success" else ""),
+                info["state"] + (f" (result: {result})" if result and result != "success" else ""),
             ),
-            ("Unit", info.unit + (" (enabled: starts at boot)" if _enabled(info.name) else "")),
-            ("Image", info.image),
-            ("Mode", "boot" if definition and definition.boot else "application"),
-            ("Leader", str(info.leader) if info.leader else None),
-            ("Address", info.address),
-            ("Network", str(definition.network.mode) if definition else None),
-            ("Limits", _limits_text(info)),
-            ("Memory", human_bytes(info.memory) if info.memory is not None else None),
-            ("Tasks", str(info.tasks) if info.tasks is not None else None),
-            ("Uptime", human_duration(info.uptime) if info.uptime is not None else None),
-            (
-                "Command",
-                shlex.join(definition.command) if definition and definition.command else None,
-            ),
+            ("Unit", info["unit"] + (" (enabled: starts at boot)" if props["Enabled"] else "")),
+            ("Image", info["image"]),
+            ("Mode", "boot" if props["Boot"] else "application"),
+            ("Leader", str(info["leader"]) if info["leader"] else None),
+            ("Address", info["address"]),
+            ("Network", props["NetworkMode"] or None),
+            ("Limits", limits),
+            ("Memory", human_bytes(info["memory"]) if info["memory"] is not None else None),
+            ("Tasks", str(info["tasks"]) if info["tasks"] is not None else None),
+            ("Uptime", human_duration(info["uptime"]) if info["uptime"] is not None else None),
+            ("Command", shlex.join(props["Command"]) if props["Command"] else None),
         ]
-        rows += _security_rows(info)
-        if info.state != MachineState.RUNNING and info.result and info.exit_status is not None:
-            rows.append(("Exit status", str(info.exit_status)))
+        rows += list(props["Security"].items()) if running else []
+        if not running and result and props["ExitStatus"] >= 0:
+            rows.append(("Exit status", str(props["ExitStatus"])))
         width = max(len(key) for key, value in rows if value)
         for key, value in rows:
             if value:
                 print(f"{key:>{width}}: {value}")
-        lines = (early or Journal(info.unit, args.lines)).lines()
+        lines = "" if remote else (early or Journal(info["unit"], args.lines)).lines()
         if lines:
             print()
             print(lines)
-    return 0 if info.state == MachineState.RUNNING else int(ExitCode.NOT_RUNNING)
-
-
-def _security_rows(info) -> list[tuple[str, str | None]]:
-    """What confines the running machine, from its runtime's record."""
-    if info.state != "running":
-        return []
-    from machined.paths import Paths
-    from machined.runtime import security
-
-    # security.read_state, without its preload: that imports pyseccomp and loads
-    # libseccomp (~6 ms) for exec, which applies the policy; status only shows it
-    record = Paths.from_env().machine_runtime(info.name) / security.POLICY_FILE
-    try:
-        policy = security.SecurityPolicy.from_json(record.read_text())
-    except (OSError, ValueError, TypeError):
-        return []
-    return list(security.describe(policy).items())
-
-
-def _enabled(name: str) -> bool:
-    """= units.is_enabled, without importing machined.units (jinja2-free, but ~1.5 ms)."""
-    from machined.paths import Paths
-
-    return Paths.from_env().unit_file(name).is_file()
+    return 0 if running else int(ExitCode.NOT_RUNNING)
 
 
 def _check_preserved_fds(args: argparse.Namespace) -> int:
@@ -441,6 +473,9 @@ def cmd_exec(args: argparse.Namespace) -> int:
     if not command and args.verb == "exec":
         raise InvalidInput("exec needs a command: pymachine exec NAME -- CMD [ARGS…]")
     environment = dict(parse_env(e) for e in args.env)
+    status = _exec_through_daemon(args, command, environment)
+    if status is not None:
+        return status
     with _machines() as machines:
         state = machines.running_state(args.name)
         definition = machines.load(args.name)
@@ -458,6 +493,65 @@ def cmd_exec(args: argparse.Namespace) -> int:
     return run_in_machine(state, request, base)
 
 
+def _exec_through_daemon(args: argparse.Namespace, command: list[str], environment) -> int | None:
+    """``ExecMachine`` with our stdin, stdout and stderr (only stdio crosses into
+    the machine), a pipe on which pymachined's helper writes the exit status
+    when the command ends, and one on which we send it our signals (the
+    command runs in a session of its own: the terminal's Ctrl-C reaches only
+    us). None: run it in-process (root, without the daemon)."""
+    if os.environ.get("TERM"):
+        environment = {"TERM": os.environ["TERM"], **environment}
+    import signal
+
+    reader, writer = os.pipe()
+    signal_reader, signal_writer = os.pipe()
+    forwarded = (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP, signal.SIGWINCH)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, forwarded)  # held until they can be sent
+    try:
+        started = _daemon_call(
+            lambda d: d.call(
+                "ExecMachine",
+                "sasasssbhhhhh",
+                [
+                    args.name,
+                    command,
+                    [f"{key}={value}" for key, value in environment.items()],
+                    args.user or "",
+                    args.workdir or "",
+                    args.verb == "shell",
+                    0,
+                    1,
+                    2,
+                    writer,
+                    signal_reader,
+                ],
+            )
+        )
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        raise
+    finally:
+        os.close(writer)
+        os.close(signal_reader)
+    if not started:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        os.close(reader)
+        os.close(signal_writer)
+        return None
+
+    def forward(number: int, _frame: object) -> None:  # the terminal's Ctrl-C is the command's
+        os.write(signal_writer, bytes([number]))
+
+    for number in forwarded:
+        signal.signal(number, forward)  # (SIGWINCH: shell's relay copies the new size)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    with os.fdopen(reader) as answer:
+        text = answer.read().strip()
+    if not text.isdigit():
+        raise PymachineError(f"lost the command in machine '{args.name}' (no exit status)")
+    return int(text)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Foreground: this process moves into a transient scope and becomes the runtime
     (in-process: an exec would start an interpreter and load it all again)."""
@@ -473,6 +567,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from machined.runtime import leader
 
     command = _command(args)
+    if os.geteuid() != 0:
+        raise PymachineError(
+            "pymachine run needs root: this process becomes the machine's runtime "
+            "(as another user: pymachine start, then pymachine shell)"
+        )
     # First, so that its interpreter starts while we talk to systemd; it waits for
     # the runtime's go (and exits on its own if we fail before that).
     intermediate = leader.spawn(foreground=True)
@@ -526,8 +625,12 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    with _machines() as machines:
-        cleaned = machines.gc()
+    answer = []
+    if _daemon_call(lambda d: answer.append(d.call("GarbageCollect"))):
+        cleaned = answer[0]
+    else:
+        with _machines() as machines:
+            cleaned = machines.gc()
     for line in cleaned:
         print(f"Removed {line}.")
     if not cleaned and not args.quiet:

@@ -16,11 +16,38 @@ def _print(lines: list[str], quiet: bool = False) -> None:
             print(line)
 
 
+class _Result:
+    """A result's fields as pymachined sent them (``a{sv}``): a field it left
+    out (None) reads as None, as the library's dataclass would have it."""
+
+    def __init__(self, fields: Any) -> None:
+        self.__dict__.update(dict(fields))
+
+    def __getattr__(self, name: str) -> None:
+        return None
+
+
+def _through_daemon(method: str, signature: str, args: list, local) -> Any:
+    """pymachined's METHOD(ARGS) as a result object, or LOCAL() in-process
+    (root, without the daemon: machined.cli.machines._daemon_call)."""
+    from machined.cli.machines import _daemon_call
+
+    answer = []
+    if _daemon_call(lambda d: answer.append(d.call(method, signature, args))):
+        return _Result(answer[0])
+    return local()
+
+
 def cmd_enable(args: argparse.Namespace) -> int:
     from machined import units
 
     for name in args.names:
-        result = units.enable(name, now=args.now)
+        result = _through_daemon(
+            "EnableMachine",
+            "sb",
+            [name, args.now],
+            lambda name=name: units.enable(name, now=args.now),
+        )
         for warning in result.warnings:
             print(f"pymachine: warning: {warning}", file=sys.stderr)
         lines = list(result.changes)
@@ -42,7 +69,12 @@ def cmd_disable(args: argparse.Namespace) -> int:
     from machined import units
 
     for name in args.names:
-        result = units.disable(name, now=args.now)
+        result = _through_daemon(
+            "DisableMachine",
+            "sb",
+            [name, args.now],
+            lambda name=name: units.disable(name, now=args.now),
+        )
         lines = list(result.changes)
         if result.stopped:
             lines.insert(0, f"Stopped machine {name}.")
@@ -62,7 +94,12 @@ def cmd_disable(args: argparse.Namespace) -> int:
 def cmd_set(args: argparse.Namespace) -> int:
     from machined import units
 
-    result = units.set_properties(args.name, args.property, runtime=args.runtime)
+    result = _through_daemon(
+        "SetMachineProperties",
+        "sasb",
+        [args.name, args.property, args.runtime],
+        lambda: units.set_properties(args.name, args.property, runtime=args.runtime),
+    )
     if args.quiet:
         return 0
     text = " ".join(f"{k}={v}" for k, v in result.assignments)
@@ -77,7 +114,13 @@ def cmd_set(args: argparse.Namespace) -> int:
 
 
 def cmd_install_units(args: argparse.Namespace) -> int:
+    import os
+
     from machined import units
+    from machined.errors import AccessDenied
+
+    if os.geteuid() != 0:
+        raise AccessDenied("access denied: 'install-units' needs root (it writes /etc and /usr)")
 
     result = units.install_units()
     lines = [f"Installed {name}." for name in result.installed]

@@ -231,11 +231,13 @@ def test_usage_errors_exit_2(
     assert tree(root) == before
 
 
-def test_version(capsys: pytest.CaptureFixture) -> None:
-    with pytest.raises(SystemExit) as info:
-        main(["--version"])
-    assert info.value.code == 0
-    assert capsys.readouterr().out == "pymachine 0.1.0\n"
+def test_version(capsys: pytest.CaptureFixture, tmp_path, monkeypatch) -> None:
+    """--version names pymachined's files that are missing (install-units)."""
+    monkeypatch.setenv("PYMACHINE_ROOT", str(tmp_path))
+    assert main(["--version"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "pymachine 0.1.0"
+    assert any("pymachined.service is missing" in line for line in out[1:])
 
 
 def test_parser_knows_the_machine_verbs() -> None:

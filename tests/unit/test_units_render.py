@@ -500,3 +500,20 @@ def test_install_units_copies_and_leaves_the_hosts_own(env):
     assert ("enable", ["machines.target"]) in fake.calls
     result = units.install_units(machines=machines)
     assert "machines.target" in result.unchanged and not result.installed
+
+
+def test_install_units_installs_pymachined_and_version_sees_it(env):
+    from machined.daemon import install
+
+    machines, fake, paths = env
+    assert len(install.problems(paths)) == len(install.FILES)  # all missing
+    result = units.install_units(machines=machines)
+    for _source, target in install.FILES:
+        assert str(paths.root / target) in result.installed
+    assert install.problems(paths) == []
+    service = (paths.unit_files / "pymachined.service").read_text()
+    assert "Type=dbus" in service and "BusName=org.pymachine.machine1" in service
+    (paths.root / install.FILES[3][1]).write_text("<policyconfig/>")  # an older package's
+    assert (
+        len(install.problems(paths)) == 1 and "not this pymachine's" in install.problems(paths)[0]
+    )
