@@ -285,6 +285,8 @@ class Machines:
         for unit, _active, _sub in self.systemd.list_units(
             ["pymachine-*.service", "pymachine-*.scope"]
         ):
+            if "@" in unit:  # an instance (pymachine-dns@BRIDGE, a snapshot's): no machine's
+                continue
             loaded.add(unit)
             from_units.add(unit.removeprefix("pymachine-").rsplit(".", 1)[0])
         machines = defined | from_units

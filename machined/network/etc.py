@@ -145,5 +145,27 @@ def write_etc_files(machine: str, net_state: Any, paths: Any, dest_dir: Path) ->
     dest_dir = Path(dest_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)
     write_in_place(dest_dir / "hosts", render_hosts(paths, machine, net_state))
+    write_resolv(machine, net_state, dest_dir)
+
+
+def write_resolv(machine: str, net_state: Any, dest_dir: Path, *, dns: bool = True) -> None:
+    """``dest_dir/resolv.conf``: the bridge's dnsmasq (:mod:`.dns`) when there
+    is one to run and DNS is true, else the host's resolvers."""
+    write_in_place(
+        Path(dest_dir) / "resolv.conf", render_resolv(machine, resolvers(net_state, dns=dns))
+    )
+
+
+def resolvers(net_state: Any, *, dns: bool = True) -> Resolv:
+    """What a machine asks: on a bridge with dnsmasq, the bridge's gateway,
+    searching ``machine`` then the host's domains (dnsmasq forwards the rest to
+    the host's resolvers); otherwise the host's resolvers."""
     resolv = host_resolvers(bridged=net_state is not None)
-    write_in_place(dest_dir / "resolv.conf", render_resolv(machine, resolv))
+    if dns and net_state is not None and net_state.bridge:
+        from machined.network import dns as bridge_dns
+
+        if bridge_dns.dnsmasq() is not None:
+            search = [bridge_dns.DOMAIN, *(d for d in resolv.search if d != bridge_dns.DOMAIN)]
+            source = f"{bridge_dns.unit_name(net_state.bridge)}, which forwards to {resolv.source}"
+            return Resolv([net_state.gateway], search, resolv.options, source)
+    return resolv

@@ -9,7 +9,7 @@ from collections import namedtuple
 from pathlib import Path
 
 from machined.names import validate_machine_name
-from machined.network import addresses, etc, state
+from machined.network import addresses, dns, etc, state
 from machined.network.config import NetworkConfig, NetworkMode, PortForward
 from machined.paths import Paths
 
@@ -110,6 +110,8 @@ def setup(machine: str, config: NetworkConfig, netns_pid: int, paths: Paths) -> 
                 paths, config.bridge, avoid=lambda: links.host_networks(ipr, config.bridge)
             )
             lease, changed = addresses.allocate(paths, machine, net, config.fixed_address())
+            if changed or not (dns.hosts_dir(paths, net.name) / dns.HOSTS).exists():
+                dns.write_hosts(paths, net.name)  # dnsmasq sees it through inotify
             record: dict[str, Any] = {
                 "machine": machine,
                 "bridge": net.name,
@@ -173,6 +175,8 @@ def release(machine: str, paths: Paths) -> None:
     """Forget the machine's address lease (the machine was removed)."""
     lease = addresses.release(paths, machine)
     if lease is not None:
+        with addresses.locked(paths):
+            dns.write_hosts(paths, lease.bridge)
         _refresh_hosts(paths, lease.bridge, skip=machine)
 
 

@@ -224,6 +224,8 @@ class Supervisor:
         bus, self._bus = self._bus, None
         proxies = self.network_state is not None and bool(self.definition.network.ports)
         try:
+            if self.network_state is not None:
+                self._ensure_dns()
             if proxies:
                 bus = bus or Bus()
                 _start_proxies(self.definition.name, self.network_state, bus)
@@ -234,6 +236,29 @@ class Supervisor:
                 self._bus = bus  # for _teardown
             elif bus is not None:
                 bus.close()
+
+    def _ensure_dns(self) -> None:
+        """The bridge's dnsmasq (machined.network.dns), started by the first
+        machine on it (on a connection of its own: the job's signal match must
+        not stay on one a foreground run keeps); its job ends once it answers,
+        before the payload starts. If it cannot run, the machine's resolv.conf
+        names the host's resolvers again."""
+        from machined.network import dns, etc
+
+        bridge = self.network_state.bridge
+        if dns.dnsmasq() is None or dns.running(self.paths, bridge):
+            return
+        try:
+            from machined.dbus import Bus
+            from machined.systemd import Systemd
+
+            with Bus() as bus:
+                dns.ensure(Systemd(bus), self.paths, bridge)
+        except Exception as exc:
+            _log(f"names of machines on {bridge} are not served (dnsmasq): {exc}")
+            etc.write_resolv(
+                self.definition.name, self.network_state, self.layers.runtime_dir / "etc", dns=False
+            )
 
     def _teardown(self) -> None:
         name = self.definition.name

@@ -224,3 +224,53 @@ def test_a_bridged_machine_without_ports_stops_with_no_clean_up_and_restarts_at_
         net_host.pymachine("stop", name, check=False)
         net_host.pymachine("remove", name)
     assert wait_until(lambda: "vm-noports" not in net_host.run(["ip", "-o", "link"]).stdout)
+
+
+def test_machines_resolve_each_other_by_name_through_the_bridges_dnsmasq(net_host):
+    """busybox-static has no NSS: its nslookup asks the name server in
+    resolv.conf, the bridge's dnsmasq, which answers NAME and NAME.machine for
+    every machine on the bridge, one started later included (inotify)."""
+    from tests.harness import skip_or_fail
+
+    if net_host.run(["test", "-x", "/usr/sbin/dnsmasq"], check=False).returncode:
+        skip_or_fail("dnsmasq is not installed (apt-get install dnsmasq-base)")
+    create(net_host, "dns1", SLEEP)
+    create(net_host, "dns2", SLEEP)
+    create(net_host, "dns3", SLEEP)
+    net_host.pymachine("start", "dns1", "dns2")
+    try:
+        gateway = address(net_host, "dns1").rsplit(".", 1)[0] + ".1"
+        resolv = inside(net_host, "dns1", "cat /etc/resolv.conf").stdout
+        assert f"nameserver {gateway}" in resolv.split("\n"), resolv
+        unit = net_host.run(["systemctl", "is-active", "pymachine-dns@pymachine0.service"])
+        assert unit.stdout.strip() == "active"
+        for name in ("dns2", "dns2.machine"):
+            answer = inside(net_host, "dns1", f"nslookup {name}", check=False)
+            assert address(net_host, "dns2") in answer.stdout, (
+                answer,
+                net_host.journal("pymachine-dns@pymachine0.service"),
+            )
+        net_host.pymachine("start", "dns3")  # a new lease: dnsmasq re-reads its hosts file
+        assert wait_until(
+            lambda: (
+                address(net_host, "dns3")
+                in inside(net_host, "dns1", "nslookup dns3.machine", check=False).stdout
+            )
+        )
+        # Not in /etc/hosts (which lists plain names): the answer came from dnsmasq
+        assert "dns3.machine" not in inside(net_host, "dns1", "cat /etc/hosts").stdout
+        # An unknown .machine name is not forwarded: NXDOMAIN at once
+        assert inside(net_host, "dns1", "nslookup nosuch.machine", check=False).returncode != 0
+        # Not reachable from the outside world: dnsmasq listens on the bridge only
+        listening = net_host.run(["ss", "-ulnp"]).stdout
+        assert "0.0.0.0:53 " not in listening and "*:53 " not in listening, listening
+    finally:
+        net_host.pymachine("stop", "dns1", "dns2", "dns3")
+    net_host.pymachine("remove", "dns3")  # its lease goes, and its name with it
+    net_host.pymachine("start", "dns1")
+    try:
+        assert wait_until(
+            lambda: inside(net_host, "dns1", "nslookup dns3.machine", check=False).returncode != 0
+        )
+    finally:
+        net_host.pymachine("stop", "dns1")
