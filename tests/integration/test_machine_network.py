@@ -274,3 +274,36 @@ def test_machines_resolve_each_other_by_name_through_the_bridges_dnsmasq(net_hos
         )
     finally:
         net_host.pymachine("stop", "dns1")
+
+
+def test_a_debian_machine_resolves_the_others_through_nss(net_host, systemd_host, debian_image):
+    """glibc's resolver (getent: nsswitch's files, then dns) finds NAME.machine,
+    which only the bridge's dnsmasq knows, and a busybox machine finds the
+    Debian machine back."""
+    import shutil
+    import subprocess
+
+    from tests.harness import skip_or_fail
+
+    if net_host.run(["test", "-x", "/usr/sbin/dnsmasq"], check=False).returncode:
+        skip_or_fail("dnsmasq is not installed (apt-get install dnsmasq-base)")
+    source = systemd_host.binds["/var/lib/machines"] / debian_image
+    copy = net_host.binds["/var/lib/machines"] / debian_image
+    if not copy.exists():
+        subprocess.run(["cp", "-a", "--reflink=auto", str(source), str(copy)], check=True)
+    net_host.pymachine(
+        "create", "deb1", "--image", debian_image, "--", "/bin/sh", "-c", "exec sleep infinity"
+    )
+    create(net_host, "bb1", SLEEP)
+    net_host.pymachine("start", "deb1", "bb1")
+    try:
+        answer = inside(net_host, "deb1", "getent ahostsv4 bb1.machine", check=False)
+        assert answer.stdout.split()[0] == address(net_host, "bb1"), answer
+        answer = inside(net_host, "deb1", "getent hosts bb1.machine", check=False)
+        assert answer.stdout.split()[1:] == ["bb1.machine"], answer  # IPv6 first (ULA)
+        answer = inside(net_host, "bb1", "nslookup deb1", check=False)
+        assert address(net_host, "deb1") in answer.stdout, answer
+    finally:
+        net_host.pymachine("stop", "deb1", "bb1")
+        net_host.pymachine("remove", "deb1", "bb1")
+        shutil.rmtree(copy, ignore_errors=True)
