@@ -365,6 +365,7 @@ class Machines:
             bridged=_bridged(definition),
             ephemeral=definition.ephemeral,
             ports=bool(definition.network.ports),
+            daemon=cleanup.daemon_cleans(self.paths),
         )
         return machine_settings(
             name,

@@ -30,7 +30,7 @@ from dbus_next.aio import MessageBus
 from dbus_next.service import PropertyAccess, ServiceInterface, dbus_property, method, signal
 
 from machined import daemon, machines
-from machined.daemon import enter, jobs, polkit
+from machined.daemon import enter, jobs, network, polkit
 from machined.daemon.bus import CURRENT_MESSAGE, Bus, api, to_bus
 from machined.errors import InvalidInput, NotFound, PymachineError
 from machined.names import validate_image_name, validate_machine_name
@@ -853,6 +853,14 @@ def _unit_name(path: str) -> str:
     )
 
 
+async def _logged(work: Awaitable[Any], what: str) -> None:
+    """WORK, its failure logged (a task nobody awaits)."""
+    try:
+        await work
+    except Exception as exc:
+        log.warning("pymachined: network clean-up after %s failed: %s", what, exc)
+
+
 async def follow_systemd(d: Daemon) -> None:
     """PropertiesChanged of a machine's object when its unit changes state,
     whoever changed it (systemctl, a machine powering itself off, another
@@ -884,6 +892,9 @@ async def follow_systemd(d: Daemon) -> None:
             unit = _unit_name(msg.path)
             name = unit.removeprefix("pymachine-").rsplit(".", 1)[0]
             d.changed([name])
+            state = msg.body[1]["ActiveState"]
+            if getattr(state, "value", state) in ("inactive", "failed"):
+                d.spawn(_logged(d.blocking(network.unit_stopped, d.paths, name), unit))
 
     d.bus.add_message_handler(on_message)
 
@@ -903,4 +914,6 @@ async def serve(paths: Paths | None = None) -> None:
     await follow_systemd(d)
     reply = await bus.request_name(daemon.BUS_NAME)
     log.info("pymachined: %s on the system bus (%s)", daemon.BUS_NAME, reply)
+    # after follow_systemd: a machine that stops meanwhile is cleaned by either
+    d.spawn(_logged(d.blocking(network.reconcile, d.paths), "the reconciliation at start"))
     await bus.wait_for_disconnect()

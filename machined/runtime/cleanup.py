@@ -58,8 +58,38 @@ def runtime_directory(name: str, paths: Paths) -> str | None:
     return f"pymachine/{name}"
 
 
+DAEMON_UNIT = "pymachined.service"
+
+
+def daemon_cleans(paths: Paths) -> bool:
+    """Whether pymachined is installed here: it then removes a stopped
+    machine's nft rules and veth itself, when systemd says its unit went
+    inactive (``machined.daemon.network``), and reconciles at its start; the
+    runtime of a machine with rules activates it (:func:`activate_daemon`)."""
+    return (paths.unit_files / DAEMON_UNIT).exists()
+
+
+def activate_daemon(bus) -> None:
+    """Start pymachined unless it runs (no wait: a job for a running unit is a
+    no-op, and a stop before it follows systemd's signals is its reconciler's)."""
+    bus.call(
+        "org.freedesktop.systemd1",
+        "/org/freedesktop/systemd1",
+        "org.freedesktop.systemd1.Manager",
+        "StartUnit",
+        "ss",
+        [DAEMON_UNIT, "replace"],
+    )
+
+
 def needs_command(
-    name: str, paths: Paths, *, bridged: bool, ephemeral: bool, ports: bool = True
+    name: str,
+    paths: Paths,
+    *,
+    bridged: bool,
+    ephemeral: bool,
+    ports: bool = True,
+    daemon: bool = False,
 ) -> bool:
     """Whether the unit needs an ``ExecStopPost=`` at all. A control process costs
     each stop 15–25 ms (fork, cgroup migration, exec: measured with systemd-run in
@@ -69,8 +99,9 @@ def needs_command(
     machine's network namespace (``pymachine stop`` and the next start delete
     one that lingers), and machined drops the registration when the unit stops
     (``pymachine stop`` unregisters at once; a crashed runtime's stale
-    registration is dropped by the next start)."""
-    return (bridged and ports) or ephemeral or runtime_directory(name, paths) is None
+    registration is dropped by the next start). A machine's port forwards
+    (nft rules) need none either where pymachined (DAEMON) removes them."""
+    return (bridged and ports and not daemon) or ephemeral or runtime_directory(name, paths) is None
 
 
 def targets(name: str, paths: Paths) -> list[Path]:

@@ -212,6 +212,11 @@ class Supervisor:
             self._bus, self.definition.name, self.child, str(self.layers.root), ifindices
         )
         self.registered = True
+        if self.definition.network.ports and cleanup.daemon_cleans(self.paths):
+            try:  # the owner of its rules once it stops (no ExecStopPost= then)
+                cleanup.activate_daemon(self._bus)
+            except Exception as exc:
+                _log(f"could not activate pymachined: {exc}")
 
     def _start_loopback_proxies(self) -> None:
         """``Port=`` on the host's [::1] (nftables cannot): see machined.proxies.
