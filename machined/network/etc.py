@@ -160,12 +160,15 @@ def resolvers(net_state: Any, *, dns: bool = True) -> Resolv:
     """What a machine asks: on a bridge with dnsmasq, the bridge's gateway,
     searching ``machine`` then the host's domains (dnsmasq forwards the rest to
     the host's resolvers); otherwise the host's resolvers."""
-    resolv = host_resolvers(bridged=net_state is not None)
     if dns and net_state is not None and net_state.bridge:
         from machined.network import dns as bridge_dns
 
         if bridge_dns.dnsmasq() is not None:
-            search = [bridge_dns.DOMAIN, *(d for d in resolv.search if d != bridge_dns.DOMAIN)]
-            source = f"{bridge_dns.unit_name(net_state.bridge)}, which forwards to {resolv.source}"
-            return Resolv([net_state.gateway], search, resolv.options, source)
-    return resolv
+            # dnsmasq runs on the host: it reads the host's own file, loopback
+            # servers and all; the machine keeps its search domains
+            host = host_resolvers(bridged=False)
+            search = [bridge_dns.DOMAIN, *(d for d in host.search if d != bridge_dns.DOMAIN)]
+            options = [o for o in host.options if o != "trust-ad"]  # dnsmasq does not validate
+            source = f"{bridge_dns.unit_name(net_state.bridge)}, which forwards to {host.source}"
+            return Resolv([net_state.gateway], search, options, source)
+    return host_resolvers(bridged=net_state is not None)

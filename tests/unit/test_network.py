@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import multiprocessing
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 
 import machined.network as network
 from machined.errors import Conflict, InvalidInput
-from machined.network import addresses, etc, nft, state
+from machined.network import addresses, dns, etc, nft, state
 from machined.network.config import NetworkConfig, NetworkMode, PortForward
 from machined.paths import Paths
 
@@ -319,7 +320,14 @@ def test_render_etc_files(paths: Paths, tmp_path: Path, monkeypatch: pytest.Monk
     assert "fd00:1::3\tdb\n" in hosts and "10.5.0.1\t_gateway\n" in hosts
     assert "127.0.0.1\tlocalhost\n" in hosts
     text = (dest / "resolv.conf").read_text()
+    if dns.dnsmasq() is not None:  # the bridge's dnsmasq, searching .machine first
+        assert "nameserver 10.5.0.1\n" in text and "search machine example.org\n" in text
+        assert "192.0.2.53" not in text and "127.0.0.53" not in text
+    monkeypatch.setattr(dns, "dnsmasq", lambda: None)  # without it: the host's resolvers
+    network.render_etc_files("web", st, paths, dest)
+    text = (dest / "resolv.conf").read_text()
     assert "nameserver 192.0.2.53\n" in text and "127.0.0.53" not in text
+    assert "10.5.0.1" not in text
     # no network: the host's resolvers as they are, the name on 127.0.1.1
     network.render_etc_files("lonely", None, paths, tmp_path / "etc2")
     assert "127.0.1.1\tlonely\n" in (tmp_path / "etc2" / "hosts").read_text()
@@ -334,3 +342,56 @@ def test_loopback_proxies() -> None:
         network.LoopbackProxy("tcp", "[::1]:8080", "10.5.0.2:80")
     ]
     assert network.loopback_proxies(None) == []
+
+
+# --- the bridge's dnsmasq ---------------------------------------------------------
+
+
+def test_resolv_names_the_bridges_dnsmasq(paths: Paths, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(dns, "dnsmasq", lambda: "/usr/sbin/dnsmasq")
+    resolv = tmp_path / "host-resolv.conf"
+    resolv.write_text("nameserver 192.0.2.53\nsearch machine lab.test\noptions edns0\n")
+    monkeypatch.setattr(etc, "HOST_RESOLV_CONF", resolv)
+    st = network.NetworkState("vm-web", 5, "10.5.0.2/24", "10.5.0.1", None, None, "b0", ())
+    text = etc.render_resolv("web", etc.resolvers(st))
+    assert text.splitlines()[2:] == [
+        "nameserver 10.5.0.1",
+        "search machine lab.test",  # .machine once
+        "options edns0",
+    ]
+    assert "pymachine-dns@b0.service" in text
+    # the runtime's fallback when dnsmasq could not start: the host's own
+    assert "nameserver 192.0.2.53" in etc.render_resolv("web", etc.resolvers(st, dns=False))
+
+
+def test_bridge_hosts_file_follows_the_leases(paths: Paths) -> None:
+    net = _net(paths)
+    with addresses.locked(paths):
+        addresses.allocate(paths, "web", net)
+        addresses.allocate(paths, "db", net)
+        dns.write_hosts(paths, "b0")
+    hosts = dns.hosts_dir(paths, "b0") / dns.HOSTS
+    lines = [line for line in hosts.read_text().splitlines() if not line.startswith("#")]
+    assert lines == ["10.5.0.3\tdb", "fd00:1::3\tdb", "10.5.0.2\tweb", "fd00:1::2\tweb"]
+    assert hosts.stat().st_mode & 0o777 == 0o644  # dnsmasq reads it as nobody
+    assert [p.name for p in dns.directory(paths).iterdir()] == ["b0"]  # no temporary left
+    network.release("web", paths)  # removed: its name goes
+    assert "web" not in hosts.read_text()
+
+
+def test_dnsmasq_listens_on_its_bridge_only_and_reads_no_configuration(paths: Paths) -> None:
+    argv = dns.command("/usr/sbin/dnsmasq", paths, "b0")
+    assert "--conf-file=/dev/null" in argv and "--interface=b0" in argv
+    assert "--bind-dynamic" in argv and "--except-interface=lo" in argv  # never a wildcard
+    assert "--user=nobody" in argv and "--local=/machine/" in argv
+    assert not [a for a in argv if a.startswith(("--dhcp", "--enable-tftp", "--port"))]
+    assert dns.unit_name("b0") == "pymachine-dns@b0.service"  # "@": no machine's unit
+
+
+def test_dns_running_reads_its_pid_file(paths: Paths) -> None:
+    assert not dns.running(paths, "b0")
+    dns.directory(paths).mkdir(parents=True)
+    dns.pid_file(paths, "b0").write_text(f"{os.getpid()}\n")  # alive, but not dnsmasq of b0
+    assert not dns.running(paths, "b0")
+    dns.pid_file(paths, "b0").write_text("garbage")
+    assert not dns.running(paths, "b0")
