@@ -153,8 +153,6 @@ def ensure(systemd, paths: Paths, bridge: str) -> bool:
     from machined.properties import Property
 
     unit = unit_name(bridge)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(pid_file(paths, bridge))
     hosts = hosts_dir(paths, bridge) / HOSTS
     if not hosts.exists():
         from machined.network import addresses
@@ -174,7 +172,7 @@ def ensure(systemd, paths: Paths, bridge: str) -> bool:
     try:
         systemd.start_transient(unit, properties)
     except BusError as exc:
-        if "UnitExists" not in str(getattr(exc, "name", "")) + str(exc):
+        if "UnitExists" not in exc.name and "already exists" not in str(exc):
             raise
         systemd.start_unit(unit)  # made by a concurrent start: wait for its job
     return True

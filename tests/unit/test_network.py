@@ -395,3 +395,37 @@ def test_dns_running_reads_its_pid_file(paths: Paths) -> None:
     assert not dns.running(paths, "b0")
     dns.pid_file(paths, "b0").write_text("garbage")
     assert not dns.running(paths, "b0")
+
+
+def test_dns_ensure_joins_a_concurrent_start(paths: Paths, monkeypatch) -> None:
+    """Two machines starting at once on a new bridge: the second one's
+    StartTransientUnit finds the unit made, and waits for its start instead."""
+    from machined.dbus import BusError
+
+    monkeypatch.setattr(dns, "dnsmasq", lambda: "/usr/sbin/dnsmasq")
+    calls = []
+
+    class Systemd:
+        def reset_failed(self, unit):
+            calls.append(("reset", unit))
+
+        def start_transient(self, unit, properties):
+            calls.append(("transient", unit))
+            raise BusError(f"Unit {unit} already exists.")
+
+        def start_unit(self, unit):
+            calls.append(("start", unit))
+
+    assert dns.ensure(Systemd(), paths, "b0")
+    unit = "pymachine-dns@b0.service"
+    assert calls == [("reset", unit), ("transient", unit), ("start", unit)]
+    assert (dns.hosts_dir(paths, "b0") / dns.HOSTS).exists()  # there before dnsmasq reads it
+
+    class Broken(Systemd):
+        def start_transient(self, unit, properties):
+            raise BusError("Access denied")
+
+    with pytest.raises(BusError):
+        dns.ensure(Broken(), paths, "b0")
+    monkeypatch.setattr(dns, "dnsmasq", lambda: None)
+    assert not dns.ensure(Broken(), paths, "b0")  # not installed: nothing asked
