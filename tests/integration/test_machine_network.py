@@ -264,6 +264,9 @@ def test_machines_resolve_each_other_by_name_through_the_bridges_dnsmasq(net_hos
         # Not reachable from the outside world: dnsmasq listens on the bridge only
         listening = net_host.run(["ss", "-ulnp"]).stdout
         assert "0.0.0.0:53 " not in listening and "*:53 " not in listening, listening
+        assert f"{gateway}:53 " in listening, listening
+        users = net_host.run(["ps", "-o", "user=", "-C", "dnsmasq"]).stdout.split()
+        assert users and set(users) == {"nobody"}, users  # root dropped once bound
     finally:
         net_host.pymachine("stop", "dns1", "dns2", "dns3")
     net_host.pymachine("remove", "dns3")  # its lease goes, and its name with it
