@@ -184,3 +184,69 @@ def test_the_cli_client_loads_neither_dbus_next_nor_asyncio() -> None:
     )
     out = subprocess.check_output([sys.executable, "-c", code], text=True)
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("retrying", [True, False], ids=["ours", "dbus-next-alone"])
+def test_the_bus_writer_survives_a_full_socket_buffer(retrying: bool) -> None:
+    """Many signals at once (100 machines stopping) fill the bus socket's
+    buffer: dbus-next alone ends the connection on EAGAIN (the daemon died);
+    through _RetryingSocket the writer waits and sends everything, in order."""
+    import asyncio
+    import contextlib
+    import socket
+
+    from dbus_next import Message
+    from dbus_next.aio.message_bus import _MessageWriter
+
+    from machined.daemon.bus import _RetryingSocket
+
+    ours, peer = socket.socketpair()
+    ours.setblocking(False)
+    peer.setblocking(False)
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    loop = asyncio.new_event_loop()
+    ended: list[Exception] = []
+
+    class FakeBus:
+        _negotiate_unix_fd = False
+        _sock = ours
+        _loop = loop
+        _fd = ours.fileno()
+
+        def _finalize(self, exc: Exception) -> None:
+            ended.append(exc)
+
+    writer = _MessageWriter(FakeBus())
+    if retrying:
+        writer.sock = _RetryingSocket(writer.sock)
+    messages = [
+        Message(path="/p", interface="a.b", member="S", signature="s", body=[f"{i:04}" * 500])
+        for i in range(100)
+    ]
+    expected = b"".join(m._marshall() for m in messages)
+    for message in messages:
+        writer.buffer_message(message)
+    received = b""
+    try:
+        for _ in range(10000):
+            writer.write_callback()
+            if ended or (writer.buf is None and writer.messages.empty()):
+                break
+            with contextlib.suppress(BlockingIOError):
+                received += peer.recv(1 << 16)
+        while True:
+            try:
+                chunk = peer.recv(1 << 16)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            received += chunk
+    finally:
+        loop.close()
+        ours.close()
+        peer.close()
+    if retrying:
+        assert not ended and received == expected
+    else:
+        assert ended and isinstance(ended[0], BlockingIOError)  # the bug worked around
