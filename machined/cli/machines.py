@@ -463,6 +463,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         info["limits"] = dict(props["Limits"])
         info["exit_status"] = None if props["ExitStatus"] < 0 else props["ExitStatus"]
+        info["enabled"] = bool(props["Enabled"])
         print_json(info)
     else:
         result = info["result"]
