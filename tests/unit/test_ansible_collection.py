@@ -7,6 +7,8 @@ reach."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
 import sys
@@ -50,3 +52,20 @@ def test_ansible_test_sanity_offline_tests(tmp_path):
         cwd=dest, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert cp.returncode == 0, cp.stdout + cp.stderr
+
+
+def test_every_plugin_documents_itself_to_ansible_doc(tmp_path):
+    """What ansible-test's ansible-doc sanity test checks, run with our ansible-doc."""
+    _layout(tmp_path)
+    env = {**os.environ, "ANSIBLE_COLLECTIONS_PATH": str(tmp_path)}
+    for kind, name in (
+        ("module", "machine"), ("module", "image"), ("module", "machine_info"),
+        ("connection", "pymachine"), ("inventory", "pymachine"),
+    ):  # fmt: skip
+        cp = subprocess.run(
+            [BIN / "ansible-doc", "-t", kind, "--json", f"pymachine.machines.{name}"],
+            capture_output=True, text=True, env=env,
+        )  # fmt: skip
+        assert cp.returncode == 0 and not cp.stderr.strip(), (kind, name, cp.stderr)
+        doc = json.loads(cp.stdout)[f"pymachine.machines.{name}"]["doc"]
+        assert doc["short_description"] and doc["options"], (kind, name)
