@@ -91,6 +91,7 @@ MACHINE = """\
         network: none
         properties: {{MemoryMax: {memory}, TasksMax: 50}}
         environment: {{MODE: prod}}
+        enabled: true
         state: {state}
 """
 
@@ -102,6 +103,8 @@ def test_machines_on_both_hosts_idempotent_check_mode_and_diff(ansible, remote_h
     for host in hosts.values():
         status = json.loads(host.pymachine("status", "ans1", "--json").stdout)
         assert status["state"] == "running" and status["limits"]["MemoryMax"] == "64M"
+        assert status["enabled"]  # starts at boot: its unit file is in machines.target
+        assert host.run(["systemctl", "is-enabled", "pymachine-ans1.service"]).returncode == 0
     _, out = ansible(MACHINE.format(memory="64M", state="started"))
     assert {h: recap(out)[h]["changed"] for h in "ab"} == {"a": 0, "b": 0}, out
 
@@ -132,6 +135,8 @@ def test_machines_on_both_hosts_idempotent_check_mode_and_diff(ansible, remote_h
     assert recap(out)["a"]["changed"] == 0
     for host in hosts.values():
         assert host.pymachine("show", "ans1", check=False).returncode == 4
+        enabled = host.run(["systemctl", "is-enabled", "pymachine-ans1.service"], check=False)
+        assert enabled.returncode != 0  # disabled before the removal
 
 
 def test_image_and_machine_info_modules(ansible, remote_hosts):
