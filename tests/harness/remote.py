@@ -188,22 +188,22 @@ def remote_pair(base: Path | str, *, pymachined: bool = True) -> Iterator[Remote
     base = Path(base)
     keys = base / "keys"
     keys.mkdir(parents=True, exist_ok=True)
-    for key in ("host_a", "host_b", "client"):
-        _keygen(keys / key)
-    with (
-        private_network_host(base / "a", "a") as a,
-        private_network_host(base / "b", "b") as b,
-    ):
-        pair = RemotePair(a, b, keys)
-        _link(a, b)
-        _serve(a, "a", "b", keys)
-        _serve(b, "b", "a", keys)
-        _wait_ssh(pair)
-        if pymachined:
-            for host in (a, b):
-                host.pymachine("install-units")
-                host.pymachine("bootstrap", "--distro", "busybox", "tiny")
-        try:
+    try:
+        for key in ("host_a", "host_b", "client"):
+            _keygen(keys / key)
+        with (
+            private_network_host(base / "a", "a") as a,
+            private_network_host(base / "b", "b") as b,
+        ):
+            pair = RemotePair(a, b, keys)
+            _link(a, b)
+            _serve(a, "a", "b", keys)
+            _serve(b, "b", "a", keys)
+            _wait_ssh(pair)
+            if pymachined:
+                for host in (a, b):
+                    host.pymachine("install-units")
+                    host.pymachine("bootstrap", "--distro", "busybox", "tiny")
             yield pair
-        finally:
-            shutil.rmtree(keys, ignore_errors=True)
+    finally:
+        shutil.rmtree(keys, ignore_errors=True)  # the run's private keys

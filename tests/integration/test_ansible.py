@@ -166,11 +166,18 @@ def test_image_and_machine_info_modules(ansible, remote_hosts):
     - pymachine.machines.image: {name: tiny2, state: absent}
       register: again
     - ansible.builtin.assert: {that: [not again.changed]}
+    - ansible.builtin.command: pymachine export-tar tiny /tmp/tiny.tar
+    - pymachine.machines.image: {name: tiny3, source: import, path: /tmp/tiny.tar}
+    - pymachine.machines.image: {name: tiny3, source: import, path: /tmp/tiny.tar}
+      register: again
+    - ansible.builtin.assert: {that: [not again.changed, again.image.name == 'tiny3']}
 """
     )
     assert recap(out)["b"]["failed"] == 0, out
     images = json.loads(remote_hosts.b.pymachine("images", "--json").stdout)
     assert "tiny2" not in [i["name"] for i in images]
+    assert "tiny3" in [i["name"] for i in images]
+    remote_hosts.b.pymachine("image", "remove", "tiny3")
 
 
 def _python_machine(host, name: str) -> None:
