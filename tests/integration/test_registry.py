@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import time
 import uuid
 from pathlib import Path
 
@@ -821,17 +822,33 @@ def test_commit_makes_an_image_of_the_changes_only(host):
         host.pymachine("remove", m)
 
 
-def test_commit_refuses_a_running_machine_and_an_existing_name(host):
+def test_commit_of_a_running_machine_freezes_it_for_the_copy(host):
+    """A running machine is frozen while its writable layer is read (systemd's
+    FreezeUnit), then thawed: the image has what it wrote, and it runs on."""
     machine = unique("run")
     host.pymachine("create", machine, "--image", "base" if "base" in images(host) else _pulled(host), "--network", "none",
-                   "--", "/bin/sh", "-c", "while :; do sleep 1; done")  # fmt: skip
+                   "--", "/bin/sh", "-c", "echo live > /written; while :; do sleep 1; done")  # fmt: skip
     host.pymachine("start", machine)
-    before = store_entries(host)
+    new = unique("live")
     try:
-        running = pm(host, "commit", machine, unique("no"))
-        assert running.returncode == 5 and "is running" in running.stderr
+        for _ in range(100):  # the payload's first line has run
+            if host.run(["test", "-e", f"/var/lib/pymachine/machines/{machine}/upper/written"],
+                        check=False).returncode == 0:  # fmt: skip
+                break
+            time.sleep(0.05)
+        host.pymachine("commit", machine, new)
+        assert host.host_path(f"/var/lib/machines/{new}/written").read_text() == "live\n"
+        state = host.run(["systemctl", "show", "-P", "FreezerState", f"pymachine-{machine}.service"])
+        assert state.stdout.strip() == "running"
+        assert host.pymachine("exec", machine, "--", "echo", "still").stdout == "still\n"
+        stopped = unique("stopped")
+        host.pymachine("commit", "--stop", machine, stopped)  # stopped for the copy, started again
+        assert host.pymachine("exec", machine, "--", "cat", "/written").stdout == "live\n"
+        host.pymachine("image", "remove", stopped)
     finally:
         host.pymachine("stop", machine)
+        host.pymachine("image", "remove", new, check=False)
+    before = store_entries(host)
     taken = pm(host, "commit", machine, "base")
     assert taken.returncode == 5 and "already exists" in taken.stderr
     missing = pm(host, "commit", "no-such-machine", unique("no"))
