@@ -404,6 +404,15 @@ def _access(args: argparse.Namespace):
 def cmd_pull(args: argparse.Namespace) -> int:
     from bootstrap.pull import pull
 
+    if not (args.creds or args.authfile):  # credentials of the caller's own: in-process (root)
+        code = _job(
+            "PullImage",
+            "sssbb",
+            [args.reference, args.name or "", args.platform or "", args.force,
+             args.tls_verify == "true"],
+        )  # fmt: skip
+        if code is not None:
+            return code
     with _disk_full_is_an_error():
         pull(
             args.reference,
