@@ -8,6 +8,9 @@
 * ``fresh_systemd_host``: a factory for tests that need a host of their own,
   ``fresh_systemd_host(name="pymtest", binds=None, start=True)``; every host
   it made is stopped after the test.
+* ``remote_hosts``: two hosts ``a`` and ``b`` for the whole session, each in
+  a network namespace of its own, joined by a veth pair and serving real ssh
+  to each other, with pymachined installed (:mod:`tests.harness.remote`).
 """
 
 from __future__ import annotations
@@ -18,11 +21,12 @@ from pathlib import Path
 import pytest
 
 from tests.harness import require_tier1, skip_or_fail
+from tests.harness.remote import RemotePair
 from tests.harness.systemd_host import SystemdHost, default_binds
 
 __all__ = ["require_tier1", "skip_or_fail"]
 
-_TIER1_FIXTURES = {"systemd_host", "fresh_systemd_host"}
+_TIER1_FIXTURES = {"systemd_host", "fresh_systemd_host", "remote_hosts"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -44,9 +48,26 @@ def systemd_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SystemdHo
     host = SystemdHost(base / "host", binds=default_binds(base))
     host.start()
     try:
+        # pymachined installed from the start, as `pymachine install-units` leaves a
+        # host: every verb takes the path users get (the CLI as the daemon's client),
+        # whatever order the tests run in.
+        host.pymachine("install-units")
         yield host
     finally:
         host.stop()
+
+
+@pytest.fixture(scope="session")
+def remote_hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RemotePair]:
+    """Hosts ``a`` and ``b`` reaching each other over real ssh (``ssh other``)."""
+    from tests.harness.remote import remote_pair, ssh_missing
+
+    require_tier1()
+    reason = ssh_missing()
+    if reason:
+        skip_or_fail(reason)
+    with remote_pair(tmp_path_factory.mktemp("remote-hosts")) as pair:
+        yield pair
 
 
 @pytest.fixture

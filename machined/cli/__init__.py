@@ -144,7 +144,8 @@ def _remote(head: list[str], command: list[str] | None) -> list[str]:
     verb = rest[0] if rest else ""
     if verb in _LOCAL_FILES:
         raise InvalidInput(f"'{verb}' works on this host's files: run it on {host} itself")
-    if verb not in _OVER_DBUS:
+    # create's --dry-run and --replace read and write HOST's files: its pymachine does them
+    if verb not in _OVER_DBUS or (verb == "create" and {"--dry-run", "--replace"} & set(rest)):
         sys.stdout.flush()
         argv = ssh_argv(
             host, ["pymachine", *rest, *(["--", *command] if command is not None else [])]

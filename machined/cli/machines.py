@@ -201,12 +201,63 @@ def _warn_port_sharers(definition) -> None:
 
 def cmd_create(args: argparse.Namespace) -> int:
     definition = _build_definition(args.name, args, _command(args))
+    if args.dry_run or args.replace:
+        return _define(definition, args)
     if not _daemon_call(_create_call(definition)):
         with _machines() as machines:
             machines.create(definition)
     _warn_port_sharers(definition)
     if not args.quiet:
         print(f"Created machine {definition.name} from image {definition.image}.")
+    return 0
+
+
+def _define(definition, args: argparse.Namespace) -> int:
+    """``create --dry-run``: the definition file ``create`` would write, checked
+    and printed, nothing made (what a tool compares with ``show``).
+    ``create --replace``: a new definition for an existing stopped machine,
+    its writable layer kept (as a hand edit of the file would; root, in-process)."""
+    from machined import definition as definitions
+    from machined.errors import Conflict, NotFound
+    from machined.machines import Machines, apply_image_defaults
+    from machined.paths import Paths
+
+    paths = Paths.from_env()
+    if not definition.command and not definition.boot:
+        apply_image_defaults(definition, paths)  # as create fills them in
+    definition.validate()
+    if args.dry_run:
+        sys.stdout.write(definitions.to_text(definition))
+        return 0
+    if not definitions.exists(definition.name, paths):
+        raise NotFound(f"machine '{definition.name}' not found: nothing to replace")
+    if not paths.image(definition.image).is_dir():
+        raise NotFound(f"image '{definition.image}' not found in {paths.images}")
+    with Machines(paths) as machines:
+        if machines.is_running(definition.name):
+            raise Conflict(f"machine '{definition.name}' is running: stop it to replace it")
+    definitions.save(definition, paths)
+    if not args.quiet:
+        print(f"Replaced the definition of machine {definition.name}.")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    """The definition file as pymachine reads it (parsed and written back:
+    comments dropped), for a person or, with --json, a program."""
+    from machined import definition as definitions
+    from machined.paths import Paths
+
+    paths = Paths.from_env()
+    text = definitions.to_text(definitions.load(args.name, paths))
+    if args.json:
+        from machined.cli.output import print_json
+
+        print_json(
+            {"name": args.name, "path": str(paths.definition_file(args.name)), "definition": text}
+        )
+    else:
+        sys.stdout.write(text)
     return 0
 
 
@@ -412,6 +463,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         info["limits"] = dict(props["Limits"])
         info["exit_status"] = None if props["ExitStatus"] < 0 else props["ExitStatus"]
+        info["enabled"] = bool(props["Enabled"])
         print_json(info)
     else:
         result = info["result"]
@@ -473,9 +525,18 @@ def cmd_exec(args: argparse.Namespace) -> int:
     if not command and args.verb == "exec":
         raise InvalidInput("exec needs a command: pymachine exec NAME -- CMD [ARGS…]")
     environment = dict(parse_env(e) for e in args.env)
-    status = _exec_through_daemon(args, command, environment)
-    if status is not None:
-        return status
+    if preserved:
+        # pymachined passes stdio alone into a machine (a caller's other
+        # descriptors, a directory's above all, are refused there): root
+        # hands them over in-process, as before the daemon.
+        if os.geteuid() != 0:
+            from machined.errors import AccessDenied
+
+            raise AccessDenied("--preserve-fds needs root: pymachined passes only stdio in")
+    else:
+        status = _exec_through_daemon(args, command, environment)
+        if status is not None:
+            return status
     with _machines() as machines:
         state = machines.running_state(args.name)
         definition = machines.load(args.name)
@@ -644,8 +705,24 @@ def _create_parser(subparsers: Any) -> None:
     _add_definition_flags(p)
     _add_security_flags(p)
     p.add_argument("-q", "--quiet", action="store_true")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--dry-run", action="store_true", help="print the definition file, create nothing"
+    )
+    mode.add_argument(
+        "--replace",
+        action="store_true",
+        help="rewrite an existing stopped machine's definition (its data kept)",
+    )
     p.add_argument("command", nargs="*", help="-- CMD [ARGS…] (default: the image's)")
     p.set_defaults(func=cmd_create)
+
+
+def _show_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser("show", help="print a machine's definition file")
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_show)
 
 
 def _names_parser(verb: str, func: Any, text: str, aliases: tuple[str, ...] = ()) -> Any:
@@ -744,6 +821,7 @@ def _logs_parser(subparsers: Any) -> None:
 #: Each verb's sub-parser, in --help order: ``pymachine stop …`` builds only its own.
 _PARSERS = {
     "create": _create_parser,
+    "show": _show_parser,
     "start": _names_parser("start", cmd_start, "start machines as transient systemd services"),
     "stop": _names_parser("stop", cmd_stop, "stop running machines"),
     "restart": _names_parser("restart", cmd_restart, "stop (if running) and start machines"),
