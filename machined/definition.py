@@ -25,6 +25,9 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~1.6 ms 
 if TYPE_CHECKING:  # runtime, which runs without site: nothing there imports it)
     from typing import Any
 
+#: Notify=: "no", the unit is started once the payload runs; "yes", once it
+#: sent READY=1 to $NOTIFY_SOCKET (runtime/notify.py).
+NOTIFY_MODES = ("no", "yes")
 DEFAULT_STOP_TIMEOUT = 10.0  # seconds, like docker/podman; systemd's 90 s is for whole OSes
 
 
@@ -84,6 +87,7 @@ class MachineDefinition(Record):
         system_call_filter: list[str] | None = None,
         no_new_privileges: bool | None = None,  # None: yes for app machines, no in boot mode
         private_users: str = "pick",
+        notify: str = "no",
     ) -> None:
         self.name = name
         self.image = image
@@ -103,6 +107,7 @@ class MachineDefinition(Record):
         self.system_call_filter = system_call_filter if system_call_filter is not None else []
         self.no_new_privileges = no_new_privileges
         self.private_users = private_users
+        self.notify = notify  # NOTIFY_MODES: when the unit counts as started
 
     def validate(self) -> MachineDefinition:
         validate_machine_name(self.name)
@@ -121,6 +126,10 @@ class MachineDefinition(Record):
         for what, value in (("user", self.user), ("working directory", self.working_directory)):
             if value is not None and (not value or value != value.strip()):
                 raise InvalidInput(f"invalid {what} {value!r}: empty, or white space around it")
+        if self.notify not in NOTIFY_MODES:
+            raise InvalidInput(f"invalid Notify= {self.notify!r}: expected yes or no")
+        if self.boot and self.notify != "no":
+            raise InvalidInput("Notify= is not supported for boot-mode machines yet")
         if self.boot and self.command:
             raise InvalidInput("a boot-mode machine runs the image's init; it takes no command")
         self.network.validate()
@@ -206,6 +215,13 @@ def _security():
 def _parse_private_users(text: str) -> str:
     # the two keywords as written are their own canonical form (userns.parse_spec)
     return text if text in ("pick", "no") else _security().parse_private_users(text)
+
+
+def _parse_notify(text: str) -> str:
+    lowered = text.lower()
+    if lowered in NOTIFY_MODES:
+        return lowered
+    return "yes" if parse_bool(text) else "no"
 
 
 def _fmt_bool(value: bool) -> str:
@@ -319,6 +335,7 @@ _KEYS: tuple[_Key, ...] = (
         "PrivateUsers",
         *_scalar("private_users", _parse_private_users, default="pick"),
     ),
+    _Key("Exec", "Notify", *_scalar("notify", _parse_notify, default="no")),
     _Key(
         "Files",
         "Bind",

@@ -379,6 +379,16 @@ class Machines:
             ),
             pid_file=str(self.paths.pid_file(name)),
             runtime_directory=cleanup.runtime_directory(name, self.paths),
+            exec_start_post=(
+                runtime_command(
+                    name,
+                    "--wait-ready",
+                    str(self.paths.machine_runtime(name)),
+                    str(self.paths.pid_file(name)),
+                )
+                if definition.notify != "no" and not scope
+                else None
+            ),
         )
 
     def start(self, name: str, *, timeout: float = 120) -> None:

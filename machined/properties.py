@@ -253,6 +253,7 @@ def machine_settings(
     exec_stop_post: list[str] | None = None,
     pid_file: str | None = None,
     runtime_directory: str | None = None,
+    exec_start_post: list[str] | None = None,
 ) -> list[UnitSetting]:
     """Everything a machine's unit carries, in one list that both the transient
     path (D-Bus properties) and the enabled path (rendered unit file) use, so
@@ -262,7 +263,10 @@ def machine_settings(
     is gone however it ended (a SIGKILLed runtime included); its failure is
     ignored (``-``), so it never turns a clean stop into a failed unit.
     ``runtime_directory``: relative to /run, made at start and removed by
-    systemd at stop (see runtime.cleanup.runtime_directory)."""
+    systemd at stop (see runtime.cleanup.runtime_directory).
+    ``exec_start_post``: Notify=yes, the wait for the payload's READY=1 that
+    the start job includes (runtime/notify.py); PID 1, the main process,
+    relays READY=1/STATUS=/WATCHDOG=1 to systemd (``NotifyAccess=main``)."""
     timeout = stop_timeout + STOP_TIMEOUT_MARGIN
     settings = [
         _setting("Description", f"pymachine machine {name}"),
@@ -320,6 +324,17 @@ def machine_settings(
                 Property("ExecStart", "a(sasb)", [(exec_start[0], exec_start, False)]),
             ),
         ]
+        if exec_start_post:
+            settings += [
+                _setting("NotifyAccess", "main"),
+                _setting(
+                    "ExecStartPost",
+                    _unit_quote(*exec_start_post),
+                    Property(
+                        "ExecStartPost", "a(sasb)", [(exec_start_post[0], exec_start_post, False)]
+                    ),
+                ),
+            ]
         if runtime_directory:
             settings.append(
                 _setting(

@@ -43,6 +43,11 @@ def _add_definition_flags(p: argparse.ArgumentParser) -> None:
         metavar="NAME=VALUE",
         help="environment variable",
     )
+    p.add_argument(
+        "--notify",
+        action="store_true",
+        help="count the machine as started once its payload sends READY=1 to $NOTIFY_SOCKET",
+    )
     p.add_argument("--workdir", metavar="DIR", help="working directory of the command")
     p.add_argument("--user", "-u", metavar="USER[:GROUP]", help="user to run the command as")
     p.add_argument(
@@ -126,6 +131,8 @@ def _build_definition(name: str, args: argparse.Namespace, command: list[str]):
         key, value = parse_env(text)
         definition.environment[key] = value
     definition.working_directory = args.workdir
+    if args.notify:
+        definition.notify = "yes"
     definition.user = args.user
     if args.stop_timeout is not None:
         definition.stop_timeout = args.stop_timeout

@@ -42,8 +42,17 @@
  * Usage (machined.runtime.init.command_line builds it):
  *   pymachine-init [--terminal] [--stop-timeout SECONDS] [--chdir DIR]
  *                  [--uid UID] [--gid GID] [--groups GID,GID...]
- *                  [--handover-fd FD] -- COMMAND [ARG...]
+ *                  [--handover-fd FD] [--notify-fd FD --ready-fd FD [--forward-fd FD]]
+ *                  -- COMMAND [ARG...]
  * The payload gets our environment; COMMAND is looked up in its PATH.
+ * --notify-fd (Notify=yes): the datagram socket the payload's NOTIFY_SOCKET
+ * names. We relay its READY=1, STATUS= and WATCHDOG=1 lines (nothing else: a
+ * payload must not move the unit's main PID or file descriptors) to
+ * --forward-fd, a socket the runtime connected to systemd's notify socket (we
+ * are the unit's main process, NotifyAccess=main), and at the first READY=1
+ * write one byte to --ready-fd, the FIFO the unit's ExecStartPost= waits on.
+ * The socket signals us with SIGIO (F_SETSIG, si_code POLL_IN): one wait for
+ * signals and datagrams alike, no second loop.
  * --handover-fd (service machines): the runtime's pipe; the payload starts once it
  * reaches EOF (the runtime registered the machine and handed the unit over),
  * and we live at least ADOPTION_GRACE seconds after that.
@@ -59,6 +68,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -77,7 +87,12 @@ struct payload {
     int terminal; /* attached to the user's terminal (pymachine run) */
     double stop_timeout;
     int handover_fd; /* service mode: the runtime's pipe, -1 otherwise */
+    int notify_fd;   /* Notify=yes: the payload's NOTIFY_SOCKET, -1 otherwise */
+    int ready_fd;    /* the FIFO the unit's ExecStartPost= waits on */
+    int forward_fd;  /* connected to systemd's notify socket, -1: none */
 };
+
+static int ready_sent;
 
 /* Service mode: systemd takes us as the unit's main process when it reads the
  * PID file, on the runtime's exit. We must still be alive then (a zombie is
@@ -295,6 +310,61 @@ static void stay_until(double deadline) {
     }
 }
 
+/* Whether LINE (LEN bytes, no newline) is one we pass on to systemd. */
+static int relayed(const char *line, size_t len) {
+    static const char *const kept[] = {"READY=1", "WATCHDOG=1"};
+    for (size_t i = 0; i < sizeof(kept) / sizeof(kept[0]); i++)
+        if (len == strlen(kept[i]) && memcmp(line, kept[i], len) == 0)
+            return 1;
+    return len >= 7 && memcmp(line, "STATUS=", 7) == 0;
+}
+
+/* Read every datagram waiting on the notify socket; relay what we keep. */
+static void relay_notifications(const struct payload *p) {
+    static char in[4096], out[4096];
+    if (p->notify_fd < 0)
+        return;
+    for (;;) {
+        ssize_t n = recv(p->notify_fd, in, sizeof(in) - 1, MSG_DONTWAIT | MSG_TRUNC);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            return; /* EAGAIN: drained */
+        if ((size_t)n >= sizeof(in))
+            continue; /* truncated: not a message we could read whole */
+        size_t used = 0;
+        int ready = 0;
+        for (char *line = in; line < in + n;) {
+            char *end = memchr(line, '\n', (size_t)(in + n - line));
+            size_t len = end ? (size_t)(end - line) : (size_t)(in + n - line);
+            if (relayed(line, len) && memchr(line, '\0', len) == NULL) {
+                memcpy(out + used, line, len);
+                used += len;
+                out[used++] = '\n';
+                ready |= len == 7 && memcmp(line, "READY=1", 7) == 0;
+            }
+            line += len + 1;
+        }
+        if (used && p->forward_fd >= 0)
+            (void)send(p->forward_fd, out, used, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (ready && !ready_sent && p->ready_fd >= 0) {
+            ready_sent = write(p->ready_fd, "R", 1) == 1;
+        }
+    }
+}
+
+static void watch_notify_socket(const struct payload *p) {
+    int fds[] = {p->notify_fd, p->ready_fd, p->forward_fd};
+    for (size_t i = 0; i < 3; i++)
+        if (fds[i] >= 0)
+            fcntl(fds[i], F_SETFD, FD_CLOEXEC); /* ours: the payload gets no descriptor */
+    if (p->notify_fd < 0)
+        return;
+    fcntl(p->notify_fd, F_SETOWN, getpid());
+    fcntl(p->notify_fd, F_SETSIG, SIGIO);
+    fcntl(p->notify_fd, F_SETFL, fcntl(p->notify_fd, F_GETFL) | O_ASYNC | O_NONBLOCK);
+}
+
 /* Be PID 1 until the payload ends (WATCHED is blocked); the status to exit with. */
 static int supervise(const struct payload *p, const sigset_t *watched) {
     pid_t main_pid = spawn(p);
@@ -314,8 +384,10 @@ static int supervise(const struct payload *p, const sigset_t *watched) {
         int sig = sigtimedwait(watched, &info, &ts);
         if (stopping_since >= 0 && now() >= stopping_since + p->stop_timeout)
             signal_quietly(-1, SIGKILL); /* the payload ignored the request: escalate */
-        if (sig < 0)
-            continue; /* timeout or EINTR */
+        if (sig < 0 || (sig == SIGIO && info.si_code > 0)) {
+            relay_notifications(p); /* our socket's SIGIO (the kernel's: si_code > 0) */
+            continue;               /* or a timeout, EINTR */
+        }
         if (sig == SIGCHLD) {
             int status;
             if (!reap(main_pid, &status))
@@ -353,6 +425,7 @@ static int run(const struct payload *p) {
     /* Pending signals wait for us, none is lost (the runtime blocked them all
      * before it exec'd us: this unblocks the synchronous ones). */
     sigprocmask(SIG_SETMASK, &watched, NULL);
+    watch_notify_socket(p);
     double adopted = p->handover_fd >= 0 ? wait_for_handover(p->handover_fd) : -1;
     int status = supervise(p, &watched);
     if (adopted >= 0 && !stop_requested)
@@ -382,6 +455,7 @@ static int parse(int argc, char **argv, struct payload *p) {
     p->directory = "/";
     p->stop_timeout = 10.0;
     p->handover_fd = -1;
+    p->notify_fd = p->ready_fd = p->forward_fd = -1;
     for (int i = 1; i < argc; i++) {
         const char *flag = argv[i];
         const char *value = i + 1 < argc ? argv[i + 1] : NULL;
@@ -412,6 +486,12 @@ static int parse(int argc, char **argv, struct payload *p) {
             p->change_user = 1;
         } else if (strcmp(flag, "--handover-fd") == 0 && parse_number(value, &number)) {
             p->handover_fd = (int)number;
+        } else if (strcmp(flag, "--notify-fd") == 0 && parse_number(value, &number)) {
+            p->notify_fd = (int)number;
+        } else if (strcmp(flag, "--ready-fd") == 0 && parse_number(value, &number)) {
+            p->ready_fd = (int)number;
+        } else if (strcmp(flag, "--forward-fd") == 0 && parse_number(value, &number)) {
+            p->forward_fd = (int)number;
         } else {
             return 0;
         }
@@ -430,6 +510,7 @@ int main(int argc, char **argv) {
     if (!parse(argc, argv, &payload)) {
         fputs("usage: pymachine-init [--terminal] [--stop-timeout SECONDS] [--chdir DIR] "
               "[--uid UID] [--gid GID] [--groups GID,...] [--handover-fd FD] "
+              "[--notify-fd FD --ready-fd FD [--forward-fd FD]] "
               "-- COMMAND [ARG...]\n",
               stderr);
         return 1;

@@ -112,6 +112,7 @@ class Supervisor:
         self._bus = None  # machined's connection, from _register on (see _start_loopback_proxies)
         self._userns_fd: int | None = None  # the container's user namespace (_container_userns)
         self.handed_over = False  # service mode: PID 1 is the unit's main process now
+        self.notify = None  # Notify=: the payload's notify socket (runtime/notify.py)
 
     # --- the container side (forked processes) ------------------------------
     # --- the host side ------------------------------------------------------
@@ -195,6 +196,18 @@ class Supervisor:
             for name in names
             if (etc_dir / name).exists()
         ]
+
+    def _notifies(self) -> bool:
+        """Notify=yes in service mode (``run`` is a scope, started at once)."""
+        return self.definition.notify != "no" and not self.foreground and not self.definition.boot
+
+    def _notify_binds(self) -> list[dict]:
+        if not self._notifies():
+            return []
+        from machined.runtime import notify
+
+        self.notify = notify.prepare(str(self.layers.runtime_dir))
+        return [self.notify.bind()]
 
     def _register(self) -> None:
         """Register with machined on a connection that the rest of the start
@@ -316,10 +329,11 @@ class Supervisor:
             if not line.startswith(b"P"):
                 raise StartError("the container exited while creating its namespaces")
             self.child = int(line[1:])
-            filesystems = intermediate.filesystems()
+            filesystems = intermediate.filesystems(keep_open=self._notifies())
             if filesystems is None:
                 raise StartError("the container failed to open its file systems (see above)")
             binds += self._setup_network()  # meanwhile the intermediate loads the set-up
+            binds += self._notify_binds()
             _crash_point("after-network")
             try:
                 mounts.build_rootfs(self._rootfs_spec(binds, payload_cg), filesystems)
@@ -329,6 +343,8 @@ class Supervisor:
                         os.close(fd)
             message = self._container_message(restrictions)
             leader.send(go_write, message)
+            if self.notify is not None:  # PID 1 takes them once it has the message
+                intermediate.send_fds(self.notify.fds)
             _preload_registration()  # while PID 1 pivots and execs the init
             # EOF: PID 1 exec'd the init (the pipe is close-on-exec) and the
             # intermediate, which made PID 1's mount namespace, exited; a byte: PID 1 failed.
@@ -411,7 +427,9 @@ class Supervisor:
             "terminal": self.foreground and os.isatty(0),
             "term": os.environ.get("TERM"),
             "command": self.command,
-            "environment": dict(definition.environment),
+            "environment": dict(definition.environment)
+            | (self.notify.environment if self.notify is not None else {}),
+            "notify": self.notify is not None,
             "working_directory": definition.working_directory,
             "user": definition.user,
             "stop_timeout": definition.stop_timeout,

@@ -554,3 +554,23 @@ def test_reading_a_definition_without_resources_does_not_load_properties() -> No
     )
     out = subprocess.check_output([sys.executable, "-c", code], text=True)
     assert out.split() == ["5.0", "False", "True"]
+
+
+def test_notify_reads_and_writes_back() -> None:
+    text = "[Machine]\nImage=tiny\n[Exec]\nNotify=yes\n"
+    parsed = defs.from_text("web", text)
+    assert parsed.notify == "yes"
+    assert "Notify=yes" in defs.to_text(parsed)
+    assert "Notify" not in defs.to_text(defs.from_text("web", "[Machine]\nImage=t\n"))
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[Exec]\nNotify=maybe\n", "invalid boolean"),
+        ("[Machine]\nBoot=yes\n[Exec]\nNotify=yes\n", "boot-mode"),
+    ],
+)
+def test_notify_refuses_what_it_cannot_do(text: str, message: str) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        defs.from_text("web", text.replace("[Machine]\n", "[Machine]\nImage=tiny\n") if "[Machine]" in text else "[Machine]\nImage=tiny\n" + text)
