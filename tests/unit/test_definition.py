@@ -573,4 +573,9 @@ def test_notify_reads_and_writes_back() -> None:
 )
 def test_notify_refuses_what_it_cannot_do(text: str, message: str) -> None:
     with pytest.raises(InvalidInput, match=message):
-        defs.from_text("web", text.replace("[Machine]\n", "[Machine]\nImage=tiny\n") if "[Machine]" in text else "[Machine]\nImage=tiny\n" + text)
+        defs.from_text(
+            "web",
+            text.replace("[Machine]\n", "[Machine]\nImage=tiny\n")
+            if "[Machine]" in text
+            else "[Machine]\nImage=tiny\n" + text,
+        )
