@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from machined import unitfile
+from machined.credentials import Credential, parse_stored
 from machined.errors import InvalidInput, NotFound
 from machined.names import validate_image_name, validate_machine_name
 from machined.network.config import NetworkConfig, NetworkMode, PortForward
@@ -88,6 +89,11 @@ class MachineDefinition(Record):
         no_new_privileges: bool | None = None,  # None: yes for app machines, no in boot mode
         private_users: str = "pick",
         notify: str = "no",
+        load_credentials: list[Credential] | None = None,
+        set_credentials: list[tuple[str, bool]] | None = None,
+        requires: list[str] | None = None,
+        wants: list[str] | None = None,
+        after: list[str] | None = None,
     ) -> None:
         self.name = name
         self.image = image
@@ -108,6 +114,16 @@ class MachineDefinition(Record):
         self.no_new_privileges = no_new_privileges
         self.private_users = private_users
         self.notify = notify  # NOTIFY_MODES: when the unit counts as started
+        # LoadCredential[Encrypted]= lines; SetCredential[Encrypted]= IDs (machined.credentials)
+        self.load_credentials = load_credentials if load_credentials is not None else []
+        self.set_credentials = set_credentials if set_credentials is not None else []
+        # create --set-credential's values (ID → bytes): written to the credential
+        # store by create, never to the definition file
+        self.secrets: dict[str, bytes] = {}
+        # other machines, by name (machined.dependencies)
+        self.requires = requires if requires is not None else []
+        self.wants = wants if wants is not None else []
+        self.after = after if after is not None else []
 
     def validate(self) -> MachineDefinition:
         validate_machine_name(self.name)
@@ -130,6 +146,10 @@ class MachineDefinition(Record):
             raise InvalidInput(f"invalid Notify= {self.notify!r}: expected yes or no")
         if self.boot and self.notify != "no":
             raise InvalidInput("Notify= is not supported for boot-mode machines yet")
+        ids = [c.id for c in self.load_credentials] + [i for i, _ in self.set_credentials]
+        if len(set(ids)) != len(ids):
+            twice = sorted({i for i in ids if ids.count(i) > 1})
+            raise InvalidInput(f"credential {twice[0]!r} is given twice")
         if self.boot and self.command:
             raise InvalidInput("a boot-mode machine runs the image's init; it takes no command")
         self.network.validate()
@@ -142,6 +162,8 @@ class MachineDefinition(Record):
         values += [("environment value", f"{k}={v}") for k, v in self.environment.items()]
         values += [("working directory", self.working_directory or ""), ("user", self.user or "")]
         values += [("bind", str(b)) for b in self.binds]
+        values += [("credential", str(c)) for c in self.load_credentials]
+        values += [("credential ID", i) for i, _ in self.set_credentials]
         return values
 
 
@@ -289,9 +311,23 @@ def _set_network_mode(d: MachineDefinition, text: str) -> None:
         ) from None
 
 
+def _dependency_key(key: str) -> _Key:
+    attr = key.lower()
+
+    def set_(d: MachineDefinition, text: str) -> None:
+        from machined.dependencies import parse
+
+        getattr(d, attr).extend(n for n in parse(text) if n not in getattr(d, attr))
+
+    return _Key(
+        "Machine", key, lambda d: [" ".join(getattr(d, attr))] if getattr(d, attr) else [], set_
+    )
+
+
 _KEYS: tuple[_Key, ...] = (
     _Key("Machine", "Image", lambda d: [d.image], lambda d, v: setattr(d, "image", v)),
     _Key("Machine", "Boot", *_scalar("boot", parse_bool, _fmt_bool, default=False)),
+    *(_dependency_key(key) for key in ("Requires", "Wants", "After")),
     _Key("Exec", "Command", lambda d: [shlex.join(d.command)] if d.command else [], _set_command),
     _Key(
         "Exec",
@@ -336,6 +372,24 @@ _KEYS: tuple[_Key, ...] = (
         *_scalar("private_users", _parse_private_users, default="pick"),
     ),
     _Key("Exec", "Notify", *_scalar("notify", _parse_notify, default="no")),
+    *(
+        _Key(
+            "Exec",
+            key,
+            lambda d, enc=enc: [str(c) for c in d.load_credentials if c.encrypted == enc],
+            lambda d, v, enc=enc: d.load_credentials.append(Credential.parse(v, enc)),
+        )
+        for key, enc in (("LoadCredential", False), ("LoadCredentialEncrypted", True))
+    ),
+    *(
+        _Key(
+            "Exec",
+            key,
+            lambda d, enc=enc: [i for i, e in d.set_credentials if e == enc],
+            lambda d, v, enc=enc: d.set_credentials.append((parse_stored(v), enc)),
+        )
+        for key, enc in (("SetCredential", False), ("SetCredentialEncrypted", True))
+    ),
     _Key(
         "Files",
         "Bind",

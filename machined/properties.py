@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections import namedtuple
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from machined.errors import InvalidInput
 
@@ -254,6 +254,8 @@ def machine_settings(
     pid_file: str | None = None,
     runtime_directory: str | None = None,
     exec_start_post: list[str] | None = None,
+    credentials: Sequence[tuple[str, str, bool]] = (),
+    dependencies: Mapping[str, Sequence[str]] | None = None,
 ) -> list[UnitSetting]:
     """Everything a machine's unit carries, in one list that both the transient
     path (D-Bus properties) and the enabled path (rendered unit file) use, so
@@ -266,13 +268,19 @@ def machine_settings(
     systemd at stop (see runtime.cleanup.runtime_directory).
     ``exec_start_post``: Notify=yes, the wait for the payload's READY=1 that
     the start job includes (runtime/notify.py); PID 1, the main process,
-    relays READY=1/STATUS=/WATCHDOG=1 to systemd (``NotifyAccess=main``)."""
+    relays READY=1/STATUS=/WATCHDOG=1 to systemd (``NotifyAccess=main``).
+    ``credentials``: (ID, host path, encrypted): the unit loads them (and
+    decrypts the encrypted ones) at start; the runtime passes them in
+    (machined.credentials)."""
     timeout = stop_timeout + STOP_TIMEOUT_MARGIN
     settings = [
         _setting("Description", f"pymachine machine {name}"),
         _setting("Slice", "machine.slice"),
         _setting("Delegate", "yes", Property("Delegate", "b", True)),
     ]
+    for key, units in (dependencies or {}).items():  # other machines' units (dependencies.py)
+        if units:
+            settings.append(_setting(key, " ".join(units), Property(key, "as", list(units))))
     if not scope:
         settings += [
             # The runtime sets the machine up, writes PID 1's PID and exits: PID 1,
@@ -335,6 +343,11 @@ def machine_settings(
                     ),
                 ),
             ]
+        for ident, path, encrypted in credentials:
+            key = "LoadCredentialEncrypted" if encrypted else "LoadCredential"
+            settings.append(
+                _setting(key, f"{ident}:{path}", Property(key, "a(ss)", [(ident, path)]))
+            )
         if runtime_directory:
             settings.append(
                 _setting(

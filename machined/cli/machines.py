@@ -48,6 +48,29 @@ def _add_definition_flags(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="count the machine as started once its payload sends READY=1 to $NOTIFY_SOCKET",
     )
+    for flag, meta, text in (
+        (
+            "--load-credential",
+            "ID:PATH",
+            "a host file the payload reads as $CREDENTIALS_DIRECTORY/ID",
+        ),
+        ("--load-credential-encrypted", "ID:PATH", "the same, made by systemd-creds encrypt"),
+        (
+            "--set-credential",
+            "ID:VALUE",
+            "a credential's value, kept root-only in /etc/pymachine/credentials/NAME/",
+        ),
+        ("--set-credential-encrypted", "ID:VALUE", "the same, systemd-creds encrypt's output"),
+    ):
+        p.add_argument(flag, action="append", default=[], metavar=meta, help=text)
+    for key in ("requires", "wants", "after"):
+        p.add_argument(
+            f"--{key}",
+            action="append",
+            default=[],
+            metavar="MACHINE",
+            help=f"{key.capitalize()}= another machine (started first, unless --after)",
+        )
     p.add_argument("--workdir", metavar="DIR", help="working directory of the command")
     p.add_argument("--user", "-u", metavar="USER[:GROUP]", help="user to run the command as")
     p.add_argument(
@@ -109,6 +132,20 @@ def _apply_security_flags(definition, args: argparse.Namespace) -> None:
         definition.system_call_filter.append(security.parse_syscall_filter(text))
 
 
+def _apply_credential_flags(definition, args: argparse.Namespace) -> None:
+    from machined.credentials import Credential, check_id
+
+    for encrypted, given in ((False, args.load_credential), (True, args.load_credential_encrypted)):
+        definition.load_credentials += [Credential.parse(text, encrypted) for text in given]
+    for encrypted, given in ((False, args.set_credential), (True, args.set_credential_encrypted)):
+        for text in given:
+            ident, sep, value = text.partition(":")
+            if not sep:
+                raise InvalidInput(f"invalid credential {ident!r}: expected ID:VALUE")
+            definition.set_credentials.append((check_id(ident), encrypted))
+            definition.secrets[ident] = os.fsencode(value)
+
+
 def _build_definition(name: str, args: argparse.Namespace, command: list[str]):
     from machined.definition import BindMount, MachineDefinition, parse_env
     from machined.names import validate_image_name, validate_machine_name
@@ -133,6 +170,12 @@ def _build_definition(name: str, args: argparse.Namespace, command: list[str]):
     definition.working_directory = args.workdir
     if args.notify:
         definition.notify = "yes"
+    _apply_credential_flags(definition, args)
+    from machined.dependencies import parse
+
+    for key in ("requires", "wants", "after"):
+        for text in getattr(args, key):
+            getattr(definition, key).extend(parse(text))
     definition.user = args.user
     if args.stop_timeout is not None:
         definition.stop_timeout = args.stop_timeout
@@ -208,7 +251,10 @@ def _warn_port_sharers(definition) -> None:
 
 def cmd_create(args: argparse.Namespace) -> int:
     definition = _build_definition(args.name, args, _command(args))
-    if not _daemon_call(_create_call(definition)):
+    if definition.secrets and os.geteuid() != 0:
+        raise InvalidInput("--set-credential needs root: pymachined's API takes no secrets yet")
+    if definition.secrets or not _daemon_call(_create_call(definition)):
+        # a secret goes to root's credential store, never over the bus or into the definition
         with _machines() as machines:
             machines.create(definition)
     _warn_port_sharers(definition)

@@ -113,6 +113,7 @@ class Supervisor:
         self._userns_fd: int | None = None  # the container's user namespace (_container_userns)
         self.handed_over = False  # service mode: PID 1 is the unit's main process now
         self.notify = None  # Notify=: the payload's notify socket (runtime/notify.py)
+        self.credentials_environment: dict[str, str] = {}  # runtime/credentials.py
 
     # --- the container side (forked processes) ------------------------------
     # --- the host side ------------------------------------------------------
@@ -208,6 +209,21 @@ class Supervisor:
 
         self.notify = notify.prepare(str(self.layers.runtime_dir))
         return [self.notify.bind()]
+
+    def _credential_binds(self) -> list[dict]:
+        """The unit's credentials, for the machine (runtime/credentials.py)."""
+        if not (self.definition.load_credentials or self.definition.set_credentials):
+            return []
+        from machined.runtime import credentials
+
+        base = self.policy.uid_base
+        bind = credentials.stage(
+            str(self.layers.runtime_dir / "credentials"), base if base is not None else 0
+        )
+        if bind is None:
+            return []
+        self.credentials_environment = {"CREDENTIALS_DIRECTORY": credentials.INSIDE}
+        return [bind]
 
     def _register(self) -> None:
         """Register with machined on a connection that the rest of the start
@@ -334,6 +350,7 @@ class Supervisor:
                 raise StartError("the container failed to open its file systems (see above)")
             binds += self._setup_network()  # meanwhile the intermediate loads the set-up
             binds += self._notify_binds()
+            binds += self._credential_binds()
             _crash_point("after-network")
             try:
                 mounts.build_rootfs(self._rootfs_spec(binds, payload_cg), filesystems)
@@ -428,7 +445,8 @@ class Supervisor:
             "term": os.environ.get("TERM"),
             "command": self.command,
             "environment": dict(definition.environment)
-            | (self.notify.environment if self.notify is not None else {}),
+            | (self.notify.environment if self.notify is not None else {})
+            | self.credentials_environment,
             "notify": self.notify is not None,
             "working_directory": definition.working_directory,
             "user": definition.user,

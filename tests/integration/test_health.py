@@ -70,8 +70,8 @@ def test_start_returns_once_the_payload_is_ready(
     assert set(fds.values()) == {"/dev/null", "/run/fds", fds["2"]}, fds
 
 
-def inside(host, name: str, script: str) -> str:
-    return host.pymachine("exec", name, "--", "sh", "-c", script).stdout.strip()
+def inside(host, name: str, script: str, check: bool = True) -> str:
+    return host.pymachine("exec", name, "--", "sh", "-c", script, check=check).stdout.strip()
 
 
 def test_without_notify_start_does_not_wait(systemd_host, make_machine, machine_name):
@@ -116,3 +116,104 @@ def test_notify_survives_enable(systemd_host, make_machine, machine_name, notify
         assert systemd_host.pymachine("exec", name, "--", "test", "-e", "/run/warm").returncode == 0
     finally:
         systemd_host.pymachine("disable", name, "--now", check=False)
+
+
+def test_credentials_reach_the_payload_and_nothing_else(systemd_host, make_machine, machine_name):
+    """SetCredential (kept root-only apart from the definition), LoadCredential
+    (a root-only host file) and LoadCredentialEncrypted (systemd-creds encrypt's
+    output) are files under $CREDENTIALS_DIRECTORY inside; no value shows in
+    the definition, status --json, the journal or any process's environment."""
+    directory = f"/var/lib/pymachine/test-creds/{machine_name}"
+    systemd_host.run(["mkdir", "-p", directory])
+    systemd_host.run(["sh", "-c", f"umask 077; printf file-secret-42 > {directory}/plain"])
+    systemd_host.run(
+        f"printf enc-secret-43 | systemd-creds encrypt --with-key=host --name=enc - {directory}/enc"
+    )
+    script = "echo $CREDENTIALS_DIRECTORY > /run/dir; while :; do sleep 1; done"
+    name = make_machine(
+        machine_name,
+        "--set-credential", "token:set-secret-41",
+        "--load-credential", f"plain:{directory}/plain",
+        "--load-credential-encrypted", f"enc:{directory}/enc",
+        command=("/bin/sh", "-c", script),
+    )  # fmt: skip
+    assert inside(systemd_host, name, "cat /run/dir") == "/run/host/credentials"
+    values = inside(systemd_host, name, "cd /run/host/credentials && cat token plain enc")
+    assert values == "set-secret-41file-secret-42enc-secret-43"
+    # root's inside, read-only
+    listing = inside(systemd_host, name, "ls -ln /run/host/credentials").splitlines()[1:]
+    assert all(line.split()[0] == "-r--------" and line.split()[2] == "0" for line in listing)
+    assert inside(systemd_host, name, "echo x > /run/host/credentials/token 2>&1; echo $?") != "0"
+    secrets = ("set-secret-41", "file-secret-42", "enc-secret-43")
+    places = {
+        "definition": systemd_host.run(["cat", f"/etc/pymachine/{name}.machine"]).stdout,
+        "status": systemd_host.pymachine("status", name, "--json").stdout,
+        "journal": systemd_host.journal(f"pymachine-{name}.service", lines=1000),
+        "unit": systemd_host.run(["systemctl", "show", f"pymachine-{name}.service"]).stdout,
+        "environ": systemd_host.run(
+            "cat /proc/[0-9]*/environ 2>/dev/null | tr '\\0' '\\n'", check=False
+        ).stdout,
+    }
+    for place, text in places.items():
+        assert not any(secret in text for secret in secrets), place
+    store = systemd_host.run(["stat", "-c", "%a %U", f"/etc/pymachine/credentials/{name}/token"])
+    assert store.stdout.split() == ["600", "root"]
+    systemd_host.pymachine("stop", name)
+    systemd_host.pymachine("remove", name)
+    gone = systemd_host.run(["test", "-e", f"/etc/pymachine/credentials/{name}"], check=False)
+    assert gone.returncode == 1
+
+
+def test_start_of_a_machine_starts_what_it_requires_first(
+    systemd_host, make_machine, machine_name, notify_tool
+):
+    """web Requires=db: start web starts db and waits for its readiness first;
+    stopping db stops web (systemd's own Requires=)."""
+    ready = f"sleep 1; touch /run/warm; {NOTIFY} READY=1; while :; do sleep 1; done"
+    db = make_machine(
+        f"{machine_name}-db", "--notify", "--bind", notify_tool,
+        command=("/bin/sh", "-c", ready), start=False,
+    )  # fmt: skip
+    web = make_machine(f"{machine_name}-web", "--requires", db, start=False)
+    systemd_host.pymachine("start", web)
+    assert systemd_host.pymachine("exec", db, "--", "test", "-e", "/run/warm").returncode == 0
+    db_unit, web_unit = f"pymachine-{db}.service", f"pymachine-{web}.service"
+    db_ready = int(show(systemd_host, db_unit, "ActiveEnterTimestampMonotonic").popitem()[1])
+    web_began = int(show(systemd_host, web_unit, "InactiveExitTimestampMonotonic").popitem()[1])
+    assert 0 < db_ready <= web_began
+    assert db_unit in show(systemd_host, web_unit, "Requires")["Requires"].split()
+    systemd_host.pymachine("stop", db)
+    assert show(systemd_host, web_unit, "ActiveState")["ActiveState"] in ("inactive", "failed")
+
+
+def test_unknown_machines_and_cycles_are_refused(systemd_host, make_machine, machine_name):
+    out = systemd_host.pymachine(
+        "create", machine_name, "--image", "tiny", "--requires", "no-such-machine", check=False
+    )
+    assert out.returncode == 4 and "Requires=no-such-machine" in out.stderr, out
+    out = systemd_host.pymachine(
+        "create", machine_name, "--image", "tiny", "--wants", machine_name, check=False
+    )
+    assert out.returncode == 2 and "cannot depend on itself" in out.stderr, out
+    a = make_machine(f"{machine_name}-a", start=False)
+    b = make_machine(f"{machine_name}-b", "--requires", a, start=False)
+    out = systemd_host.pymachine(
+        "create", f"{machine_name}-c", "--image", "tiny", "--requires", b, "--after", b,
+        check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out
+    systemd_host.pymachine("remove", f"{machine_name}-c")
+    # a hand edit closes the circle: start refuses it, nothing is started
+    systemd_host.run(
+        [
+            "sh",
+            "-c",
+            f"sed -i 's/^Image=tiny$/Image=tiny\\nRequires={b}/' /etc/pymachine/{a}.machine",
+        ]
+    )
+    out = systemd_host.pymachine("start", b, check=False)
+    assert out.returncode == 2 and "dependency cycle" in out.stderr, out
+    states = {
+        m["name"]: m["state"] for m in json.loads(systemd_host.pymachine("list", "--json").stdout)
+    }
+    assert (states[a], states[b]) == ("stopped", "stopped"), states
