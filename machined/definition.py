@@ -63,6 +63,33 @@ class BindMount(namedtuple("BindMount", "source target read_only", defaults=(Fal
         return f"{self.source}:{self.target}" + (":ro" if self.read_only else "")
 
 
+class DeviceNode(namedtuple("DeviceNode", "path access", defaults=("rwm",))):
+    """A ``Device=/dev/PATH[:rwm]`` line: a host device node the machine may use."""
+
+    __slots__ = ()
+
+    @classmethod
+    def parse(cls, text: str) -> DeviceNode:
+        path, sep, access = text.partition(":")
+        if not sep:
+            access = "rwm"
+        if (
+            not path.startswith("/dev/")
+            or not re.fullmatch(r"/dev/[A-Za-z0-9_.+@-]+(?:/[A-Za-z0-9_.+@-]+)*", path)
+            or ".." in path.split("/")
+            or not access
+            or not set(access) <= set("rwm")
+            or len(set(access)) != len(access)
+        ):
+            raise InvalidInput(
+                f"invalid device {text!r}: expected /dev/PATH[:rwm] (r, w, m: read, write, mknod)"
+            )
+        return cls(path, "".join(c for c in "rwm" if c in access))
+
+    def __str__(self) -> str:
+        return self.path if self.access == "rwm" else f"{self.path}:{self.access}"
+
+
 class MachineDefinition(Record):
     """A machine as ``/etc/pymachine/NAME.machine`` defines it (mutable; equal
     when every attribute is)."""
@@ -94,6 +121,7 @@ class MachineDefinition(Record):
         requires: list[str] | None = None,
         wants: list[str] | None = None,
         after: list[str] | None = None,
+        devices: list[DeviceNode] | None = None,
     ) -> None:
         self.name = name
         self.image = image
@@ -124,6 +152,7 @@ class MachineDefinition(Record):
         self.requires = requires if requires is not None else []
         self.wants = wants if wants is not None else []
         self.after = after if after is not None else []
+        self.devices = devices if devices is not None else []  # Device= host nodes
 
     def validate(self) -> MachineDefinition:
         validate_machine_name(self.name)
@@ -162,6 +191,7 @@ class MachineDefinition(Record):
         values += [("environment value", f"{k}={v}") for k, v in self.environment.items()]
         values += [("working directory", self.working_directory or ""), ("user", self.user or "")]
         values += [("bind", str(b)) for b in self.binds]
+        values += [("device", str(d)) for d in self.devices]
         values += [("credential", str(c)) for c in self.load_credentials]
         values += [("credential ID", i) for i, _ in self.set_credentials]
         return values
@@ -395,6 +425,12 @@ _KEYS: tuple[_Key, ...] = (
         "Bind",
         lambda d: [str(b) for b in d.binds],
         lambda d, v: d.binds.append(BindMount.parse(v)),
+    ),
+    _Key(
+        "Files",
+        "Device",
+        lambda d: [str(n) for n in d.devices],
+        lambda d, v: d.devices.append(DeviceNode.parse(v)),
     ),
     _Key("Files", "ReadOnly", *_scalar("read_only", parse_bool, _fmt_bool, default=False)),
     _Key("Files", "Ephemeral", *_scalar("ephemeral", parse_bool, _fmt_bool, default=False)),

@@ -401,6 +401,7 @@ class Machines:
                 else None
             ),
             credentials=[tuple(c) for c in credentials.unit_credentials(definition, self.paths)],
+            devices=[tuple(d) for d in definition.devices],
             dependencies=None
             if scope
             else {

@@ -256,6 +256,7 @@ def machine_settings(
     exec_start_post: list[str] | None = None,
     credentials: Sequence[tuple[str, str, bool]] = (),
     dependencies: Mapping[str, Sequence[str]] | None = None,
+    devices: Sequence[tuple[str, str]] = (),
 ) -> list[UnitSetting]:
     """Everything a machine's unit carries, in one list that both the transient
     path (D-Bus properties) and the enabled path (rendered unit file) use, so
@@ -313,6 +314,18 @@ def machine_settings(
             ),
             _setting(
                 "DeviceAllow", "char-pts rw", Property("DeviceAllow", "a(ss)", [("char-pts", "rw")])
+            ),
+            # Device=: the definition's host nodes. The runtime makes each in the
+            # machine's /dev (mknod, from the unit's cgroup): "m" always. A root
+            # inside with CAP_MKNOD (PrivateUsers=no) could make another node
+            # of the same device only.
+            *(
+                _setting(
+                    "DeviceAllow",
+                    f"{path} {access.replace('m', '')}m",
+                    Property("DeviceAllow", "a(ss)", [(path, access.replace("m", "") + "m")]),
+                )
+                for path, access in devices
             ),
             # The init passes SIGTERM's 143 on when the payload obeys a stop: that is success.
             _setting(

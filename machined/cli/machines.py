@@ -33,6 +33,13 @@ def _add_definition_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--bind", action="append", default=[], metavar="HOST:CONTAINER[:ro]", help="bind mount"
     )
+    p.add_argument(
+        "--device",
+        action="append",
+        default=[],
+        metavar="/dev/PATH[:rwm]",
+        help="pass a host device node in (e.g. /dev/fuse, /dev/kvm, /dev/dri/renderD128)",
+    )
     p.add_argument("--read-only", action="store_true", help="mount the root file system read-only")
     p.add_argument("--ephemeral", action="store_true", help="throw the writable layer away at stop")
     p.add_argument(
@@ -135,10 +142,11 @@ def _apply_security_flags(definition, args: argparse.Namespace) -> None:
 def _apply_credential_flags(definition, args: argparse.Namespace) -> None:
     from machined.credentials import Credential, check_id
 
-    for encrypted, given in ((False, args.load_credential), (True, args.load_credential_encrypted)):
-        definition.load_credentials += [Credential.parse(text, encrypted) for text in given]
-    for encrypted, given in ((False, args.set_credential), (True, args.set_credential_encrypted)):
-        for text in given:
+    for encrypted, key in ((False, "load_credential"), (True, "load_credential_encrypted")):
+        texts = getattr(args, key, [])
+        definition.load_credentials += [Credential.parse(text, encrypted) for text in texts]
+    for encrypted, key in ((False, "set_credential"), (True, "set_credential_encrypted")):
+        for text in getattr(args, key, []):
             ident, sep, value = text.partition(":")
             if not sep:
                 raise InvalidInput(f"invalid credential {ident!r}: expected ID:VALUE")
@@ -147,7 +155,7 @@ def _apply_credential_flags(definition, args: argparse.Namespace) -> None:
 
 
 def _build_definition(name: str, args: argparse.Namespace, command: list[str]):
-    from machined.definition import BindMount, MachineDefinition, parse_env
+    from machined.definition import BindMount, DeviceNode, MachineDefinition, parse_env
     from machined.names import validate_image_name, validate_machine_name
     from machined.network.config import NetworkMode, PortForward
     from machined.properties import parse_assignment
@@ -162,19 +170,20 @@ def _build_definition(name: str, args: argparse.Namespace, command: list[str]):
         definition.resources[key] = value
     definition.boot = args.boot
     definition.binds = [BindMount.parse(b) for b in args.bind]
+    definition.devices = [DeviceNode.parse(d) for d in getattr(args, "device", [])]
     definition.read_only = args.read_only
     definition.ephemeral = args.ephemeral
     for text in args.env:
         key, value = parse_env(text)
         definition.environment[key] = value
     definition.working_directory = args.workdir
-    if args.notify:
+    if getattr(args, "notify", False):
         definition.notify = "yes"
     _apply_credential_flags(definition, args)
     from machined.dependencies import parse
 
     for key in ("requires", "wants", "after"):
-        for text in getattr(args, key):
+        for text in getattr(args, key, []):
             getattr(definition, key).extend(parse(text))
     definition.user = args.user
     if args.stop_timeout is not None:

@@ -761,6 +761,8 @@ def privileged_features(definition: Any) -> list[str]:
     found = []
     if definition.binds:
         found.append("Bind= (host paths)")
+    if definition.devices:
+        found.append("Device= (host devices)")
     for encrypted in (False, True):  # systemd reads them as root at start
         if any(c.encrypted == encrypted for c in definition.load_credentials):
             found.append(f"LoadCredential{'Encrypted' if encrypted else ''}= (host paths)")

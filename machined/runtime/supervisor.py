@@ -35,6 +35,7 @@ from __future__ import annotations
 import _signal as signal  # the numbers only: signal's enums cost ~0.8 ms (leader.py too)
 import contextlib
 import os
+import stat
 import sys
 import time
 from pathlib import Path
@@ -431,7 +432,21 @@ class Supervisor:
             cgroup_dir=str(payload_cg),
             owner=(base, base) if base is not None else (0, 0),
             nested=self.definition.boot,
+            devices=self._devices(),
         )
+
+    def _devices(self) -> tuple:
+        """Device=: each host node's (path, mode, rdev); a missing one is an error."""
+        nodes = []
+        for device in self.definition.devices:
+            try:
+                st = os.stat(device.path)
+            except FileNotFoundError:
+                raise StartError(f"device {device.path} does not exist on the host") from None
+            if not (stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+                raise StartError(f"{device.path} is not a device node")
+            nodes.append((device.path, st.st_mode, st.st_rdev))
+        return tuple(nodes)
 
     def _container_message(self, restrictions: dict) -> dict:
         """Everything the container's set-up (container.py) and PID 1 need

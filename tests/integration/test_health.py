@@ -217,3 +217,33 @@ def test_unknown_machines_and_cycles_are_refused(systemd_host, make_machine, mac
         m["name"]: m["state"] for m in json.loads(systemd_host.pymachine("list", "--json").stdout)
     }
     assert (states[a], states[b]) == ("stopped", "stopped"), states
+
+
+def test_a_device_passed_through_is_usable(systemd_host, make_machine, machine_name):
+    """/dev/fuse in a user-namespaced machine: there, root's inside, opened for
+    reading and writing (the unit's device policy allows it); a machine
+    without --device has none, and a node missing on the host fails the start."""
+    name = make_machine(machine_name, "--device", "/dev/fuse")
+    listing = inside(systemd_host, name, "ls -ln /dev/fuse").split()
+    assert listing[0].startswith("crw") and listing[2:4] == ["0", "0"], listing
+    assert inside(systemd_host, name, "exec 3<>/dev/fuse && echo opened") == "opened"
+    unit = f"pymachine-{name}.service"
+    allowed = systemd_host.run(["systemctl", "show", "-p", "DeviceAllow", unit]).stdout
+    assert "/dev/fuse rwm" in allowed, allowed
+    other = make_machine(f"{machine_name}-none")
+    assert inside(systemd_host, other, "test -e /dev/fuse; echo $?") == "1"
+    missing = make_machine(f"{machine_name}-missing", "--device", "/dev/no-such-node", start=False)
+    out = systemd_host.pymachine("start", missing, check=False)
+    assert out.returncode == 1 and "device /dev/no-such-node does not exist on the host" in (
+        out.stdout + out.stderr
+    ), out
+
+
+def test_the_device_policy_still_refuses_other_nodes(systemd_host, make_machine, machine_name):
+    """Device=/dev/fuse:r: read-only access to it; write is refused by the cgroup."""
+    name = make_machine(machine_name, "--device", "/dev/fuse:r")
+    assert inside(systemd_host, name, "exec 3</dev/fuse && echo opened") == "opened"
+    out = inside(
+        systemd_host, name, "(exec 3<>/dev/fuse) 2>/dev/null && echo opened || echo refused"
+    )
+    assert out == "refused"

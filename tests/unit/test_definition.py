@@ -579,3 +579,27 @@ def test_notify_refuses_what_it_cannot_do(text: str, message: str) -> None:
             if "[Machine]" in text
             else "[Machine]\nImage=tiny\n" + text,
         )
+
+
+@pytest.mark.parametrize(
+    "text, stored",
+    [
+        ("/dev/fuse", "/dev/fuse"),
+        ("/dev/kvm:rwm", "/dev/kvm"),
+        ("/dev/dri/renderD128:wr", "/dev/dri/renderD128:rw"),
+        ("/dev/net/tun:r", "/dev/net/tun:r"),
+    ],
+)
+def test_device_lines_read_and_write_back(text: str, stored: str) -> None:
+    parsed = defs.from_text("web", f"[Machine]\nImage=tiny\n[Files]\nDevice={text}\n")
+    assert f"Device={stored}\n" in defs.to_text(parsed)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["/etc/passwd", "/dev/../etc/shadow", "/dev/", "/dev/fuse:x", "/dev/fuse:rr", "/dev/fuse:",
+     "/dev/a b", "/dev//fuse", "dev/fuse", "/dev/fuse/"],
+)  # fmt: skip
+def test_device_lines_outside_dev_or_with_bad_access_are_refused(text: str) -> None:
+    with pytest.raises(InvalidInput, match="invalid device"):
+        defs.from_text("web", f"[Machine]\nImage=tiny\n[Files]\nDevice={text}\n")
