@@ -28,7 +28,8 @@ if TYPE_CHECKING:  # runtime, which runs without site: nothing there imports it)
 
 #: Notify=: "no", the unit is started once the payload runs; "yes", once it
 #: sent READY=1 to $NOTIFY_SOCKET (runtime/notify.py).
-NOTIFY_MODES = ("no", "yes")
+NOTIFY_MODES = ("no", "yes", "healthy")  # healthy: at HealthCmd='s first pass
+HEALTH_ACTIONS = ("none", "kill", "restart", "stop")  # HealthOnFailure=, podman's
 DEFAULT_STOP_TIMEOUT = 10.0  # seconds, like docker/podman; systemd's 90 s is for whole OSes
 
 
@@ -90,6 +91,54 @@ class DeviceNode(namedtuple("DeviceNode", "path access", defaults=("rwm",))):
         return self.path if self.access == "rwm" else f"{self.path}:{self.access}"
 
 
+class HealthCheck(Record):
+    """HealthCmd= and its settings (podman's names and defaults): run by the
+    machine's init (pymachine-init.c), which the runtime gives them as flags."""
+
+    def __init__(
+        self,
+        command: str | None = None,
+        interval: float = 30.0,
+        timeout: float = 30.0,
+        retries: int = 3,
+        start_period: float = 0.0,
+        on_failure: str = "none",
+    ) -> None:
+        self.command = command
+        self.interval = interval
+        self.timeout = timeout
+        self.retries = retries
+        self.start_period = start_period
+        self.on_failure = on_failure
+
+    def validate(self) -> None:
+        if self.command is not None and not self.command.strip():
+            raise InvalidInput("invalid HealthCmd=: empty")
+        check_seconds(self.interval, what="health interval")
+        check_seconds(self.timeout, what="health timeout")
+        if self.start_period:
+            check_seconds(self.start_period, what="health start period")
+        if not 1 <= self.retries <= 1000:
+            raise InvalidInput(f"invalid HealthRetries= {self.retries}: 1 to 1000")
+        if self.on_failure not in HEALTH_ACTIONS:
+            raise InvalidInput(
+                f"invalid HealthOnFailure= {self.on_failure!r}: expected {', '.join(HEALTH_ACTIONS)}"
+            )
+
+    def init_arguments(self) -> list[str]:
+        """pymachine-init's flags (none without a command)."""
+        if self.command is None:
+            return []
+        return [
+            "--health-cmd", self.command,
+            "--health-interval", repr(self.interval),
+            "--health-timeout", repr(self.timeout),
+            "--health-retries", str(self.retries),
+            "--health-start-period", repr(self.start_period),
+            "--health-on-failure", self.on_failure,
+        ]  # fmt: skip
+
+
 class MachineDefinition(Record):
     """A machine as ``/etc/pymachine/NAME.machine`` defines it (mutable; equal
     when every attribute is)."""
@@ -122,6 +171,7 @@ class MachineDefinition(Record):
         wants: list[str] | None = None,
         after: list[str] | None = None,
         devices: list[DeviceNode] | None = None,
+        health: HealthCheck | None = None,
     ) -> None:
         self.name = name
         self.image = image
@@ -153,6 +203,7 @@ class MachineDefinition(Record):
         self.wants = wants if wants is not None else []
         self.after = after if after is not None else []
         self.devices = devices if devices is not None else []  # Device= host nodes
+        self.health = health if health is not None else HealthCheck()
 
     def validate(self) -> MachineDefinition:
         validate_machine_name(self.name)
@@ -172,9 +223,14 @@ class MachineDefinition(Record):
             if value is not None and (not value or value != value.strip()):
                 raise InvalidInput(f"invalid {what} {value!r}: empty, or white space around it")
         if self.notify not in NOTIFY_MODES:
-            raise InvalidInput(f"invalid Notify= {self.notify!r}: expected yes or no")
+            raise InvalidInput(f"invalid Notify= {self.notify!r}: expected yes, healthy or no")
         if self.boot and self.notify != "no":
             raise InvalidInput("Notify= is not supported for boot-mode machines yet")
+        if self.notify == "healthy" and self.health.command is None:
+            raise InvalidInput("Notify=healthy needs a HealthCmd=")
+        if self.boot and self.health.command is not None:
+            raise InvalidInput("HealthCmd= is not supported for boot-mode machines yet")
+        self.health.validate()
         ids = [c.id for c in self.load_credentials] + [i for i, _ in self.set_credentials]
         if len(set(ids)) != len(ids):
             twice = sorted({i for i in ids if ids.count(i) > 1})
@@ -192,6 +248,7 @@ class MachineDefinition(Record):
         values += [("working directory", self.working_directory or ""), ("user", self.user or "")]
         values += [("bind", str(b)) for b in self.binds]
         values += [("device", str(d)) for d in self.devices]
+        values += [("health command", self.health.command or "")]
         values += [("credential", str(c)) for c in self.load_credentials]
         values += [("credential ID", i) for i, _ in self.set_credentials]
         return values
@@ -310,6 +367,27 @@ def _scalar(
     return get, set_
 
 
+def _health_scalar(attr: str, parse: Callable, fmt: Callable, default: Any) -> tuple:
+    def get(d: MachineDefinition) -> list[str]:
+        value = getattr(d.health, attr)
+        return [] if value is None or value == default else [fmt(value)]
+
+    def set_(d: MachineDefinition, text: str) -> None:
+        setattr(d.health, attr, parse(text))
+
+    return get, set_
+
+
+def _parse_int(text: str, key: str) -> int:
+    if not re.fullmatch(r"[0-9]{1,6}", text):
+        raise InvalidInput(f"invalid {key}= {text!r}: expected a number")
+    return int(text)
+
+
+def _parse_seconds_or_zero(text: str) -> float:
+    return 0.0 if text.strip().removesuffix("s") in ("0", "0.0") else parse_seconds(text)
+
+
 def _set_env(d: MachineDefinition, text: str) -> None:
     if text[:1] in ("'", '"'):  # quoted to keep leading/trailing blanks
         try:
@@ -402,6 +480,17 @@ _KEYS: tuple[_Key, ...] = (
         *_scalar("private_users", _parse_private_users, default="pick"),
     ),
     _Key("Exec", "Notify", *_scalar("notify", _parse_notify, default="no")),
+    *(
+        _Key("Exec", key, *_health_scalar(attr, parse, fmt, default))
+        for key, attr, parse, fmt, default in (
+            ("HealthCmd", "command", str, str, None),
+            ("HealthInterval", "interval", parse_seconds, _fmt_seconds, 30.0),
+            ("HealthTimeout", "timeout", parse_seconds, _fmt_seconds, 30.0),
+            ("HealthRetries", "retries", lambda v: _parse_int(v, "HealthRetries"), str, 3),
+            ("HealthStartPeriod", "start_period", _parse_seconds_or_zero, _fmt_seconds, 0.0),
+            ("HealthOnFailure", "on_failure", str, str, "none"),
+        )
+    ),
     *(
         _Key(
             "Exec",

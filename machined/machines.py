@@ -768,7 +768,19 @@ def status_properties(info: MachineInfo, paths: Paths) -> dict[str, Any]:
         "Command": list(definition.command) if definition else [],
         "Security": _security_of(info, paths),
         "Problem": info.problem or "",
+        "Health": _health_of(info, paths),
     }
+
+
+def _health_of(info: MachineInfo, paths: Paths) -> dict[str, str]:
+    """HealthCmd='s last result (the init's record), while the machine runs."""
+    if info.state != MachineState.RUNNING or not (
+        info.definition and info.definition.health.command
+    ):
+        return {}
+    from machined.runtime import notify
+
+    return notify.read_health(str(paths.machine_runtime(info.name))) or {}
 
 
 def _security_of(info: MachineInfo, paths: Paths) -> dict[str, str]:

@@ -55,6 +55,24 @@ def _add_definition_flags(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="count the machine as started once its payload sends READY=1 to $NOTIFY_SOCKET",
     )
+    p.add_argument(
+        "--notify-healthy",
+        action="store_true",
+        help="count the machine as started at its first passing health check",
+    )
+    p.add_argument("--health-cmd", metavar="CMD", help="health check, run by /bin/sh -c inside")
+    for flag, meta, text in (
+        ("--health-interval", "SECONDS", "between checks (default 30)"),
+        ("--health-timeout", "SECONDS", "a check's time limit (default 30)"),
+        ("--health-start-period", "SECONDS", "failures then do not count (default 0)"),
+    ):
+        p.add_argument(flag, type=float, metavar=meta, help=text)
+    p.add_argument("--health-retries", type=int, metavar="N", help="failures in a row (default 3)")
+    p.add_argument(
+        "--health-on-failure",
+        choices=["none", "kill", "restart", "stop"],
+        help="what an unhealthy machine gets (default none)",
+    )
     for flag, meta, text in (
         (
             "--load-credential",
@@ -179,6 +197,13 @@ def _build_definition(name: str, args: argparse.Namespace, command: list[str]):
     definition.working_directory = args.workdir
     if getattr(args, "notify", False):
         definition.notify = "yes"
+    if getattr(args, "notify_healthy", False):
+        definition.notify = "healthy"
+    health = definition.health
+    health.command = getattr(args, "health_cmd", None)
+    for key in ("interval", "timeout", "start_period", "retries", "on_failure"):
+        if getattr(args, f"health_{key}", None) is not None:
+            setattr(health, key, getattr(args, f"health_{key}"))
     _apply_credential_flags(definition, args)
     from machined.dependencies import parse
 
@@ -380,6 +405,18 @@ def _info_json(props: dict[str, Any]) -> dict[str, Any]:
         "since": since,
         "uptime": time.time() - since if since and running else None,
         "result": props["Result"] or None,
+        "health": _health_json(props.get("Health")),
+    }
+
+
+def _health_json(health: dict[str, str] | None) -> dict[str, Any] | None:
+    if not health:
+        return None
+    streak = health.get("failing_streak", "")
+    return {
+        "status": health.get("status"),
+        "failing_streak": int(streak) if streak.isdigit() else None,
+        "last_output": health.get("last_output", ""),
     }
 
 
@@ -387,8 +424,8 @@ def _properties(answer: Any) -> dict[str, Any]:
     """An ``a{sv}`` of machine properties as pystemd decodes it (a dictionary's
     value as a list of pairs) in the shape the library makes them."""
     props = dict(answer)
-    for key in ("Limits", "Security"):
-        props[key] = dict(props[key])
+    for key in ("Limits", "Security", "Health"):
+        props[key] = dict(props.get(key, []))
     return props
 
 
@@ -426,7 +463,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     rows = [
         (
             i["name"],
-            i["state"],
+            i["state"] + (f" ({i['health']['status']})" if i.get("health") else ""),
             i["image"],
             i["address"],
             human_bytes(i["memory"]) if i["memory"] is not None else None,
@@ -497,6 +534,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             ("Uptime", human_duration(info["uptime"]) if info["uptime"] is not None else None),
             ("Command", shlex.join(props["Command"]) if props["Command"] else None),
         ]
+        if info.get("health"):
+            health = info["health"]
+            text = f"{health['status']} (failing streak {health['failing_streak']})"
+            rows.append(
+                ("Health", text + (f": {health['last_output']}" if health["last_output"] else ""))
+            )
         rows += list(props["Security"].items()) if running else []
         if not running and result and props["ExitStatus"] >= 0:
             rows.append(("Exit status", str(props["ExitStatus"])))

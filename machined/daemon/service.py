@@ -639,6 +639,10 @@ class MachineObject(ServiceInterface):
     def Problem(self) -> "s":
         return self._get("Problem")
 
+    @dbus_property(access=PropertyAccess.READ)
+    def Health(self) -> "a{ss}":
+        return self._get("Health")
+
     @method()
     @api
     async def Start(self) -> None:
@@ -695,7 +699,7 @@ SIGNATURES = {
     "Name": "s", "State": "s", "Image": "s", "Unit": "s", "Leader": "u", "Addresses": "as",
     "Limits": "a{ss}", "MemoryCurrent": "t", "TasksCurrent": "t", "Since": "t", "Result": "s",
     "ExitStatus": "i", "Enabled": "b", "Boot": "b", "NetworkMode": "s", "Command": "as",
-    "Security": "a{ss}", "Problem": "s",
+    "Security": "a{ss}", "Problem": "s", "Health": "a{ss}",
 }  # fmt: skip
 
 

@@ -339,7 +339,7 @@ def _pid1(
             os.set_inheritable(go_read, True)
             argv[1:1] = ["--handover-fd", str(go_read)]
         if notify_fds:  # the init relays the payload's READY=1 (runtime/notify.py)
-            argv[1:1] = init.notify_arguments(notify_fds)
+            argv[1:1] = init.notify_arguments(notify_fds) + message["init_arguments"]
         # Signals that come before the init waits for them stay pending, not lost.
         signal.pthread_sigmask(signal.SIG_BLOCK, init.WATCHED)
         os.execve(init_fd, argv, program["environment"])

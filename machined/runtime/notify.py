@@ -36,6 +36,7 @@ INSIDE = "/run/host/notify"  # the payload's NOTIFY_SOCKET
 DIRECTORY = "notify"
 SOCKET = "socket"
 FIFO = "ready"
+HEALTH = "health"  # the init's health-check record (pymachine-init.c), in RUN
 
 
 class Channel:
@@ -53,9 +54,10 @@ class Channel:
         return {"source": self.socket_path, "target": INSIDE, "read_only": False}
 
 
-def prepare(runtime_dir: str) -> Channel:
+def prepare(runtime_dir: str, *, health: bool = False) -> Channel:
     """Make the socket and the FIFO under RUNTIME_DIR (a leftover of an
-    earlier start is replaced) and connect to systemd's notify socket."""
+    earlier start is replaced) and connect to systemd's notify socket; with
+    HEALTH, the file the init records its health checks in (status reads it)."""
     directory = os.path.join(runtime_dir, DIRECTORY)
     os.makedirs(directory, mode=0o700, exist_ok=True)
     os.chmod(directory, 0o700)  # the FIFO and the socket are reached through it only
@@ -73,7 +75,14 @@ def prepare(runtime_dir: str) -> Channel:
     # O_RDWR: the init holds both ends, so its write never blocks or fails and
     # the byte waits in the pipe until wait_ready opens it.
     fifo = os.open(fifo_path, os.O_RDWR | os.O_CLOEXEC)
-    return Channel([sock.detach(), fifo, _forward_socket()], socket_path)
+    health_fd = -1
+    if health:
+        health_fd = os.open(
+            os.path.join(runtime_dir, HEALTH),
+            os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
+        )
+    return Channel([sock.detach(), fifo, _forward_socket(), health_fd], socket_path)
 
 
 def _forward_socket() -> int:
@@ -89,6 +98,25 @@ def _forward_socket() -> int:
         sock.close()
         return -1
     return sock.detach()
+
+
+def read_health(runtime_dir: str) -> dict[str, str] | None:
+    """The init's last health-check record: status (starting, healthy,
+    unhealthy), failing streak, last output; None without one."""
+    try:
+        with open(os.path.join(runtime_dir, HEALTH), "rb") as handle:
+            data = handle.read(4096)
+    except OSError:
+        return None
+    head, _, output = data.partition(b"\n")
+    status, _, streak = head.decode("ascii", "replace").partition(" ")
+    if not status:
+        return None
+    return {
+        "status": status,
+        "failing_streak": streak,
+        "last_output": output.decode("utf-8", "replace").strip(),
+    }
 
 
 def wait_ready(name: str, runtime_dir: str, pid_file: str) -> int:

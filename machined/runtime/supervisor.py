@@ -200,15 +200,19 @@ class Supervisor:
         ]
 
     def _notifies(self) -> bool:
-        """Notify=yes in service mode (``run`` is a scope, started at once)."""
-        return self.definition.notify != "no" and not self.foreground and not self.definition.boot
+        """Notify= or HealthCmd= in service mode (``run`` is a scope, started at
+        once; boot mode has its image's init)."""
+        wanted = self.definition.notify != "no" or self.definition.health.command is not None
+        return wanted and not self.foreground and not self.definition.boot
 
     def _notify_binds(self) -> list[dict]:
         if not self._notifies():
             return []
         from machined.runtime import notify
 
-        self.notify = notify.prepare(str(self.layers.runtime_dir))
+        self.notify = notify.prepare(
+            str(self.layers.runtime_dir), health=self.definition.health.command is not None
+        )
         return [self.notify.bind()]
 
     def _credential_binds(self) -> list[dict]:
@@ -463,6 +467,8 @@ class Supervisor:
             | (self.notify.environment if self.notify is not None else {})
             | self.credentials_environment,
             "notify": self.notify is not None,
+            "init_arguments": definition.health.init_arguments()
+            + (["--ready-on-healthy"] if definition.notify == "healthy" else []),
             "working_directory": definition.working_directory,
             "user": definition.user,
             "stop_timeout": definition.stop_timeout,

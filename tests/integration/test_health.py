@@ -247,3 +247,91 @@ def test_the_device_policy_still_refuses_other_nodes(systemd_host, make_machine,
         systemd_host, name, "(exec 3<>/dev/fuse) 2>/dev/null && echo opened || echo refused"
     )
     assert out == "refused"
+
+
+def wait_until(condition, what: str, timeout: float = 60):
+    """Poll CONDITION (a function) until it returns something true: health
+    checks run on their own clock, which a test can only wait for."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        assert time.monotonic() < deadline, f"never: {what}"
+        time.sleep(0.1)
+    return result
+
+
+def status_json(host, name: str) -> dict:
+    return json.loads(host.pymachine("status", name, "--json", check=False).stdout)
+
+
+HEALTH = ("--health-cmd", "echo checked; test -e /run/ok", "--health-interval", "0.5")
+
+
+def test_health_state_shows_in_status_list_and_the_api(systemd_host, make_machine, machine_name):
+    name = make_machine(machine_name, *HEALTH, "--health-retries", "2")
+    health = wait_until(
+        lambda: (
+            (status_json(systemd_host, name).get("health") or {}).get("status") == "unhealthy"
+            and status_json(systemd_host, name)["health"]
+        ),
+        "unhealthy",
+    )
+    assert health["failing_streak"] >= 2 and health["last_output"] == "checked"
+    assert status_json(systemd_host, name)["state"] == "running"  # HealthOnFailure=none
+    listed = {m["name"]: m for m in json.loads(systemd_host.pymachine("list", "--json").stdout)}
+    assert listed[name]["health"]["status"] == "unhealthy"
+    assert "Health: unhealthy" in systemd_host.pymachine("status", name, check=False).stdout
+    row = next(r for r in systemd_host.pymachine("list").stdout.splitlines() if r.startswith(name))
+    assert "running (unhealthy)" in row
+    systemd_host.pymachine("exec", name, "--", "touch", "/run/ok")
+    wait_until(lambda: status_json(systemd_host, name)["health"]["status"] == "healthy", "healthy")
+    assert status_json(systemd_host, name)["health"]["failing_streak"] == 0
+
+
+def test_a_failing_health_check_restarts_the_machine(systemd_host, make_machine, machine_name):
+    name = make_machine(
+        machine_name, *HEALTH, "--health-retries", "2", "--health-on-failure", "restart"
+    )
+    unit = f"pymachine-{name}.service"
+    systemd_host.wait_for_journal(
+        unit, "health check failed 2 times in a row: restarting the machine (last output: checked)",
+        timeout=60,
+    )  # fmt: skip
+    wait_until(lambda: int(show(systemd_host, unit, "NRestarts")["NRestarts"]) >= 1, "restarted")
+    wait_until(lambda: show(systemd_host, unit, "ActiveState")["ActiveState"] == "active", "active")
+
+
+def test_a_failing_health_check_with_kill_stops_the_machine(
+    systemd_host, make_machine, machine_name
+):
+    name = make_machine(
+        machine_name, *HEALTH, "--health-retries", "1", "--health-on-failure", "kill"
+    )
+    wait_until(lambda: status_json(systemd_host, name)["state"] == "failed", "failed")
+    assert status_json(systemd_host, name)["exit_status"] == 137
+    journal = systemd_host.journal(f"pymachine-{name}.service")
+    assert "health check failed 1 times in a row: killing the machine" in journal
+
+
+def test_notify_healthy_gates_a_dependent_machine(systemd_host, make_machine, machine_name):
+    """db is ready at its first passing check (after it wrote /run/ok, 2 s in),
+    and web, which requires it, starts only then."""
+    db = make_machine(
+        f"{machine_name}-db", "--notify-healthy", *HEALTH,
+        command=("/bin/sh", "-c", "sleep 2; touch /run/ok; while :; do sleep 1; done"),
+        start=False,
+    )  # fmt: skip
+    web = make_machine(f"{machine_name}-web", "--requires", db, start=False)
+    systemd_host.pymachine("start", web)
+    assert systemd_host.pymachine("exec", db, "--", "test", "-e", "/run/ok").returncode == 0
+    assert status_json(systemd_host, db)["health"]["status"] == "healthy"
+    db_ready = int(
+        show(systemd_host, f"pymachine-{db}.service", "ActiveEnterTimestampMonotonic").popitem()[1]
+    )
+    web_began = int(
+        show(systemd_host, f"pymachine-{web}.service", "InactiveExitTimestampMonotonic").popitem()[
+            1
+        ]
+    )
+    assert 0 < db_ready <= web_began

@@ -603,3 +603,33 @@ def test_device_lines_read_and_write_back(text: str, stored: str) -> None:
 def test_device_lines_outside_dev_or_with_bad_access_are_refused(text: str) -> None:
     with pytest.raises(InvalidInput, match="invalid device"):
         defs.from_text("web", f"[Machine]\nImage=tiny\n[Files]\nDevice={text}\n")
+
+
+def test_health_keys_read_and_write_back() -> None:
+    text = (
+        "[Machine]\nImage=tiny\n[Exec]\nNotify=healthy\nHealthCmd=curl -f localhost || exit 1\n"
+        "HealthInterval=5\nHealthTimeout=2.5\nHealthRetries=4\nHealthStartPeriod=10\n"
+        "HealthOnFailure=restart\n"
+    )
+    parsed = defs.from_text("web", text)
+    assert parsed.health.init_arguments() == [
+        "--health-cmd", "curl -f localhost || exit 1", "--health-interval", "5.0",
+        "--health-timeout", "2.5", "--health-retries", "4", "--health-start-period", "10.0",
+        "--health-on-failure", "restart",
+    ]  # fmt: skip
+    assert defs.from_text("web", defs.to_text(parsed)) == parsed
+
+
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        ("Notify=healthy\n", "needs a HealthCmd"),
+        ("HealthCmd=true\nHealthOnFailure=reboot\n", "HealthOnFailure"),
+        ("HealthCmd=true\nHealthRetries=0\n", "HealthRetries"),
+        ("HealthCmd=true\nHealthInterval=0\n", "duration"),
+        ("HealthCmd= \n", "HealthCmd"),
+    ],
+)
+def test_health_keys_refuse_what_they_cannot_do(lines: str, message: str) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        defs.from_text("web", "[Machine]\nImage=tiny\n[Exec]\n" + lines)

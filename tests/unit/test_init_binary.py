@@ -194,3 +194,38 @@ def test_the_init_relays_readiness_and_status_and_nothing_else(tmp_path) -> None
     os.set_blocking(ready_read, False)
     with pytest.raises(BlockingIOError):
         os.read(ready_read, 16)
+
+
+@pytest.mark.parametrize("action, status", [("restart", 133), ("stop", 0), ("kill", 137)])
+def test_health_check_failures_take_the_action(tmp_path, action: str, status: int) -> None:
+    """HealthCmd=: failures in a row up to HealthRetries= make the machine
+    unhealthy (recorded in --health-fd) and take HealthOnFailure='s action:
+    133 (the unit's RestartForceExitStatus=) for restart, a clean stop, or
+    everything killed."""
+    record = tmp_path / "health"
+    fd = os.open(record, os.O_RDWR | os.O_CREAT, 0o600)
+    argv = init.command_line(["sh", "-c", "trap 'exit 0' TERM; while :; do sleep 0.1; done"])
+    argv[1:1] = ["--health-fd", str(fd), "--health-cmd", "echo sick; exit 1"]
+    argv[1:1] = [
+        "--health-interval",
+        "0.05",
+        "--health-retries",
+        "2",
+        "--health-on-failure",
+        action,
+    ]
+    result = subprocess.run(
+        ["unshare", "--pid", "--fork", "--mount-proc", init.BINARY, *argv[1:]],
+        env={"PATH": init.DEFAULT_PATH},
+        pass_fds=[fd],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    os.close(fd)
+    assert result.returncode == status, result.stderr
+    assert record.read_text() == "unhealthy 2\nsick\n"
+    verb = {"restart": "restarting", "stop": "stopping", "kill": "killing"}[action]
+    assert f"health check failed 2 times in a row: {verb} the machine (last output: sick)" in (
+        result.stderr
+    )
