@@ -224,8 +224,8 @@ class MachineDefinition(Record):
                 raise InvalidInput(f"invalid {what} {value!r}: empty, or white space around it")
         if self.notify not in NOTIFY_MODES:
             raise InvalidInput(f"invalid Notify= {self.notify!r}: expected yes, healthy or no")
-        if self.boot and self.notify != "no":
-            raise InvalidInput("Notify= is not supported for boot-mode machines yet")
+        if self.boot and self.notify == "healthy":
+            raise InvalidInput("Notify=healthy is not supported for boot-mode machines yet")
         if self.notify == "healthy" and self.health.command is None:
             raise InvalidInput("Notify=healthy needs a HealthCmd=")
         if self.boot and self.health.command is not None:

@@ -100,6 +100,45 @@ def _forward_socket() -> int:
     return sock.detach()
 
 
+def relay_boot(fds: list[int], leader: int) -> None:
+    """Boot mode (as systemd-nspawn --notify-ready): the image's systemd is PID
+    1, so no pymachine-init relays its READY=1. A forked child of the runtime
+    holds the socket instead and outlives it: at READY=1 it writes the FIFO's
+    byte, waits until ``--wait-ready`` has read it (a pipe keeps no byte once
+    no one holds it) and exits; it also exits when PID 1 does."""
+    if os.fork():
+        return
+    status = 0
+    try:
+        _relay_until_ready(fds[0], fds[1], os.pidfd_open(leader))
+    except BaseException:
+        status = 1
+    finally:
+        os._exit(status)
+
+
+def _relay_until_ready(sock_fd: int, fifo: int, pidfd: int) -> None:
+    import fcntl
+    import termios
+
+    sock = _socket.socket(fileno=sock_fd)
+    poller = select.poll()
+    poller.register(sock_fd, select.POLLIN)
+    poller.register(pidfd, select.POLLIN)
+    while True:
+        events = dict(poller.poll())
+        if pidfd in events:
+            return
+        if b"READY=1" in sock.recv(4096).split(b"\n"):
+            break
+    os.write(fifo, b"R")
+    pending = bytearray(4)
+    while True:  # until --wait-ready took it, or the machine is gone
+        fcntl.ioctl(fifo, termios.FIONREAD, pending)
+        if not int.from_bytes(pending, "little") or select.select([pidfd], [], [], 0.05)[0]:
+            return
+
+
 def read_health(runtime_dir: str) -> dict[str, str] | None:
     """The init's last health-check record: status (starting, healthy,
     unhealthy), failing streak, last output; None without one."""

@@ -203,7 +203,7 @@ class Supervisor:
         """Notify= or HealthCmd= in service mode (``run`` is a scope, started at
         once; boot mode has its image's init)."""
         wanted = self.definition.notify != "no" or self.definition.health.command is not None
-        return wanted and not self.foreground and not self.definition.boot
+        return wanted and not self.foreground
 
     def _notify_binds(self) -> list[dict]:
         if not self._notifies():
@@ -350,7 +350,9 @@ class Supervisor:
             if not line.startswith(b"P"):
                 raise StartError("the container exited while creating its namespaces")
             self.child = int(line[1:])
-            filesystems = intermediate.filesystems(keep_open=self._notifies())
+            filesystems = intermediate.filesystems(
+                keep_open=self._notifies() and not self.definition.boot
+            )
             if filesystems is None:
                 raise StartError("the container failed to open its file systems (see above)")
             binds += self._setup_network()  # meanwhile the intermediate loads the set-up
@@ -365,7 +367,7 @@ class Supervisor:
                         os.close(fd)
             message = self._container_message(restrictions)
             leader.send(go_write, message)
-            if self.notify is not None:  # PID 1 takes them once it has the message
+            if self.notify is not None and not self.definition.boot:  # PID 1 takes them
                 intermediate.send_fds(self.notify.fds)
             _preload_registration()  # while PID 1 pivots and execs the init
             # EOF: PID 1 exec'd the init (the pipe is close-on-exec) and the
@@ -394,6 +396,10 @@ class Supervisor:
                 ),
             )
             if not self.foreground:
+                if self.notify is not None and self.definition.boot:
+                    from machined.runtime import notify
+
+                    notify.relay_boot(self.notify.fds, self.child)  # before the unit is handed over
                 self._hand_over()
                 return 0
             linux.set_process_name("pymachine-rt")
@@ -466,7 +472,7 @@ class Supervisor:
             "environment": dict(definition.environment)
             | (self.notify.environment if self.notify is not None else {})
             | self.credentials_environment,
-            "notify": self.notify is not None,
+            "notify": self.notify is not None and not definition.boot,
             "init_arguments": definition.health.init_arguments()
             + (["--ready-on-healthy"] if definition.notify == "healthy" else []),
             "working_directory": definition.working_directory,

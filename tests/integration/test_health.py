@@ -335,3 +335,24 @@ def test_notify_healthy_gates_a_dependent_machine(systemd_host, make_machine, ma
         ]
     )
     assert 0 < db_ready <= web_began
+
+
+def test_a_booted_guest_is_started_once_its_systemd_is_ready(
+    systemd_host, debian_image, machine_name
+):
+    """Notify=yes in boot mode (systemd-nspawn --notify-ready): start returns
+    once the guest's systemd finished starting up, not while it boots."""
+    name = machine_name
+    systemd_host.pymachine(
+        "create", name, "--image", debian_image, "--boot", "--notify", "--network", "none",
+        "--stop-timeout", "30",
+    )  # fmt: skip
+    try:
+        systemd_host.pymachine("start", name, timeout=180)
+        state = systemd_host.pymachine(
+            "exec", name, "--", "systemctl", "is-system-running", check=False
+        ).stdout.strip()
+        assert state in ("running", "degraded"), state
+    finally:
+        systemd_host.pymachine("stop", name, check=False, timeout=120)
+        systemd_host.pymachine("remove", name, check=False)
