@@ -23,7 +23,8 @@ When the base image came from ``pull`` (its manifest is in the blob cache),
 the change is also written as one more gzip layer with OCI whiteouts, so
 that ``push`` sends the base layers plus this one.
 
-A running machine is refused: its writes would be copied half-way.
+A running machine is frozen for the copy (``machined.quiesce``), or stopped
+and started again with ``stop``.
 """
 
 from __future__ import annotations
@@ -272,7 +273,14 @@ def machine_shift(store: ImageStore, machine: str) -> Shift:
     return Shift(base, count)
 
 
-def commit(machine: str, new: str, *, store: ImageStore | None = None, progress=None) -> Path:
+def commit(
+    machine: str,
+    new: str,
+    *,
+    stop: bool = False,
+    store: ImageStore | None = None,
+    progress=None,
+) -> Path:
     from bootstrap.progress import Progress
     from machined.definition import load
 
@@ -286,25 +294,22 @@ def commit(machine: str, new: str, *, store: ImageStore | None = None, progress=
     if store.exists(new):
         raise Conflict(f"image '{new}' already exists")
     from machined.machines import Machines
+    from machined.quiesce import quiesced
 
-    with Machines(store.paths) as machines:
-        if machines.is_running(machine):
-            raise Conflict(
-                f"machine '{machine}' is running: stop it first (pymachine stop {machine}); "
-                "its writes would be copied half-way"
-            )
     upper = store.paths.machine_state(machine) / "upper"
     if not upper.is_dir():
         raise NotFound(f"machine '{machine}' has no writable layer")
     started = time.monotonic()
     shift = machine_shift(store, machine)
     base_origin = store.origin(base)
-    with store.staging(new) as staging:
+    with Machines(store.paths) as machines, store.staging(new) as staging:
         staging.rmdir()
         progress.step(f"copying image '{base}'")
         how = copy_base(base_root, staging)
         progress.step(f"applying machine '{machine}'s changes")
-        manifest, applier = _apply(store, upper, staging, shift, base_origin, machine)
+        # Only the writable layer's read needs the machine still: the base is read-only.
+        with quiesced(machines, machine, stop=stop, what="commit"):
+            manifest, applier = _apply(store, upper, staging, shift, base_origin, machine)
         if applier.skipped:
             progress.message(
                 f"left out {len(applier.skipped)} device node(s) or socket(s): "

@@ -31,6 +31,7 @@ from machined import treecopy
 from machined.errors import Conflict, InvalidInput, NotFound
 from machined.machines import Machines
 from machined.names import validate_machine_name, validate_snapshot_name
+from machined.quiesce import quiesced
 from machined.runtime import userns
 
 SNAPSHOTS = "snapshots"
@@ -156,7 +157,7 @@ class Snapshots:
         validate_snapshot_name(snap)
         if self.path(name, snap).exists():
             raise Conflict(f"machine '{name}' already has a snapshot '{snap}'")
-        with self._locked(name), self._quiesced(name, stop):
+        with self._locked(name), quiesced(self.machines, name, stop=stop, what="snapshot"):
             return self._copy(name, snap, stamp, auto)
 
     def _free_name(self, name: str, stamp: float, auto: bool) -> str:
@@ -166,41 +167,6 @@ class Snapshots:
             n += 1
             candidate = f"{base}-{n}"
         return candidate
-
-    @contextlib.contextmanager
-    def _quiesced(self, name: str, stop: bool) -> Iterator[None]:
-        """Nothing of the machine runs while the block copies it: frozen, or
-        stopped (STOP) and started again after."""
-        unit, state = self.machines._active_unit(name)
-        from machined.systemd import RUNNING_STATES
-
-        if state not in RUNNING_STATES:
-            yield
-            return
-        if stop:
-            self.machines.stop(name)
-            try:
-                yield
-            finally:
-                self.machines.start(name)
-            return
-        from machined.dbus import BusError
-
-        status = self.machines.systemd.status(unit)
-        if status is not None and status.properties.get("FreezerState") == "frozen":
-            yield  # frozen by someone else (systemctl freeze): copied so, and left so
-            return
-        try:
-            self.machines.systemd.freeze_unit(unit)
-        except BusError as exc:
-            raise Conflict(
-                f"machine '{name}' is running and its cgroup cannot be frozen here "
-                f"({exc}); stop it first or pass --stop to stop it for the snapshot"
-            ) from None
-        try:
-            yield
-        finally:
-            self.machines.systemd.thaw_unit(unit)
 
     def _copy(self, name: str, snap: str, stamp: float, auto: bool) -> SnapshotInfo:
         state = self.paths.machine_state(name)

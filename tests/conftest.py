@@ -44,6 +44,10 @@ def systemd_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SystemdHo
     host = SystemdHost(base / "host", binds=default_binds(base))
     host.start()
     try:
+        # pymachined installed from the start, as `pymachine install-units` leaves a
+        # host: every verb takes the path users get (the CLI as the daemon's client),
+        # whatever order the tests run in.
+        host.pymachine("install-units")
         yield host
     finally:
         host.stop()

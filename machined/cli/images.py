@@ -171,11 +171,14 @@ def _register_registry(subparsers: Any) -> None:
         "commit",
         help="make an image from a machine's changes and its image",
         description="A new image NEW: machine MACHINE's image with its writable layer applied "
-        "(whiteouts honoured, owners unshifted from the machine's UID range). The machine must "
-        "be stopped.",
+        "(whiteouts honoured, owners unshifted from the machine's UID range). A running machine "
+        "is frozen for the copy (or, with --stop, stopped and started again).",
     )
     p.add_argument("machine", metavar="MACHINE")
     p.add_argument("image", metavar="NEW")
+    p.add_argument(
+        "--stop", action="store_true", help="stop a running machine for the copy, not freeze it"
+    )
     p.set_defaults(func=cmd_commit)
 
 
@@ -401,6 +404,15 @@ def _access(args: argparse.Namespace):
 def cmd_pull(args: argparse.Namespace) -> int:
     from bootstrap.pull import pull
 
+    if not (args.creds or args.authfile):  # credentials of the caller's own: in-process (root)
+        code = _job(
+            "PullImage",
+            "sssbb",
+            [args.reference, args.name or "", args.platform or "", args.force,
+             args.tls_verify == "true"],
+        )  # fmt: skip
+        if code is not None:
+            return code
     with _disk_full_is_an_error():
         pull(
             args.reference,
@@ -439,7 +451,7 @@ def cmd_commit(args: argparse.Namespace) -> int:
     from machined.commit import commit
 
     with _disk_full_is_an_error():
-        commit(args.machine, args.image)
+        commit(args.machine, args.image, stop=args.stop)
     return 0
 
 

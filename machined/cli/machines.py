@@ -578,9 +578,18 @@ def cmd_exec(args: argparse.Namespace) -> int:
     if not command and args.verb == "exec":
         raise InvalidInput("exec needs a command: pymachine exec NAME -- CMD [ARGS…]")
     environment = dict(parse_env(e) for e in args.env)
-    status = _exec_through_daemon(args, command, environment)
-    if status is not None:
-        return status
+    if preserved:
+        # pymachined passes stdio alone into a machine (a caller's other
+        # descriptors, a directory's above all, are refused there): root
+        # hands them over in-process, as before the daemon.
+        if os.geteuid() != 0:
+            from machined.errors import AccessDenied
+
+            raise AccessDenied("--preserve-fds needs root: pymachined passes only stdio in")
+    else:
+        status = _exec_through_daemon(args, command, environment)
+        if status is not None:
+            return status
     with _machines() as machines:
         state = machines.running_state(args.name)
         definition = machines.load(args.name)

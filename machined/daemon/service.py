@@ -56,6 +56,17 @@ class Daemon:
         self.images: dict[str, ImageObject] = {}
         self._children: set[asyncio.Task] = set()
 
+    def anonymous_authfile(self) -> str:
+        """An auth file with no logins (``{"auths": {}}``), for pulls of callers
+        that are not root (skopeo would otherwise use root's)."""
+        path = self.paths.runtime / ".anonymous-auth.json"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            tmp.write_text('{"auths": {}}\n')
+            os.replace(tmp, path)
+        return str(path)
+
     async def authorize(self, action: str, what: str, **details: str) -> None:
         msg = CURRENT_MESSAGE.get()
         interactive = bool(msg.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION)
@@ -475,6 +486,35 @@ class Manager(ServiceInterface):
         argv += [f"--include={','.join(include)}"] if include else []
         argv += ["--no-cache"] if no_cache else []
         return await self.d.start_job("bootstrap", image, [*argv, image])
+
+    @method()
+    @api
+    async def PullImage(
+        self, reference: "s", name: "s", platform: "s", force: "b", tls_verify: "b"
+    ) -> "uo":
+        """Pull REFERENCE into image NAME ("": the repository's last component)
+        as ``pymachine pull`` does, as a job: (id, job). Root's pull logs in
+        with the daemon's registry credentials (skopeo's usual auth files);
+        anyone else's is anonymous: a polkit "yes" to manage images is not a
+        share of root's registry logins."""
+        from bootstrap.oci import parse_platform
+        from bootstrap.reference import candidates
+
+        if reference.startswith("-"):
+            raise InvalidInput(f"invalid reference {reference!r}")
+        candidates(reference)  # InvalidInput for what is not a reference
+        if name:
+            validate_image_name(name)
+        parse_platform(platform or None)
+        image = name or reference
+        await self.d.authorize(daemon.ACTION_MANAGE_IMAGES, f"pull image '{image}'", image=image)
+        argv = ["pull", reference, *(["--name", name] if name else [])]
+        argv += ["--platform", platform] if platform else []
+        argv += ["--force"] if force else []
+        argv += [] if tls_verify else ["--tls-verify=false"]
+        if await polkit.caller_uid(self.d.bus, CURRENT_MESSAGE.get().sender) != 0:
+            argv += ["--authfile", self.d.anonymous_authfile()]
+        return await self.d.start_job("pull", image, argv)
 
     @method()
     @api

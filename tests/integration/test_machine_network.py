@@ -87,6 +87,12 @@ def test_port_forward_from_outside_and_from_the_hosts_localhost(net_host):
     create(net_host, "web2", WEB, "--port", "tcp:8080:80")
     net_host.pymachine("start", "web2")
     try:
+        # `start` returns once the machine runs, not once its httpd listens
+        # (readiness is Notify='s job): wait for the server, then test the ways in.
+        assert wait_until(
+            lambda: fetch(net_host, f"http://{address(net_host, 'web2')}/index.html",
+                          check=False).returncode == 0
+        )  # fmt: skip
         assert (
             fetch(net_host, "http://192.0.2.1:8080/index.html", netns="outside").stdout
             == "hi-from-web2\n"

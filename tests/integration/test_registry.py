@@ -821,17 +821,35 @@ def test_commit_makes_an_image_of_the_changes_only(host):
         host.pymachine("remove", m)
 
 
-def test_commit_refuses_a_running_machine_and_an_existing_name(host):
+def test_commit_of_a_running_machine_freezes_it_for_the_copy(host):
+    """A running machine is frozen while its writable layer is read (systemd's
+    FreezeUnit), then thawed: the image has what it wrote, and it runs on."""
     machine = unique("run")
     host.pymachine("create", machine, "--image", "base" if "base" in images(host) else _pulled(host), "--network", "none",
-                   "--", "/bin/sh", "-c", "while :; do sleep 1; done")  # fmt: skip
+                   "--", "/bin/sh", "-c", "echo live > /written; while :; do sleep 1; done")  # fmt: skip
     host.pymachine("start", machine)
-    before = store_entries(host)
+    new = unique("live")
     try:
-        running = pm(host, "commit", machine, unique("no"))
-        assert running.returncode == 5 and "is running" in running.stderr
+        for _ in range(100):  # the payload's first line has run
+            if host.run(["test", "-e", f"/var/lib/pymachine/machines/{machine}/upper/written"],
+                        check=False).returncode == 0:  # fmt: skip
+                break
+            time.sleep(0.05)
+        host.pymachine("commit", machine, new)
+        assert host.host_path(f"/var/lib/machines/{new}/written").read_text() == "live\n"
+        state = host.run(
+            ["systemctl", "show", "-P", "FreezerState", f"pymachine-{machine}.service"]
+        )
+        assert state.stdout.strip() == "running"
+        assert host.pymachine("exec", machine, "--", "echo", "still").stdout == "still\n"
+        stopped = unique("stopped")
+        host.pymachine("commit", "--stop", machine, stopped)  # stopped for the copy, started again
+        assert host.pymachine("exec", machine, "--", "cat", "/written").stdout == "live\n"
+        host.pymachine("image", "remove", stopped)
     finally:
         host.pymachine("stop", machine)
+        host.pymachine("image", "remove", new, check=False)
+    before = store_entries(host)
     taken = pm(host, "commit", machine, "base")
     assert taken.returncode == 5 and "already exists" in taken.stderr
     missing = pm(host, "commit", "no-such-machine", unique("no"))
@@ -975,3 +993,47 @@ def test_short_names_resolve_through_registries_conf(host):
         assert missing.returncode in (1, 4) and "short2" not in images(host)
     finally:
         conf.write_text(original)
+
+
+def test_a_user_pulls_through_pymachined_anonymously(host):
+    """With pymachined installed, a user allowed to manage images pulls (a
+    job of the daemon's); the pull is anonymous, though root has a login for
+    that registry, which root's own pull through the daemon uses."""
+    from machined.daemon import install
+    from tests.integration.test_daemon import IMAGES_RULE, RULES
+
+    root_auth = "/run/containers/0/auth.json"  # skopeo's default for root
+    host.run(
+        "set -e; getent group pymachine >/dev/null || groupadd pymachine; "
+        "id carol >/dev/null 2>&1 || useradd -m -G pymachine carol; "
+        "chmod 711 /root; mkdir -p /etc/polkit-1/rules.d /run/containers/0"
+    )
+    host.run(
+        ["cp", "/dev/stdin", "/etc/polkit-1/rules.d/50-pymachine.rules"], input=RULES.read_text()
+    )
+    host.run(["cp", "/dev/stdin", "/etc/polkit-1/rules.d/51-images.rules"], input=IMAGES_RULE)
+    host.run("chmod 644 /etc/polkit-1/rules.d/5*-*.rules")
+    host.run(["skopeo", "login", "--tls-verify=false", "--authfile", root_auth, "-u", USER,
+              "--password-stdin", AUTHED], input=PASSWORD)  # fmt: skip
+    host.pymachine("install-units")
+    mine, refused, roots = unique("carol"), unique("carol"), unique("root")
+    try:
+        as_carol = ["runuser", "-u", "carol", "--", sys.executable, "-m", "machined"]
+        pulled = host.run([*as_carol, "pull", "--tls-verify=false", "--name", mine,
+                           f"{PLAIN}/team/base:1"], check=False, timeout=300)  # fmt: skip
+        assert pulled.returncode == 0, pulled.stderr
+        assert images(host)[mine]["origin"]["repository"] == f"{PLAIN}/team/base"
+        before = store_entries(host)
+        private = host.run([*as_carol, "pull", "--tls-verify=false", "--name", refused,
+                            f"{AUTHED}/private/base:1"], check=False, timeout=300)  # fmt: skip
+        assert private.returncode == 1, private.stderr
+        assert store_entries(host) == before
+        host.pymachine("pull", "--tls-verify=false", "--name", roots, f"{AUTHED}/private/base:1",
+                       timeout=300)  # fmt: skip
+        assert roots in images(host)
+    finally:
+        targets = [f"/{target}" for _source, target in install.FILES]
+        host.run(["rm", "-f", root_auth, *targets])
+        host.run("systemctl daemon-reload; systemctl stop pymachined.service", check=False)
+        for image in (mine, roots):
+            host.pymachine("image", "remove", image, check=False)
