@@ -774,9 +774,12 @@ def status_properties(info: MachineInfo, paths: Paths) -> dict[str, Any]:
 
 def _health_of(info: MachineInfo, paths: Paths) -> dict[str, str]:
     """HealthCmd='s last result (the init's record), while the machine runs."""
-    if info.state != MachineState.RUNNING or not (
-        info.definition and info.definition.health.command
-    ):
+    definition = info.definition
+    checked = definition is not None and (
+        definition.health.command is not None
+        or (definition.boot and definition.health.on_failure != "none")  # guest health
+    )
+    if info.state != MachineState.RUNNING or not checked:
         return {}
     from machined.runtime import notify
 

@@ -230,6 +230,20 @@ class Supervisor:
         self.credentials_environment = {"CREDENTIALS_DIRECTORY": credentials.INSIDE}
         return [bind]
 
+    def _monitor_guest(self) -> None:
+        """Guest health (runtime/guest.py): a child that outlives us."""
+        from machined.paths import unit_name
+        from machined.runtime import guest
+
+        running = state.read(self.paths, self.definition.name)
+        if running is not None:
+            guest.monitor(
+                self.definition,
+                running,
+                str(self.layers.runtime_dir),
+                unit_name(self.definition.name),
+            )
+
     def _register(self) -> None:
         """Register with machined on a connection that the rest of the start
         reuses (``_start_loopback_proxies`` closes it). A stale registration
@@ -400,6 +414,8 @@ class Supervisor:
                     from machined.runtime import notify
 
                     notify.relay_boot(self.notify.fds, self.child)  # before the unit is handed over
+                if self.definition.boot and self.definition.health.on_failure != "none":
+                    self._monitor_guest()
                 self._hand_over()
                 return 0
             linux.set_process_name("pymachine-rt")

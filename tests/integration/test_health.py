@@ -356,3 +356,47 @@ def test_a_booted_guest_is_started_once_its_systemd_is_ready(
     finally:
         systemd_host.pymachine("stop", name, check=False, timeout=120)
         systemd_host.pymachine("remove", name, check=False)
+
+
+@pytest.mark.parametrize("action", ["restart", "kill"])
+def test_a_degraded_guest_takes_the_health_action(systemd_host, debian_image, machine_name, action):
+    """Guest health: a booted machine whose systemd is degraded (a unit of it
+    failed) is restarted, or killed, as HealthOnFailure= says; the journal
+    says why."""
+    name = machine_name
+    systemd_host.pymachine(
+        "create", name, "--image", debian_image, "--boot", "--network", "none",
+        "--stop-timeout", "30",
+        "--health-interval", "1", "--health-retries", "2", "--health-on-failure", action,
+    )  # fmt: skip
+    unit = f"pymachine-{name}.service"
+    try:
+        systemd_host.pymachine("start", name, timeout=180)
+        first = show(systemd_host, unit, "InvocationID")["InvocationID"]
+        wait_until(lambda: status_json(systemd_host, name)["health"]["status"] == "healthy", "up")
+        # a unit of the guest fails: its systemd is degraded
+        systemd_host.pymachine(
+            "exec", name, "--", "systemd-run", "--wait", "-q", "--unit=pymtest-fail", "/bin/false",
+            check=False,
+        )  # fmt: skip
+        verb = {"restart": "restarting", "kill": "killing"}[action]
+        systemd_host.wait_for_journal(
+            unit,
+            f"guest health check failed 2 times in a row: {verb} the machine "
+            "(is-system-running: degraded)",
+            timeout=120,
+        )
+        if action == "restart":
+            wait_until(
+                lambda: (
+                    show(systemd_host, unit, "InvocationID")["InvocationID"] not in ("", first)
+                    and show(systemd_host, unit, "ActiveState")["ActiveState"] == "active"
+                ),
+                "restarted",
+                timeout=120,
+            )
+        else:
+            wait_until(lambda: status_json(systemd_host, name)["state"] == "failed", "failed")
+    finally:
+        systemd_host.pymachine("stop", name, check=False, timeout=120)
+        systemd_host.pymachine("remove", name, check=False)

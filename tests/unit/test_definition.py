@@ -633,3 +633,11 @@ def test_health_keys_read_and_write_back() -> None:
 def test_health_keys_refuse_what_they_cannot_do(lines: str, message: str) -> None:
     with pytest.raises(InvalidInput, match=message):
         defs.from_text("web", "[Machine]\nImage=tiny\n[Exec]\n" + lines)
+
+
+def test_boot_mode_takes_guest_health_but_no_health_command() -> None:
+    base = "[Machine]\nImage=tiny\nBoot=yes\n[Exec]\n"
+    parsed = defs.from_text("os", base + "HealthOnFailure=restart\nHealthInterval=5\n")
+    assert (parsed.health.on_failure, parsed.health.interval) == ("restart", 5.0)
+    with pytest.raises(InvalidInput, match="HealthCmd= is not supported for boot-mode"):
+        defs.from_text("os", base + "HealthCmd=true\n")
