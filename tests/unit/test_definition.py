@@ -568,7 +568,7 @@ def test_notify_reads_and_writes_back() -> None:
     "text, message",
     [
         ("[Exec]\nNotify=maybe\n", "invalid boolean"),
-        ("[Machine]\nBoot=yes\n[Exec]\nNotify=yes\n", "boot-mode"),
+        ("[Machine]\nBoot=yes\n[Exec]\nHealthCmd=true\nNotify=healthy\n", "boot-mode"),
     ],
 )
 def test_notify_refuses_what_it_cannot_do(text: str, message: str) -> None:
