@@ -42,7 +42,8 @@ def monitor(definition, state, runtime_dir: str, unit: str) -> None:
 
 def _record(path: str, status: str, streak: int, output: str) -> None:
     tmp = f"{path}.tmp"
-    with open(tmp, "w") as handle:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with open(fd, "w") as handle:  # root's, as the init's record: the guest's answers
         handle.write(f"{status} {streak}\n{output}\n")
     os.rename(tmp, path)
 
