@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from machined import unitfile
+from machined.credentials import Credential, parse_stored
 from machined.errors import InvalidInput, NotFound
 from machined.names import validate_image_name, validate_machine_name
 from machined.network.config import NetworkConfig, NetworkMode, PortForward
@@ -25,6 +26,10 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~1.6 ms 
 if TYPE_CHECKING:  # runtime, which runs without site: nothing there imports it)
     from typing import Any
 
+#: Notify=: "no", the unit is started once the payload runs; "yes", once it
+#: sent READY=1 to $NOTIFY_SOCKET (runtime/notify.py).
+NOTIFY_MODES = ("no", "yes", "healthy")  # healthy: at HealthCmd='s first pass
+HEALTH_ACTIONS = ("none", "kill", "restart", "stop")  # HealthOnFailure=, podman's
 DEFAULT_STOP_TIMEOUT = 10.0  # seconds, like docker/podman; systemd's 90 s is for whole OSes
 
 
@@ -59,6 +64,81 @@ class BindMount(namedtuple("BindMount", "source target read_only", defaults=(Fal
         return f"{self.source}:{self.target}" + (":ro" if self.read_only else "")
 
 
+class DeviceNode(namedtuple("DeviceNode", "path access", defaults=("rwm",))):
+    """A ``Device=/dev/PATH[:rwm]`` line: a host device node the machine may use."""
+
+    __slots__ = ()
+
+    @classmethod
+    def parse(cls, text: str) -> DeviceNode:
+        path, sep, access = text.partition(":")
+        if not sep:
+            access = "rwm"
+        if (
+            not path.startswith("/dev/")
+            or not re.fullmatch(r"/dev/[A-Za-z0-9_.+@-]+(?:/[A-Za-z0-9_.+@-]+)*", path)
+            or ".." in path.split("/")
+            or not access
+            or not set(access) <= set("rwm")
+            or len(set(access)) != len(access)
+        ):
+            raise InvalidInput(
+                f"invalid device {text!r}: expected /dev/PATH[:rwm] (r, w, m: read, write, mknod)"
+            )
+        return cls(path, "".join(c for c in "rwm" if c in access))
+
+    def __str__(self) -> str:
+        return self.path if self.access == "rwm" else f"{self.path}:{self.access}"
+
+
+class HealthCheck(Record):
+    """HealthCmd= and its settings (podman's names and defaults): run by the
+    machine's init (pymachine-init.c), which the runtime gives them as flags."""
+
+    def __init__(
+        self,
+        command: str | None = None,
+        interval: float = 30.0,
+        timeout: float = 30.0,
+        retries: int = 3,
+        start_period: float = 0.0,
+        on_failure: str = "none",
+    ) -> None:
+        self.command = command
+        self.interval = interval
+        self.timeout = timeout
+        self.retries = retries
+        self.start_period = start_period
+        self.on_failure = on_failure
+
+    def validate(self) -> None:
+        if self.command is not None and not self.command.strip():
+            raise InvalidInput("invalid HealthCmd=: empty")
+        check_seconds(self.interval, what="health interval")
+        check_seconds(self.timeout, what="health timeout")
+        if self.start_period:
+            check_seconds(self.start_period, what="health start period")
+        if not 1 <= self.retries <= 1000:
+            raise InvalidInput(f"invalid HealthRetries= {self.retries}: 1 to 1000")
+        if self.on_failure not in HEALTH_ACTIONS:
+            raise InvalidInput(
+                f"invalid HealthOnFailure= {self.on_failure!r}: expected {', '.join(HEALTH_ACTIONS)}"
+            )
+
+    def init_arguments(self) -> list[str]:
+        """pymachine-init's flags (none without a command)."""
+        if self.command is None:
+            return []
+        return [
+            "--health-cmd", self.command,
+            "--health-interval", repr(self.interval),
+            "--health-timeout", repr(self.timeout),
+            "--health-retries", str(self.retries),
+            "--health-start-period", repr(self.start_period),
+            "--health-on-failure", self.on_failure,
+        ]  # fmt: skip
+
+
 class MachineDefinition(Record):
     """A machine as ``/etc/pymachine/NAME.machine`` defines it (mutable; equal
     when every attribute is)."""
@@ -84,6 +164,14 @@ class MachineDefinition(Record):
         system_call_filter: list[str] | None = None,
         no_new_privileges: bool | None = None,  # None: yes for app machines, no in boot mode
         private_users: str = "pick",
+        notify: str = "no",
+        load_credentials: list[Credential] | None = None,
+        set_credentials: list[tuple[str, bool]] | None = None,
+        requires: list[str] | None = None,
+        wants: list[str] | None = None,
+        after: list[str] | None = None,
+        devices: list[DeviceNode] | None = None,
+        health: HealthCheck | None = None,
     ) -> None:
         self.name = name
         self.image = image
@@ -103,6 +191,19 @@ class MachineDefinition(Record):
         self.system_call_filter = system_call_filter if system_call_filter is not None else []
         self.no_new_privileges = no_new_privileges
         self.private_users = private_users
+        self.notify = notify  # NOTIFY_MODES: when the unit counts as started
+        # LoadCredential[Encrypted]= lines; SetCredential[Encrypted]= IDs (machined.credentials)
+        self.load_credentials = load_credentials if load_credentials is not None else []
+        self.set_credentials = set_credentials if set_credentials is not None else []
+        # create --set-credential's values (ID → bytes): written to the credential
+        # store by create, never to the definition file
+        self.secrets: dict[str, bytes] = {}
+        # other machines, by name (machined.dependencies)
+        self.requires = requires if requires is not None else []
+        self.wants = wants if wants is not None else []
+        self.after = after if after is not None else []
+        self.devices = devices if devices is not None else []  # Device= host nodes
+        self.health = health if health is not None else HealthCheck()
 
     def validate(self) -> MachineDefinition:
         validate_machine_name(self.name)
@@ -121,6 +222,19 @@ class MachineDefinition(Record):
         for what, value in (("user", self.user), ("working directory", self.working_directory)):
             if value is not None and (not value or value != value.strip()):
                 raise InvalidInput(f"invalid {what} {value!r}: empty, or white space around it")
+        if self.notify not in NOTIFY_MODES:
+            raise InvalidInput(f"invalid Notify= {self.notify!r}: expected yes, healthy or no")
+        if self.boot and self.notify == "healthy":
+            raise InvalidInput("Notify=healthy is not supported for boot-mode machines yet")
+        if self.notify == "healthy" and self.health.command is None:
+            raise InvalidInput("Notify=healthy needs a HealthCmd=")
+        if self.boot and self.health.command is not None:
+            raise InvalidInput("HealthCmd= is not supported for boot-mode machines yet")
+        self.health.validate()
+        ids = [c.id for c in self.load_credentials] + [i for i, _ in self.set_credentials]
+        if len(set(ids)) != len(ids):
+            twice = sorted({i for i in ids if ids.count(i) > 1})
+            raise InvalidInput(f"credential {twice[0]!r} is given twice")
         if self.boot and self.command:
             raise InvalidInput("a boot-mode machine runs the image's init; it takes no command")
         self.network.validate()
@@ -133,6 +247,10 @@ class MachineDefinition(Record):
         values += [("environment value", f"{k}={v}") for k, v in self.environment.items()]
         values += [("working directory", self.working_directory or ""), ("user", self.user or "")]
         values += [("bind", str(b)) for b in self.binds]
+        values += [("device", str(d)) for d in self.devices]
+        values += [("health command", self.health.command or "")]
+        values += [("credential", str(c)) for c in self.load_credentials]
+        values += [("credential ID", i) for i, _ in self.set_credentials]
         return values
 
 
@@ -208,6 +326,13 @@ def _parse_private_users(text: str) -> str:
     return text if text in ("pick", "no") else _security().parse_private_users(text)
 
 
+def _parse_notify(text: str) -> str:
+    lowered = text.lower()
+    if lowered in NOTIFY_MODES:
+        return lowered
+    return "yes" if parse_bool(text) else "no"
+
+
 def _fmt_bool(value: bool) -> str:
     return "yes" if value else "no"
 
@@ -242,6 +367,27 @@ def _scalar(
     return get, set_
 
 
+def _health_scalar(attr: str, parse: Callable, fmt: Callable, default: Any) -> tuple:
+    def get(d: MachineDefinition) -> list[str]:
+        value = getattr(d.health, attr)
+        return [] if value is None or value == default else [fmt(value)]
+
+    def set_(d: MachineDefinition, text: str) -> None:
+        setattr(d.health, attr, parse(text))
+
+    return get, set_
+
+
+def _parse_int(text: str, key: str) -> int:
+    if not re.fullmatch(r"[0-9]{1,6}", text):
+        raise InvalidInput(f"invalid {key}= {text!r}: expected a number")
+    return int(text)
+
+
+def _parse_seconds_or_zero(text: str) -> float:
+    return 0.0 if text.strip().removesuffix("s") in ("0", "0.0") else parse_seconds(text)
+
+
 def _set_env(d: MachineDefinition, text: str) -> None:
     if text[:1] in ("'", '"'):  # quoted to keep leading/trailing blanks
         try:
@@ -273,9 +419,23 @@ def _set_network_mode(d: MachineDefinition, text: str) -> None:
         ) from None
 
 
+def _dependency_key(key: str) -> _Key:
+    attr = key.lower()
+
+    def set_(d: MachineDefinition, text: str) -> None:
+        from machined.dependencies import parse
+
+        getattr(d, attr).extend(n for n in parse(text) if n not in getattr(d, attr))
+
+    return _Key(
+        "Machine", key, lambda d: [" ".join(getattr(d, attr))] if getattr(d, attr) else [], set_
+    )
+
+
 _KEYS: tuple[_Key, ...] = (
     _Key("Machine", "Image", lambda d: [d.image], lambda d, v: setattr(d, "image", v)),
     _Key("Machine", "Boot", *_scalar("boot", parse_bool, _fmt_bool, default=False)),
+    *(_dependency_key(key) for key in ("Requires", "Wants", "After")),
     _Key("Exec", "Command", lambda d: [shlex.join(d.command)] if d.command else [], _set_command),
     _Key(
         "Exec",
@@ -319,11 +479,47 @@ _KEYS: tuple[_Key, ...] = (
         "PrivateUsers",
         *_scalar("private_users", _parse_private_users, default="pick"),
     ),
+    _Key("Exec", "Notify", *_scalar("notify", _parse_notify, default="no")),
+    *(
+        _Key("Exec", key, *_health_scalar(attr, parse, fmt, default))
+        for key, attr, parse, fmt, default in (
+            ("HealthCmd", "command", str, str, None),
+            ("HealthInterval", "interval", parse_seconds, _fmt_seconds, 30.0),
+            ("HealthTimeout", "timeout", parse_seconds, _fmt_seconds, 30.0),
+            ("HealthRetries", "retries", lambda v: _parse_int(v, "HealthRetries"), str, 3),
+            ("HealthStartPeriod", "start_period", _parse_seconds_or_zero, _fmt_seconds, 0.0),
+            ("HealthOnFailure", "on_failure", str, str, "none"),
+        )
+    ),
+    *(
+        _Key(
+            "Exec",
+            key,
+            lambda d, enc=enc: [str(c) for c in d.load_credentials if c.encrypted == enc],
+            lambda d, v, enc=enc: d.load_credentials.append(Credential.parse(v, enc)),
+        )
+        for key, enc in (("LoadCredential", False), ("LoadCredentialEncrypted", True))
+    ),
+    *(
+        _Key(
+            "Exec",
+            key,
+            lambda d, enc=enc: [i for i, e in d.set_credentials if e == enc],
+            lambda d, v, enc=enc: d.set_credentials.append((parse_stored(v), enc)),
+        )
+        for key, enc in (("SetCredential", False), ("SetCredentialEncrypted", True))
+    ),
     _Key(
         "Files",
         "Bind",
         lambda d: [str(b) for b in d.binds],
         lambda d, v: d.binds.append(BindMount.parse(v)),
+    ),
+    _Key(
+        "Files",
+        "Device",
+        lambda d: [str(n) for n in d.devices],
+        lambda d, v: d.devices.append(DeviceNode.parse(v)),
     ),
     _Key("Files", "ReadOnly", *_scalar("read_only", parse_bool, _fmt_bool, default=False)),
     _Key("Files", "Ephemeral", *_scalar("ephemeral", parse_bool, _fmt_bool, default=False)),

@@ -183,16 +183,26 @@ class Machines:
         definition.validate()  # the image's values too, before anything is written
         if _definition_exists(definition.name, self.paths):
             raise Conflict(f"machine '{definition.name}' already exists")
+        if definition.requires or definition.wants or definition.after:
+            from machined import dependencies
+
+            dependencies.check(definition, self.load)
         if not self.paths.image(definition.image).is_dir():
             raise NotFound(f"image '{definition.image}' not found in {self.paths.images}")
+        from machined import credentials
+
         state_dir = self.paths.machine_state(definition.name)
         created_state = not state_dir.exists()
         try:
             private_dirs(self.paths.state, self.paths.images, state_dir.parent, state_dir)
             (state_dir / "upper").mkdir(parents=True, exist_ok=True)
             (state_dir / "work").mkdir(parents=True, exist_ok=True)
+            if definition.secrets:
+                credentials.save(self.paths, definition.name, definition.secrets)
             _definitions().save(definition, self.paths)
         except BaseException:
+            if definition.secrets:
+                credentials.remove(self.paths, definition.name)
             if created_state:
                 import shutil
 
@@ -355,6 +365,7 @@ class Machines:
         return definition, states
 
     def settings(self, definition: MachineDefinition, *, scope: bool = False) -> list:
+        from machined import credentials
         from machined.properties import machine_settings
         from machined.runtime import cleanup
 
@@ -382,10 +393,34 @@ class Machines:
             ),
             pid_file=str(self.paths.pid_file(name)),
             runtime_directory=cleanup.runtime_directory(name, self.paths),
+            exec_start_post=(
+                runtime_command(
+                    name,
+                    "--wait-ready",
+                    str(self.paths.machine_runtime(name)),
+                    str(self.paths.pid_file(name)),
+                )
+                if definition.notify != "no" and not scope
+                else None
+            ),
+            credentials=[tuple(c) for c in credentials.unit_credentials(definition, self.paths)],
+            devices=[tuple(d) for d in definition.devices],
+            dependencies=None
+            if scope
+            else {
+                "Requires": [unit_name(n) for n in definition.requires],
+                "Wants": [unit_name(n) for n in definition.wants],
+                "After": [
+                    unit_name(n)
+                    for n in dict.fromkeys(
+                        [*definition.requires, *definition.wants, *definition.after]
+                    )
+                ],
+            },
         )
 
-    def start(self, name: str, *, timeout: float = 120) -> None:
-        start = self._prepare_start(name)
+    def start(self, name: str, *, timeout: float = 120, _chain: tuple[str, ...] = ()) -> None:
+        start = self._prepare_start(name, chain=_chain)
         if start.reload:
             self.systemd.reload()
         self._queue_start(start, wait=True, timeout=timeout)
@@ -420,11 +455,39 @@ class Machines:
                 errors[i] = self._start_error(starts[i], error)
         return errors
 
-    def _prepare_start(self, name: str, states: dict[str, str] | None = None) -> _Start:
+    def _start_dependencies(self, definition: MachineDefinition, chain: tuple[str, ...]) -> None:
+        """Start the machines DEFINITION requires or wants, each waited for
+        (ready, with Notify=): its transient unit's Requires= can only name
+        units that exist. A wanted one that fails is left out, as systemd's
+        Wants= does; a required one fails this start. CHAIN: the machines
+        being started on the way here (a cycle a hand edit made)."""
+        from machined import dependencies
+
+        chain = (*chain, definition.name)
+        for name, required in dependencies.started_first(definition):
+            if name in chain:
+                raise InvalidInput(f"dependency cycle: {' → '.join([*chain, name])}")
+            if self.is_running(name):
+                continue
+            try:
+                self.start(name, _chain=chain)
+            except Conflict:
+                continue  # started meanwhile by another client
+            except PymachineError as exc:
+                if required:
+                    raise type(exc)(
+                        f"machine '{definition.name}' requires '{name}', which did not start: {exc}"
+                    ) from None
+
+    def _prepare_start(
+        self, name: str, states: dict[str, str] | None = None, chain: tuple[str, ...] = ()
+    ) -> _Start:
         """What :meth:`start` checks and does before its job: the definition and
         the image, not running, a failed unit reset, an enabled machine's unit
         file re-rendered when its definition changed (by hand too)."""
         definition, states = self.startable(name, states)
+        if definition.requires or definition.wants:
+            self._start_dependencies(definition, chain)
         unit = unit_name(name)
         if unit in states:  # not loaded: nothing to reset (no round trip)
             self.systemd.reset_failed(unit)
@@ -611,6 +674,9 @@ class Machines:
 
         shutil.rmtree(self.paths.machine_state(name), ignore_errors=True)
         shutil.rmtree(self.paths.machine_runtime(name), ignore_errors=True)
+        from machined import credentials
+
+        credentials.remove(self.paths, name)
         with contextlib.suppress(Exception):
             from machined import network
 
@@ -705,7 +771,22 @@ def status_properties(info: MachineInfo, paths: Paths) -> dict[str, Any]:
         "Command": list(definition.command) if definition else [],
         "Security": _security_of(info, paths),
         "Problem": info.problem or "",
+        "Health": _health_of(info, paths),
     }
+
+
+def _health_of(info: MachineInfo, paths: Paths) -> dict[str, str]:
+    """HealthCmd='s last result (the init's record), while the machine runs."""
+    definition = info.definition
+    checked = definition is not None and (
+        definition.health.command is not None
+        or (definition.boot and definition.health.on_failure != "none")  # guest health
+    )
+    if info.state != MachineState.RUNNING or not checked:
+        return {}
+    from machined.runtime import notify
+
+    return notify.read_health(str(paths.machine_runtime(info.name))) or {}
 
 
 def _security_of(info: MachineInfo, paths: Paths) -> dict[str, str]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections import namedtuple
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from machined.errors import InvalidInput
 
@@ -253,6 +253,10 @@ def machine_settings(
     exec_stop_post: list[str] | None = None,
     pid_file: str | None = None,
     runtime_directory: str | None = None,
+    exec_start_post: list[str] | None = None,
+    credentials: Sequence[tuple[str, str, bool]] = (),
+    dependencies: Mapping[str, Sequence[str]] | None = None,
+    devices: Sequence[tuple[str, str]] = (),
 ) -> list[UnitSetting]:
     """Everything a machine's unit carries, in one list that both the transient
     path (D-Bus properties) and the enabled path (rendered unit file) use, so
@@ -262,13 +266,22 @@ def machine_settings(
     is gone however it ended (a SIGKILLed runtime included); its failure is
     ignored (``-``), so it never turns a clean stop into a failed unit.
     ``runtime_directory``: relative to /run, made at start and removed by
-    systemd at stop (see runtime.cleanup.runtime_directory)."""
+    systemd at stop (see runtime.cleanup.runtime_directory).
+    ``exec_start_post``: Notify=yes, the wait for the payload's READY=1 that
+    the start job includes (runtime/notify.py); PID 1, the main process,
+    relays READY=1/STATUS=/WATCHDOG=1 to systemd (``NotifyAccess=main``).
+    ``credentials``: (ID, host path, encrypted): the unit loads them (and
+    decrypts the encrypted ones) at start; the runtime passes them in
+    (machined.credentials)."""
     timeout = stop_timeout + STOP_TIMEOUT_MARGIN
     settings = [
         _setting("Description", f"pymachine machine {name}"),
         _setting("Slice", "machine.slice"),
         _setting("Delegate", "yes", Property("Delegate", "b", True)),
     ]
+    for key, units in (dependencies or {}).items():  # other machines' units (dependencies.py)
+        if units:
+            settings.append(_setting(key, " ".join(units), Property(key, "as", list(units))))
     if not scope:
         settings += [
             # The runtime sets the machine up, writes PID 1's PID and exits: PID 1,
@@ -302,6 +315,18 @@ def machine_settings(
             _setting(
                 "DeviceAllow", "char-pts rw", Property("DeviceAllow", "a(ss)", [("char-pts", "rw")])
             ),
+            # Device=: the definition's host nodes. The runtime makes each in the
+            # machine's /dev (mknod, from the unit's cgroup): "m" always. A root
+            # inside with CAP_MKNOD (PrivateUsers=no) could make another node
+            # of the same device only.
+            *(
+                _setting(
+                    "DeviceAllow",
+                    f"{path} {access.replace('m', '')}m",
+                    Property("DeviceAllow", "a(ss)", [(path, access.replace("m", "") + "m")]),
+                )
+                for path, access in devices
+            ),
             # The init passes SIGTERM's 143 on when the payload obeys a stop: that is success.
             _setting(
                 "SuccessExitStatus", "143", Property("SuccessExitStatus", "(aiai)", ([143], []))
@@ -320,6 +345,22 @@ def machine_settings(
                 Property("ExecStart", "a(sasb)", [(exec_start[0], exec_start, False)]),
             ),
         ]
+        if exec_start_post:
+            settings += [
+                _setting("NotifyAccess", "main"),
+                _setting(
+                    "ExecStartPost",
+                    _unit_quote(*exec_start_post),
+                    Property(
+                        "ExecStartPost", "a(sasb)", [(exec_start_post[0], exec_start_post, False)]
+                    ),
+                ),
+            ]
+        for ident, path, encrypted in credentials:
+            key = "LoadCredentialEncrypted" if encrypted else "LoadCredential"
+            settings.append(
+                _setting(key, f"{ident}:{path}", Property(key, "a(ss)", [(ident, path)]))
+            )
         if runtime_directory:
             settings.append(
                 _setting(

@@ -98,7 +98,7 @@ def setting_value(setting: UnitSetting) -> str:
     (so a word with a space or a quote reads back as the same word); others use
     the setting's text, with ``%`` doubled where systemd expands specifiers.
     """
-    if setting.key in ("ExecStart", "ExecStopPost"):
+    if setting.key in ("ExecStart", "ExecStartPost", "ExecStopPost"):
         return _exec_start(setting.properties[0])
     if setting.key == "Environment":
         return " ".join(quote_word(assignment) for assignment in setting.properties[0].value)

@@ -33,6 +33,13 @@ def _add_definition_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--bind", action="append", default=[], metavar="HOST:CONTAINER[:ro]", help="bind mount"
     )
+    p.add_argument(
+        "--device",
+        action="append",
+        default=[],
+        metavar="/dev/PATH[:rwm]",
+        help="pass a host device node in (e.g. /dev/fuse, /dev/kvm, /dev/dri/renderD128)",
+    )
     p.add_argument("--read-only", action="store_true", help="mount the root file system read-only")
     p.add_argument("--ephemeral", action="store_true", help="throw the writable layer away at stop")
     p.add_argument(
@@ -43,6 +50,52 @@ def _add_definition_flags(p: argparse.ArgumentParser) -> None:
         metavar="NAME=VALUE",
         help="environment variable",
     )
+    p.add_argument(
+        "--notify",
+        action="store_true",
+        help="count the machine as started once its payload sends READY=1 to $NOTIFY_SOCKET",
+    )
+    p.add_argument(
+        "--notify-healthy",
+        action="store_true",
+        help="count the machine as started at its first passing health check",
+    )
+    p.add_argument("--health-cmd", metavar="CMD", help="health check, run by /bin/sh -c inside")
+    for flag, meta, text in (
+        ("--health-interval", "SECONDS", "between checks (default 30)"),
+        ("--health-timeout", "SECONDS", "a check's time limit (default 30)"),
+        ("--health-start-period", "SECONDS", "failures then do not count (default 0)"),
+    ):
+        p.add_argument(flag, type=float, metavar=meta, help=text)
+    p.add_argument("--health-retries", type=int, metavar="N", help="failures in a row (default 3)")
+    p.add_argument(
+        "--health-on-failure",
+        choices=["none", "kill", "restart", "stop"],
+        help="what an unhealthy machine gets (default none)",
+    )
+    for flag, meta, text in (
+        (
+            "--load-credential",
+            "ID:PATH",
+            "a host file the payload reads as $CREDENTIALS_DIRECTORY/ID",
+        ),
+        ("--load-credential-encrypted", "ID:PATH", "the same, made by systemd-creds encrypt"),
+        (
+            "--set-credential",
+            "ID:VALUE",
+            "a credential's value, kept root-only in /etc/pymachine/credentials/NAME/",
+        ),
+        ("--set-credential-encrypted", "ID:VALUE", "the same, systemd-creds encrypt's output"),
+    ):
+        p.add_argument(flag, action="append", default=[], metavar=meta, help=text)
+    for key in ("requires", "wants", "after"):
+        p.add_argument(
+            f"--{key}",
+            action="append",
+            default=[],
+            metavar="MACHINE",
+            help=f"{key.capitalize()}= another machine (started first, unless --after)",
+        )
     p.add_argument("--workdir", metavar="DIR", help="working directory of the command")
     p.add_argument("--user", "-u", metavar="USER[:GROUP]", help="user to run the command as")
     p.add_argument(
@@ -104,8 +157,23 @@ def _apply_security_flags(definition, args: argparse.Namespace) -> None:
         definition.system_call_filter.append(security.parse_syscall_filter(text))
 
 
+def _apply_credential_flags(definition, args: argparse.Namespace) -> None:
+    from machined.credentials import Credential, check_id
+
+    for encrypted, key in ((False, "load_credential"), (True, "load_credential_encrypted")):
+        texts = getattr(args, key, [])
+        definition.load_credentials += [Credential.parse(text, encrypted) for text in texts]
+    for encrypted, key in ((False, "set_credential"), (True, "set_credential_encrypted")):
+        for text in getattr(args, key, []):
+            ident, sep, value = text.partition(":")
+            if not sep:
+                raise InvalidInput(f"invalid credential {ident!r}: expected ID:VALUE")
+            definition.set_credentials.append((check_id(ident), encrypted))
+            definition.secrets[ident] = os.fsencode(value)
+
+
 def _build_definition(name: str, args: argparse.Namespace, command: list[str]):
-    from machined.definition import BindMount, MachineDefinition, parse_env
+    from machined.definition import BindMount, DeviceNode, MachineDefinition, parse_env
     from machined.names import validate_image_name, validate_machine_name
     from machined.network.config import NetworkMode, PortForward
     from machined.properties import parse_assignment
@@ -120,12 +188,28 @@ def _build_definition(name: str, args: argparse.Namespace, command: list[str]):
         definition.resources[key] = value
     definition.boot = args.boot
     definition.binds = [BindMount.parse(b) for b in args.bind]
+    definition.devices = [DeviceNode.parse(d) for d in getattr(args, "device", [])]
     definition.read_only = args.read_only
     definition.ephemeral = args.ephemeral
     for text in args.env:
         key, value = parse_env(text)
         definition.environment[key] = value
     definition.working_directory = args.workdir
+    if getattr(args, "notify", False):
+        definition.notify = "yes"
+    if getattr(args, "notify_healthy", False):
+        definition.notify = "healthy"
+    health = definition.health
+    health.command = getattr(args, "health_cmd", None)
+    for key in ("interval", "timeout", "start_period", "retries", "on_failure"):
+        if getattr(args, f"health_{key}", None) is not None:
+            setattr(health, key, getattr(args, f"health_{key}"))
+    _apply_credential_flags(definition, args)
+    from machined.dependencies import parse
+
+    for key in ("requires", "wants", "after"):
+        for text in getattr(args, key, []):
+            getattr(definition, key).extend(parse(text))
     definition.user = args.user
     if args.stop_timeout is not None:
         definition.stop_timeout = args.stop_timeout
@@ -201,9 +285,12 @@ def _warn_port_sharers(definition) -> None:
 
 def cmd_create(args: argparse.Namespace) -> int:
     definition = _build_definition(args.name, args, _command(args))
+    if definition.secrets and os.geteuid() != 0:
+        raise InvalidInput("--set-credential needs root: pymachined's API takes no secrets yet")
     if args.dry_run or args.replace:
         return _define(definition, args)
-    if not _daemon_call(_create_call(definition)):
+    if definition.secrets or not _daemon_call(_create_call(definition)):
+        # a secret goes to root's credential store, never over the bus or into the definition
         with _machines() as machines:
             machines.create(definition)
     _warn_port_sharers(definition)
@@ -369,6 +456,18 @@ def _info_json(props: dict[str, Any]) -> dict[str, Any]:
         "since": since,
         "uptime": time.time() - since if since and running else None,
         "result": props["Result"] or None,
+        "health": _health_json(props.get("Health")),
+    }
+
+
+def _health_json(health: dict[str, str] | None) -> dict[str, Any] | None:
+    if not health:
+        return None
+    streak = health.get("failing_streak", "")
+    return {
+        "status": health.get("status"),
+        "failing_streak": int(streak) if streak.isdigit() else None,
+        "last_output": health.get("last_output", ""),
     }
 
 
@@ -376,8 +475,8 @@ def _properties(answer: Any) -> dict[str, Any]:
     """An ``a{sv}`` of machine properties as pystemd decodes it (a dictionary's
     value as a list of pairs) in the shape the library makes them."""
     props = dict(answer)
-    for key in ("Limits", "Security"):
-        props[key] = dict(props[key])
+    for key in ("Limits", "Security", "Health"):
+        props[key] = dict(props.get(key, []))
     return props
 
 
@@ -415,7 +514,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     rows = [
         (
             i["name"],
-            i["state"],
+            i["state"] + (f" ({i['health']['status']})" if i.get("health") else ""),
             i["image"],
             i["address"],
             human_bytes(i["memory"]) if i["memory"] is not None else None,
@@ -487,6 +586,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             ("Uptime", human_duration(info["uptime"]) if info["uptime"] is not None else None),
             ("Command", shlex.join(props["Command"]) if props["Command"] else None),
         ]
+        if info.get("health"):
+            health = info["health"]
+            text = f"{health['status']} (failing streak {health['failing_streak']})"
+            rows.append(
+                ("Health", text + (f": {health['last_output']}" if health["last_output"] else ""))
+            )
         rows += list(props["Security"].items()) if running else []
         if not running and result and props["ExitStatus"] >= 0:
             rows.append(("Exit status", str(props["ExitStatus"])))

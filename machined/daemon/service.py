@@ -679,6 +679,10 @@ class MachineObject(ServiceInterface):
     def Problem(self) -> "s":
         return self._get("Problem")
 
+    @dbus_property(access=PropertyAccess.READ)
+    def Health(self) -> "a{ss}":
+        return self._get("Health")
+
     @method()
     @api
     async def Start(self) -> None:
@@ -735,7 +739,7 @@ SIGNATURES = {
     "Name": "s", "State": "s", "Image": "s", "Unit": "s", "Leader": "u", "Addresses": "as",
     "Limits": "a{ss}", "MemoryCurrent": "t", "TasksCurrent": "t", "Since": "t", "Result": "s",
     "ExitStatus": "i", "Enabled": "b", "Boot": "b", "NetworkMode": "s", "Command": "as",
-    "Security": "a{ss}", "Problem": "s",
+    "Security": "a{ss}", "Problem": "s", "Health": "a{ss}",
 }  # fmt: skip
 
 
@@ -801,6 +805,11 @@ def privileged_features(definition: Any) -> list[str]:
     found = []
     if definition.binds:
         found.append("Bind= (host paths)")
+    if definition.devices:
+        found.append("Device= (host devices)")
+    for encrypted in (False, True):  # systemd reads them as root at start
+        if any(c.encrypted == encrypted for c in definition.load_credentials):
+            found.append(f"LoadCredential{'Encrypted' if encrypted else ''}= (host paths)")
     if definition.private_users != "pick":
         found.append(f"PrivateUsers={definition.private_users}")
     if definition.capability:

@@ -1,6 +1,7 @@
 """``python -m machined.runtime NAME …``: the unit's ``ExecStart=`` (the
 supervisor) and, with ``--cleanup``, its ``ExecStopPost=`` — which must not pay
-for the supervisor's imports (see :mod:`machined.runtime.cleanup`)."""
+for the supervisor's imports (see :mod:`machined.runtime.cleanup`); with
+``--wait-ready``, a Notify=yes machine's ``ExecStartPost=`` (runtime/notify.py)."""
 
 import os
 import sys
@@ -18,6 +19,11 @@ def main(argv: list[str]) -> None:  # never returns: both paths end in _exit
 
             cleanup.cleanup(argv[0], Paths.from_env())
         _exit(0)
+    if "--wait-ready" in argv[1:]:  # ExecStartPost= of a Notify=yes machine
+        from machined.runtime import notify
+
+        given = argv[argv.index("--wait-ready") + 1 :]  # the runtime directory, the PID file
+        _exit(notify.wait_ready(argv[0], given[0], given[1]))
     from machined.runtime import leader
 
     # First, so that the container's first process loads its modules while we

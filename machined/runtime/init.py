@@ -65,6 +65,19 @@ def command_line(
     return [*line, "--", *argv]
 
 
+def notify_arguments(fds: list[int]) -> list[str]:
+    """The flags for the notify socket, the ready FIFO, the forward socket and
+    the health record (or -1) that PID 1 received (runtime/notify.py); they stay open across
+    its exec, and the init marks them close-on-exec for the payload."""
+    notify_fd, ready_fd, forward_fd, health_fd = fds
+    for fd in fds:
+        if fd >= 0:
+            os.set_inheritable(fd, True)
+    flags = ["--notify-fd", str(notify_fd), "--ready-fd", str(ready_fd)]
+    flags += ["--forward-fd", str(forward_fd)] if forward_fd >= 0 else []
+    return flags + (["--health-fd", str(health_fd)] if health_fd >= 0 else [])
+
+
 def exit_status(wait_status: int) -> int:
     """A wait status as a shell would report it: the code, or 128+N if killed by N."""
     if os.WIFSIGNALED(wait_status):

@@ -75,12 +75,23 @@ class Intermediate:
         flags besides user and PID) and fork PID 1."""
         os.write(self.go_write, f"{flags}\n".encode())
 
-    def filesystems(self) -> list[int] | None:
+    def filesystems(self, *, keep_open: bool = False) -> list[int] | None:
         """PID 1's file system contexts (:func:`mounts.open_filesystems`), -1
         for each the kernel refused it; None if PID 1 failed first. The caller
-        owns (and closes) them."""
+        owns (and closes) them. KEEP_OPEN: :meth:`send_fds` follows."""
         try:
             return receive_fds(self._filesystems)
+        finally:
+            if not keep_open:
+                self._filesystems.close()
+
+    def send_fds(self, fds: list[int]) -> None:
+        """FDS (closed here) to PID 1, which execs the init with them
+        (the notify socket: runtime/notify.py), once it has the message."""
+        try:
+            send_fds(self._filesystems, fds)
+        except OSError:
+            pass  # PID 1 is gone: the report pipe says so
         finally:
             self._filesystems.close()
 
@@ -302,9 +313,12 @@ def _pid1(
         if userns:
             _become_root()
         send_fds(filesystems, container.open_filesystems())  # the runtime mounts them
-        filesystems.close()
         message = receive(go_read)  # sent once the network is set up and the root mounted
         if message is None:
+            raise RuntimeError("the runtime is gone")
+        notify_fds = receive_fds(filesystems) if message.get("notify") else None
+        filesystems.close()
+        if message.get("notify") and notify_fds is None:
             raise RuntimeError("the runtime is gone")
         parent = _host_parent() if foreground else 0  # the intermediate, seen from the host
         intermediate.send(b"N")
@@ -324,6 +338,8 @@ def _pid1(
         if not foreground:  # the payload starts once the runtime has registered and handed over
             os.set_inheritable(go_read, True)
             argv[1:1] = ["--handover-fd", str(go_read)]
+        if notify_fds:  # the init relays the payload's READY=1 (runtime/notify.py)
+            argv[1:1] = init.notify_arguments(notify_fds) + message["init_arguments"]
         # Signals that come before the init waits for them stay pending, not lost.
         signal.pthread_sigmask(signal.SIG_BLOCK, init.WATCHED)
         os.execve(init_fd, argv, program["environment"])

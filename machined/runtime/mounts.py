@@ -98,8 +98,8 @@ class Bind(namedtuple("Bind", "source target read_only", defaults=(False,))):
 class RootfsSpec(
     namedtuple(
         "RootfsSpec",
-        "root read_only writable_cgroup binds console cgroup_dir owner nested",
-        defaults=(False, False, (), None, None, (0, 0), False),
+        "root read_only writable_cgroup binds console cgroup_dir owner nested devices",
+        defaults=(False, False, (), None, None, (0, 0), False, ()),
     )
 ):
     """root: the merged overlay (a host path the runtime made);
@@ -107,7 +107,9 @@ class RootfsSpec(
     binds: :class:`Bind` s; console: a pty/tty to show as /dev/console;
     cgroup_dir: the machine's cgroup, as a host path; owner: host uid/gid of
     root inside, which owns what the runtime creates in the root; nested:
-    PID 1 protects /proc itself (:func:`enter_rootfs`)."""
+    PID 1 protects /proc itself (:func:`enter_rootfs`); devices: (path, mode,
+    rdev) of the host nodes of Device=, made anew in the machine's /dev, owned
+    by root inside (the unit's DeviceAllow= lets the machine use them)."""
 
     __slots__ = ()
 
@@ -318,7 +320,29 @@ def _mount_sys(builder: _Builder, sysfs: int, cgroup: int, spec: RootfsSpec) -> 
         raise OSError("the container's PID 1 could not open a cgroup2 file system")
 
 
-def _mount_dev(builder: _Builder, devpts: int, console: str | None) -> None:
+def _make_device(builder: _Builder, dev: int, path: str, mode: int, rdev: int) -> None:
+    """PATH (``/dev/…``) in the machine's /dev tmpfs (DEV): a node of the
+    host's kind and number, its permission bits, owned by root inside — a
+    user-namespaced machine's root could use no host-owned node."""
+    *parents, name = path.removeprefix("/dev/").split("/")
+    directory = os.dup(dev)
+    try:
+        for part in parents:
+            try:
+                sub = builder.child(directory, part, "dir")
+            except FileExistsError:
+                sub = os.open(part, _O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=directory)
+            os.close(directory)
+            directory = sub
+        os.mknod(name, stat.S_IFMT(mode) | (mode & 0o666), rdev, dir_fd=directory)
+        builder.chown(directory, name)
+    except FileExistsError:
+        raise OSError(errno.EEXIST, f"device {path}: the machine has one already") from None
+    finally:
+        os.close(directory)
+
+
+def _mount_dev(builder: _Builder, devpts: int, console: str | None, devices: tuple = ()) -> None:
     dev = _tmpfs(
         builder.target("/dev", "dir"),
         "mode=755,size=4m" + builder.tmpfs_ids,
@@ -348,6 +372,8 @@ def _mount_dev(builder: _Builder, devpts: int, console: str | None) -> None:
             ("stderr", "/proc/self/fd/2"),
         ):
             builder.symlink(target, dev, name)
+        for path, mode, rdev in devices:
+            _make_device(builder, dev, path, mode, rdev)
         if console:
             _bind(console, builder.child(dev, "console", "file"), recursive=False)
     finally:
@@ -399,7 +425,7 @@ def build_rootfs(spec: RootfsSpec, filesystems: list[int]) -> None:
         builder = _Builder(root_fd, spec.owner)
         _mount_proc(builder, proc, not spec.nested)
         _mount_sys(builder, sysfs, cgroup, spec)
-        _mount_dev(builder, devpts, spec.console)
+        _mount_dev(builder, devpts, spec.console, spec.devices)
         _mount_run(builder)
         _mount_binds(builder, spec.binds)  # last: a bind under /run or /dev stays visible
     finally:

@@ -42,8 +42,29 @@
  * Usage (machined.runtime.init.command_line builds it):
  *   pymachine-init [--terminal] [--stop-timeout SECONDS] [--chdir DIR]
  *                  [--uid UID] [--gid GID] [--groups GID,GID...]
- *                  [--handover-fd FD] -- COMMAND [ARG...]
+ *                  [--handover-fd FD] [--notify-fd FD --ready-fd FD [--forward-fd FD]]
+ *                  -- COMMAND [ARG...]
  * The payload gets our environment; COMMAND is looked up in its PATH.
+ * --notify-fd (Notify=yes): the datagram socket the payload's NOTIFY_SOCKET
+ * names. We relay its READY=1, STATUS= and WATCHDOG=1 lines (nothing else: a
+ * payload must not move the unit's main PID or file descriptors) to
+ * --forward-fd, a socket the runtime connected to systemd's notify socket (we
+ * are the unit's main process, NotifyAccess=main), and at the first READY=1
+ * write one byte to --ready-fd, the FIFO the unit's ExecStartPost= waits on.
+ * The socket signals us with SIGIO (F_SETSIG, si_code POLL_IN): one wait for
+ * signals and datagrams alike, no second loop.
+ *
+ * --health-cmd CMD (HealthCmd=, podman's semantics): `/bin/sh -c CMD` as the
+ * payload's user, in its directory, every --health-interval seconds (the
+ * first after --health-start-period, or at once), killed after
+ * --health-timeout. Exit 0 passes. --health-retries failures in a row (not
+ * counting those within the start period) make the machine unhealthy and do
+ * --health-on-failure: none; kill (everything SIGKILLed, exit 137: the unit
+ * fails); stop (a stop, as SIGTERM); restart (a stop, then exit 133, the
+ * unit's RestartForceExitStatus=: systemd restarts it). Each result is written
+ * to --health-fd (a host file the runtime opened: "STATUS STREAK\nOUTPUT"),
+ * which status shows; --ready-on-healthy (Notify=healthy) writes the
+ * --ready-fd byte at the first pass instead of at READY=1.
  * --handover-fd (service machines): the runtime's pipe; the payload starts once it
  * reaches EOF (the runtime registered the machine and handed the unit over),
  * and we live at least ADOPTION_GRACE seconds after that.
@@ -59,6 +80,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -77,7 +99,31 @@ struct payload {
     int terminal; /* attached to the user's terminal (pymachine run) */
     double stop_timeout;
     int handover_fd; /* service mode: the runtime's pipe, -1 otherwise */
+    int notify_fd;   /* Notify=yes: the payload's NOTIFY_SOCKET, -1 otherwise */
+    int ready_fd;    /* the FIFO the unit's ExecStartPost= waits on */
+    int forward_fd;  /* connected to systemd's notify socket, -1: none */
+    const char *health_cmd; /* HealthCmd=, NULL: none */
+    double health_interval, health_timeout, health_start_period;
+    int health_retries;
+    int health_action; /* HEALTH_NONE ... */
+    int health_fd;     /* the state file, -1: none */
+    int ready_on_healthy;
 };
+
+enum { HEALTH_NONE, HEALTH_KILL, HEALTH_STOP, HEALTH_RESTART };
+#define HEALTH_OUTPUT 512
+#define RESTART_EXIT_STATUS 133 /* the unit's RestartForceExitStatus= */
+
+static struct health {
+    pid_t pid;          /* the running check, 0: none */
+    int output_fd;      /* its stdout and stderr */
+    double started, next, start_period_end;
+    int streak, passed_once, exited, status;
+    char output[HEALTH_OUTPUT];
+    size_t used;
+} health;
+
+static int ready_sent;
 
 /* Service mode: systemd takes us as the unit's main process when it reads the
  * PID file, on the runtime's exit. We must still be alive then (a zombie is
@@ -138,7 +184,7 @@ static int exit_status(int wait_status) {
 /* The payload's process: a clean signal state (no blocked or ignored signal
  * leaks from us or from the Python that set the container up), its own
  * session unless it shares the user's terminal, its directory and user. */
-static void exec_payload(const struct payload *p) {
+static void exec_payload(const struct payload *p, char **argv) {
     sigset_t none;
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);
@@ -156,16 +202,16 @@ static void exec_payload(const struct payload *p) {
             _exit(126);
         }
     }
-    execvp(p->argv[0], p->argv); /* the PATH of our environment, the payload's */
+    execvp(argv[0], argv); /* the PATH of our environment, the payload's */
     int error = errno;
-    warn(p->argv[0], error == ENOENT ? "command not found" : strerror(error));
+    warn(argv[0], error == ENOENT ? "command not found" : strerror(error));
     _exit(error == ENOENT ? 127 : 126);
 }
 
 static pid_t spawn(const struct payload *p) {
     pid_t pid = fork();
     if (pid == 0)
-        exec_payload(p);
+        exec_payload(p, p->argv);
     if (pid < 0)
         warn("cannot start the payload", strerror(errno));
     return pid;
@@ -182,6 +228,9 @@ static int reap(pid_t main_pid, int *main_status) {
         if (pid == main_pid) {
             *main_status = status;
             found = 1;
+        } else if (health.pid > 0 && pid == health.pid) {
+            health.exited = 1;
+            health.status = status;
         }
     }
 }
@@ -295,6 +344,169 @@ static void stay_until(double deadline) {
     }
 }
 
+/* Whether LINE (LEN bytes, no newline) is one we pass on to systemd. */
+static int relayed(const char *line, size_t len) {
+    static const char *const kept[] = {"READY=1", "WATCHDOG=1"};
+    for (size_t i = 0; i < sizeof(kept) / sizeof(kept[0]); i++)
+        if (len == strlen(kept[i]) && memcmp(line, kept[i], len) == 0)
+            return 1;
+    return len >= 7 && memcmp(line, "STATUS=", 7) == 0;
+}
+
+/* Read every datagram waiting on the notify socket; relay what we keep. */
+static void relay_notifications(const struct payload *p) {
+    static char in[4096], out[4096];
+    if (p->notify_fd < 0)
+        return;
+    for (;;) {
+        ssize_t n = recv(p->notify_fd, in, sizeof(in) - 1, MSG_DONTWAIT | MSG_TRUNC);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            return; /* EAGAIN: drained */
+        if ((size_t)n >= sizeof(in))
+            continue; /* truncated: not a message we could read whole */
+        size_t used = 0;
+        int ready = 0;
+        for (char *line = in; line < in + n;) {
+            char *end = memchr(line, '\n', (size_t)(in + n - line));
+            size_t len = end ? (size_t)(end - line) : (size_t)(in + n - line);
+            if (relayed(line, len) && memchr(line, '\0', len) == NULL) {
+                memcpy(out + used, line, len);
+                used += len;
+                out[used++] = '\n';
+                ready |= len == 7 && memcmp(line, "READY=1", 7) == 0;
+            }
+            line += len + 1;
+        }
+        if (used && p->forward_fd >= 0)
+            (void)send(p->forward_fd, out, used, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (ready && !ready_sent && !p->ready_on_healthy && p->ready_fd >= 0) {
+            ready_sent = write(p->ready_fd, "R", 1) == 1;
+        }
+    }
+}
+
+static void watch_notify_socket(const struct payload *p) {
+    int fds[] = {p->notify_fd, p->ready_fd, p->forward_fd, p->health_fd};
+    for (size_t i = 0; i < 4; i++)
+        if (fds[i] >= 0)
+            fcntl(fds[i], F_SETFD, FD_CLOEXEC); /* ours: the payload gets no descriptor */
+    if (p->notify_fd < 0)
+        return;
+    fcntl(p->notify_fd, F_SETOWN, getpid());
+    fcntl(p->notify_fd, F_SETSIG, SIGIO);
+    fcntl(p->notify_fd, F_SETFL, fcntl(p->notify_fd, F_GETFL) | O_ASYNC | O_NONBLOCK);
+}
+
+static void health_start(const struct payload *p) {
+    int pipefd[2];
+    if (pipe2(pipefd, O_CLOEXEC) < 0)
+        return;
+    pid_t pid = fork();
+    if (pid == 0) {
+        dup2(pipefd[1], 1);
+        dup2(pipefd[1], 2);
+        char *argv[] = {"/bin/sh", "-c", (char *)p->health_cmd, NULL};
+        exec_payload(p, argv); /* its own session: killed as a whole on time-out */
+    }
+    close(pipefd[1]);
+    if (pid < 0) {
+        close(pipefd[0]);
+        return;
+    }
+    fcntl(pipefd[0], F_SETFL, O_NONBLOCK);
+    health.pid = pid;
+    health.output_fd = pipefd[0];
+    health.started = now();
+    health.exited = 0;
+    health.used = 0;
+}
+
+static void health_read_output(void) {
+    ssize_t n;
+    char discard[256];
+    while (health.output_fd >= 0) {
+        size_t room = sizeof(health.output) - 1 - health.used;
+        n = room ? read(health.output_fd, health.output + health.used, room)
+                 : read(health.output_fd, discard, sizeof(discard));
+        if (n > 0 && room)
+            health.used += (size_t)n;
+        if (n <= 0 && !(n < 0 && errno == EINTR))
+            break;
+    }
+}
+
+static void health_write_state(const struct payload *p, const char *state) {
+    if (p->health_fd < 0)
+        return;
+    char text[HEALTH_OUTPUT + 64];
+    int n = snprintf(text, sizeof(text), "%s %d\n", state, health.streak);
+    memcpy(text + n, health.output, health.used);
+    n += (int)health.used;
+    if (ftruncate(p->health_fd, 0) == 0)
+        (void)pwrite(p->health_fd, text, (size_t)n, 0);
+}
+
+/* A check ended (or timed out): count it; the action to take, HEALTH_NONE if none. */
+static int health_finish(const struct payload *p, int timed_out) {
+    health_read_output();
+    if (timed_out) {
+        kill(-health.pid, SIGKILL);
+        waitpid(health.pid, NULL, 0);
+        const char note[] = "(timed out)";
+        if (health.used + sizeof(note) < sizeof(health.output)) {
+            memcpy(health.output + health.used, note, sizeof(note) - 1);
+            health.used += sizeof(note) - 1;
+        }
+    }
+    close(health.output_fd);
+    health.output_fd = -1;
+    health.pid = 0;
+    double t = now();
+    health.next = t + p->health_interval;
+    int passed = !timed_out && WIFEXITED(health.status) && WEXITSTATUS(health.status) == 0;
+    if (passed) {
+        health.streak = 0;
+        health.passed_once = 1;
+        health_write_state(p, "healthy");
+        if (p->ready_on_healthy && !ready_sent && p->ready_fd >= 0)
+            ready_sent = write(p->ready_fd, "R", 1) == 1;
+        return HEALTH_NONE;
+    }
+    if (!health.passed_once && t < health.start_period_end) {
+        health_write_state(p, "starting"); /* not counted: the payload may still be starting */
+        return HEALTH_NONE;
+    }
+    health.streak++;
+    if (health.streak < p->health_retries) {
+        health_write_state(p, health.passed_once ? "healthy" : "starting");
+        return HEALTH_NONE;
+    }
+    health_write_state(p, "unhealthy");
+    if (p->health_action == HEALTH_NONE)
+        return HEALTH_NONE;
+    static const char *const actions[] = {"", "killing", "stopping", "restarting"};
+    char shown[HEALTH_OUTPUT];
+    size_t n = health.used;
+    while (n && (health.output[n - 1] == '\n' || health.output[n - 1] == ' '))
+        n--;
+    for (size_t i = 0; i < n; i++) /* one journal line */
+        shown[i] = health.output[i] == '\n' ? ' ' : health.output[i];
+    shown[n] = '\0';
+    fprintf(stderr, "pymachine-init: health check failed %d times in a row: %s the machine (last output: %s)\n",
+            health.streak, actions[p->health_action], shown);
+    return p->health_action;
+}
+
+/* Seconds until the next health event (a check to start, one to time out). */
+static double health_wait(const struct payload *p) {
+    if (!p->health_cmd)
+        return 1.0;
+    double due = health.pid ? health.started + p->health_timeout : health.next;
+    return due - now();
+}
+
 /* Be PID 1 until the payload ends (WATCHED is blocked); the status to exit with. */
 static int supervise(const struct payload *p, const sigset_t *watched) {
     pid_t main_pid = spawn(p);
@@ -302,8 +514,20 @@ static int supervise(const struct payload *p, const sigset_t *watched) {
         return 1;
     double stopping_since = -1; /* < 0: not stopping */
     int rebooting = 0;
+    int health_exit = -1; /* a health action's exit status, -1: none */
+    if (p->health_cmd) {
+        health.next = now() + p->health_start_period;
+        health.start_period_end = health.next;
+        health.output_fd = -1;
+        health_write_state(p, "starting");
+    }
     for (;;) {
         double timeout = 1.0;
+        if (p->health_cmd && stopping_since < 0) {
+            double due = health_wait(p);
+            if (due < timeout)
+                timeout = due > 0.001 ? due : 0.001;
+        }
         if (stopping_since >= 0) {
             timeout = stopping_since + p->stop_timeout - now();
             if (timeout < 0.01)
@@ -314,13 +538,54 @@ static int supervise(const struct payload *p, const sigset_t *watched) {
         int sig = sigtimedwait(watched, &info, &ts);
         if (stopping_since >= 0 && now() >= stopping_since + p->stop_timeout)
             signal_quietly(-1, SIGKILL); /* the payload ignored the request: escalate */
-        if (sig < 0)
-            continue; /* timeout or EINTR */
+        if (p->health_cmd && stopping_since < 0) {
+            int action = HEALTH_NONE;
+            if (health.pid && health.exited)
+                action = health_finish(p, 0);
+            else if (health.pid && now() >= health.started + p->health_timeout)
+                action = health_finish(p, 1);
+            else if (!health.pid && now() >= health.next)
+                health_start(p);
+            if (action == HEALTH_KILL) {
+                signal_quietly(-1, SIGKILL);
+                while (wait(NULL) > 0 || errno == EINTR)
+                    ;
+                return 128 + SIGKILL;
+            }
+            if (action != HEALTH_NONE) {
+                health_exit = action == HEALTH_RESTART ? RESTART_EXIT_STATUS : 0;
+                stop_requested = 1;
+                stopping_since = now();
+                forward(main_pid, SIGTERM);
+            }
+        }
+        if (sig < 0 || (sig == SIGIO && info.si_code > 0)) {
+            relay_notifications(p); /* our socket's SIGIO (the kernel's: si_code > 0) */
+            continue;               /* or a timeout, EINTR */
+        }
         if (sig == SIGCHLD) {
             int status;
-            if (!reap(main_pid, &status))
+            if (!reap(main_pid, &status)) {
+                if (health.pid && health.exited) {
+                    int action = health_finish(p, 0);
+                    if (action == HEALTH_KILL) {
+                        signal_quietly(-1, SIGKILL);
+                        while (wait(NULL) > 0 || errno == EINTR)
+                            ;
+                        return 128 + SIGKILL;
+                    }
+                    if (action != HEALTH_NONE && stopping_since < 0) {
+                        health_exit = action == HEALTH_RESTART ? RESTART_EXIT_STATUS : 0;
+                        stop_requested = 1;
+                        stopping_since = now();
+                        forward(main_pid, SIGTERM);
+                    }
+                }
                 continue;
+            }
             drain(p->stop_timeout);
+            if (health_exit >= 0)
+                return health_exit;
             if (!rebooting)
                 return exit_status(status);
             main_pid = spawn(p);
@@ -353,6 +618,7 @@ static int run(const struct payload *p) {
     /* Pending signals wait for us, none is lost (the runtime blocked them all
      * before it exec'd us: this unblocks the synchronous ones). */
     sigprocmask(SIG_SETMASK, &watched, NULL);
+    watch_notify_socket(p);
     double adopted = p->handover_fd >= 0 ? wait_for_handover(p->handover_fd) : -1;
     int status = supervise(p, &watched);
     if (adopted >= 0 && !stop_requested)
@@ -365,6 +631,22 @@ static int parse_number(const char *text, unsigned long *out) {
     errno = 0;
     *out = strtoul(text, &end, 10);
     return errno == 0 && end != text && *end == '\0';
+}
+
+static int parse_seconds(const char *text, double *out) {
+    char *end;
+    *out = strtod(text, &end);
+    return end != text && *end == '\0' && *out >= 0;
+}
+
+static int parse_action(const char *text, int *out) {
+    static const char *const names[] = {"none", "kill", "stop", "restart"};
+    for (int i = 0; i < 4; i++)
+        if (strcmp(text, names[i]) == 0) {
+            *out = i;
+            return 1;
+        }
+    return 0;
 }
 
 static int parse_groups(char *text, struct payload *p) {
@@ -382,6 +664,9 @@ static int parse(int argc, char **argv, struct payload *p) {
     p->directory = "/";
     p->stop_timeout = 10.0;
     p->handover_fd = -1;
+    p->notify_fd = p->ready_fd = p->forward_fd = p->health_fd = -1;
+    p->health_interval = p->health_timeout = 30;
+    p->health_retries = 3;
     for (int i = 1; i < argc; i++) {
         const char *flag = argv[i];
         const char *value = i + 1 < argc ? argv[i + 1] : NULL;
@@ -390,6 +675,9 @@ static int parse(int argc, char **argv, struct payload *p) {
             return i + 1 < argc;
         } else if (strcmp(flag, "--terminal") == 0) {
             p->terminal = 1;
+            continue;
+        } else if (strcmp(flag, "--ready-on-healthy") == 0) {
+            p->ready_on_healthy = 1;
             continue;
         }
         if (!value)
@@ -412,6 +700,23 @@ static int parse(int argc, char **argv, struct payload *p) {
             p->change_user = 1;
         } else if (strcmp(flag, "--handover-fd") == 0 && parse_number(value, &number)) {
             p->handover_fd = (int)number;
+        } else if (strcmp(flag, "--notify-fd") == 0 && parse_number(value, &number)) {
+            p->notify_fd = (int)number;
+        } else if (strcmp(flag, "--ready-fd") == 0 && parse_number(value, &number)) {
+            p->ready_fd = (int)number;
+        } else if (strcmp(flag, "--forward-fd") == 0 && parse_number(value, &number)) {
+            p->forward_fd = (int)number;
+        } else if (strcmp(flag, "--health-fd") == 0 && parse_number(value, &number)) {
+            p->health_fd = (int)number;
+        } else if (strcmp(flag, "--health-cmd") == 0) {
+            p->health_cmd = value;
+        } else if (strcmp(flag, "--health-interval") == 0 && parse_seconds(value, &p->health_interval)) {
+        } else if (strcmp(flag, "--health-timeout") == 0 && parse_seconds(value, &p->health_timeout)) {
+        } else if (strcmp(flag, "--health-start-period") == 0 &&
+                   parse_seconds(value, &p->health_start_period)) {
+        } else if (strcmp(flag, "--health-retries") == 0 && parse_number(value, &number) && number > 0) {
+            p->health_retries = (int)number;
+        } else if (strcmp(flag, "--health-on-failure") == 0 && parse_action(value, &p->health_action)) {
         } else {
             return 0;
         }
@@ -430,6 +735,7 @@ int main(int argc, char **argv) {
     if (!parse(argc, argv, &payload)) {
         fputs("usage: pymachine-init [--terminal] [--stop-timeout SECONDS] [--chdir DIR] "
               "[--uid UID] [--gid GID] [--groups GID,...] [--handover-fd FD] "
+              "[--notify-fd FD --ready-fd FD [--forward-fd FD]] "
               "-- COMMAND [ARG...]\n",
               stderr);
         return 1;

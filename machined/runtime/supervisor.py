@@ -35,6 +35,7 @@ from __future__ import annotations
 import _signal as signal  # the numbers only: signal's enums cost ~0.8 ms (leader.py too)
 import contextlib
 import os
+import stat
 import sys
 import time
 from pathlib import Path
@@ -112,6 +113,8 @@ class Supervisor:
         self._bus = None  # machined's connection, from _register on (see _start_loopback_proxies)
         self._userns_fd: int | None = None  # the container's user namespace (_container_userns)
         self.handed_over = False  # service mode: PID 1 is the unit's main process now
+        self.notify = None  # Notify=: the payload's notify socket (runtime/notify.py)
+        self.credentials_environment: dict[str, str] = {}  # runtime/credentials.py
 
     # --- the container side (forked processes) ------------------------------
     # --- the host side ------------------------------------------------------
@@ -195,6 +198,51 @@ class Supervisor:
             for name in names
             if (etc_dir / name).exists()
         ]
+
+    def _notifies(self) -> bool:
+        """Notify= or HealthCmd= in service mode (``run`` is a scope, started at
+        once; boot mode has its image's init)."""
+        wanted = self.definition.notify != "no" or self.definition.health.command is not None
+        return wanted and not self.foreground
+
+    def _notify_binds(self) -> list[dict]:
+        if not self._notifies():
+            return []
+        from machined.runtime import notify
+
+        self.notify = notify.prepare(
+            str(self.layers.runtime_dir), health=self.definition.health.command is not None
+        )
+        return [self.notify.bind()]
+
+    def _credential_binds(self) -> list[dict]:
+        """The unit's credentials, for the machine (runtime/credentials.py)."""
+        if not (self.definition.load_credentials or self.definition.set_credentials):
+            return []
+        from machined.runtime import credentials
+
+        base = self.policy.uid_base
+        bind = credentials.stage(
+            str(self.layers.runtime_dir / "credentials"), base if base is not None else 0
+        )
+        if bind is None:
+            return []
+        self.credentials_environment = {"CREDENTIALS_DIRECTORY": credentials.INSIDE}
+        return [bind]
+
+    def _monitor_guest(self) -> None:
+        """Guest health (runtime/guest.py): a child that outlives us."""
+        from machined.paths import unit_name
+        from machined.runtime import guest
+
+        running = state.read(self.paths, self.definition.name)
+        if running is not None:
+            guest.monitor(
+                self.definition,
+                running,
+                str(self.layers.runtime_dir),
+                unit_name(self.definition.name),
+            )
 
     def _register(self) -> None:
         """Register with machined on a connection that the rest of the start
@@ -346,10 +394,14 @@ class Supervisor:
             if not line.startswith(b"P"):
                 raise StartError("the container exited while creating its namespaces")
             self.child = int(line[1:])
-            filesystems = intermediate.filesystems()
+            filesystems = intermediate.filesystems(
+                keep_open=self._notifies() and not self.definition.boot
+            )
             if filesystems is None:
                 raise StartError("the container failed to open its file systems (see above)")
             binds += self._setup_network()  # meanwhile the intermediate loads the set-up
+            binds += self._notify_binds()
+            binds += self._credential_binds()
             _crash_point("after-network")
             try:
                 mounts.build_rootfs(self._rootfs_spec(binds, payload_cg), filesystems)
@@ -359,6 +411,8 @@ class Supervisor:
                         os.close(fd)
             message = self._container_message(restrictions)
             leader.send(go_write, message)
+            if self.notify is not None and not self.definition.boot:  # PID 1 takes them
+                intermediate.send_fds(self.notify.fds)
             _preload_registration()  # while PID 1 pivots and execs the init
             # EOF: PID 1 exec'd the init (the pipe is close-on-exec) and the
             # intermediate, which made PID 1's mount namespace, exited; a byte: PID 1 failed.
@@ -386,6 +440,12 @@ class Supervisor:
                 ),
             )
             if not self.foreground:
+                if self.notify is not None and self.definition.boot:
+                    from machined.runtime import notify
+
+                    notify.relay_boot(self.notify.fds, self.child)  # before the unit is handed over
+                if self.definition.boot and self.definition.health.on_failure != "none":
+                    self._monitor_guest()
                 self._hand_over()
                 return 0
             linux.set_process_name("pymachine-rt")
@@ -428,7 +488,21 @@ class Supervisor:
             cgroup_dir=str(payload_cg),
             owner=(base, base) if base is not None else (0, 0),
             nested=self.definition.boot,
+            devices=self._devices(),
         )
+
+    def _devices(self) -> tuple:
+        """Device=: each host node's (path, mode, rdev); a missing one is an error."""
+        nodes = []
+        for device in self.definition.devices:
+            try:
+                st = os.stat(device.path)
+            except FileNotFoundError:
+                raise StartError(f"device {device.path} does not exist on the host") from None
+            if not (stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+                raise StartError(f"{device.path} is not a device node")
+            nodes.append((device.path, st.st_mode, st.st_rdev))
+        return tuple(nodes)
 
     def _container_message(self, restrictions: dict) -> dict:
         """Everything the container's set-up (container.py) and PID 1 need
@@ -441,7 +515,12 @@ class Supervisor:
             "terminal": self.foreground and os.isatty(0),
             "term": os.environ.get("TERM"),
             "command": self.command,
-            "environment": dict(definition.environment),
+            "environment": dict(definition.environment)
+            | (self.notify.environment if self.notify is not None else {})
+            | self.credentials_environment,
+            "notify": self.notify is not None and not definition.boot,
+            "init_arguments": definition.health.init_arguments()
+            + (["--ready-on-healthy"] if definition.notify == "healthy" else []),
             "working_directory": definition.working_directory,
             "user": definition.user,
             "stop_timeout": definition.stop_timeout,

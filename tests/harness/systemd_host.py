@@ -314,6 +314,10 @@ tr -d - < /proc/sys/kernel/random/uuid > "$R/etc/machine-id"
 cd "$R"
 pivot_root . .
 umount -l .
+# Shared, as systemd makes / on a real host (in a container it leaves it as it
+# finds it): systemd sets a unit's credentials up in a mount namespace of its
+# own, and they reach the service by propagation only.
+mount --make-rshared /
 cd /
 exec env -i container={name} PATH={path} {systemd} --system --unit=multi-user.target
 """

@@ -554,3 +554,90 @@ def test_reading_a_definition_without_resources_does_not_load_properties() -> No
     )
     out = subprocess.check_output([sys.executable, "-c", code], text=True)
     assert out.split() == ["5.0", "False", "True"]
+
+
+def test_notify_reads_and_writes_back() -> None:
+    text = "[Machine]\nImage=tiny\n[Exec]\nNotify=yes\n"
+    parsed = defs.from_text("web", text)
+    assert parsed.notify == "yes"
+    assert "Notify=yes" in defs.to_text(parsed)
+    assert "Notify" not in defs.to_text(defs.from_text("web", "[Machine]\nImage=t\n"))
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[Exec]\nNotify=maybe\n", "invalid boolean"),
+        ("[Machine]\nBoot=yes\n[Exec]\nHealthCmd=true\nNotify=healthy\n", "boot-mode"),
+    ],
+)
+def test_notify_refuses_what_it_cannot_do(text: str, message: str) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        defs.from_text(
+            "web",
+            text.replace("[Machine]\n", "[Machine]\nImage=tiny\n")
+            if "[Machine]" in text
+            else "[Machine]\nImage=tiny\n" + text,
+        )
+
+
+@pytest.mark.parametrize(
+    "text, stored",
+    [
+        ("/dev/fuse", "/dev/fuse"),
+        ("/dev/kvm:rwm", "/dev/kvm"),
+        ("/dev/dri/renderD128:wr", "/dev/dri/renderD128:rw"),
+        ("/dev/net/tun:r", "/dev/net/tun:r"),
+    ],
+)
+def test_device_lines_read_and_write_back(text: str, stored: str) -> None:
+    parsed = defs.from_text("web", f"[Machine]\nImage=tiny\n[Files]\nDevice={text}\n")
+    assert f"Device={stored}\n" in defs.to_text(parsed)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["/etc/passwd", "/dev/../etc/shadow", "/dev/", "/dev/fuse:x", "/dev/fuse:rr", "/dev/fuse:",
+     "/dev/a b", "/dev//fuse", "dev/fuse", "/dev/fuse/"],
+)  # fmt: skip
+def test_device_lines_outside_dev_or_with_bad_access_are_refused(text: str) -> None:
+    with pytest.raises(InvalidInput, match="invalid device"):
+        defs.from_text("web", f"[Machine]\nImage=tiny\n[Files]\nDevice={text}\n")
+
+
+def test_health_keys_read_and_write_back() -> None:
+    text = (
+        "[Machine]\nImage=tiny\n[Exec]\nNotify=healthy\nHealthCmd=curl -f localhost || exit 1\n"
+        "HealthInterval=5\nHealthTimeout=2.5\nHealthRetries=4\nHealthStartPeriod=10\n"
+        "HealthOnFailure=restart\n"
+    )
+    parsed = defs.from_text("web", text)
+    assert parsed.health.init_arguments() == [
+        "--health-cmd", "curl -f localhost || exit 1", "--health-interval", "5.0",
+        "--health-timeout", "2.5", "--health-retries", "4", "--health-start-period", "10.0",
+        "--health-on-failure", "restart",
+    ]  # fmt: skip
+    assert defs.from_text("web", defs.to_text(parsed)) == parsed
+
+
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        ("Notify=healthy\n", "needs a HealthCmd"),
+        ("HealthCmd=true\nHealthOnFailure=reboot\n", "HealthOnFailure"),
+        ("HealthCmd=true\nHealthRetries=0\n", "HealthRetries"),
+        ("HealthCmd=true\nHealthInterval=0\n", "duration"),
+        ("HealthCmd= \n", "HealthCmd"),
+    ],
+)
+def test_health_keys_refuse_what_they_cannot_do(lines: str, message: str) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        defs.from_text("web", "[Machine]\nImage=tiny\n[Exec]\n" + lines)
+
+
+def test_boot_mode_takes_guest_health_but_no_health_command() -> None:
+    base = "[Machine]\nImage=tiny\nBoot=yes\n[Exec]\n"
+    parsed = defs.from_text("os", base + "HealthOnFailure=restart\nHealthInterval=5\n")
+    assert (parsed.health.on_failure, parsed.health.interval) == ("restart", 5.0)
+    with pytest.raises(InvalidInput, match="HealthCmd= is not supported for boot-mode"):
+        defs.from_text("os", base + "HealthCmd=true\n")

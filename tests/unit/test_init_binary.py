@@ -145,3 +145,87 @@ def test_service_init_starts_the_payload_after_the_handover_and_outlives_it() ->
     lived = time.monotonic() - handed_over
     assert (proc.returncode, out) == (5, "payload ran\n")
     assert lived >= 0.1, lived
+
+
+def test_the_init_relays_readiness_and_status_and_nothing_else(tmp_path) -> None:
+    """Notify=yes: what the payload sends to $NOTIFY_SOCKET reaches systemd
+    (the forward socket) as READY=1 / STATUS= / WATCHDOG=1 only — a payload
+    may not move the unit's main PID or hand it descriptors — and the first
+    READY=1 writes the byte the unit's ExecStartPost= waits for."""
+    import socket
+    import sys
+
+    listening = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listening.bind(str(tmp_path / "notify"))
+    systemd, forward = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    ready_read, ready_write = os.pipe()
+    fds = [listening.fileno(), ready_write, forward.fileno()]
+    sender = (
+        "import os, socket, time\n"
+        "s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n"
+        "s.sendto(b'MAINPID=1\\nREADY=1\\nSTATUS=up\\nFDSTORE=1\\nWATCHDOG=1\\nREADY=10', "
+        "os.environ['NOTIFY_SOCKET'])\n"
+        "s.sendto(b'READY=1', os.environ['NOTIFY_SOCKET'])\n"
+        "print(sorted(os.listdir('/proc/self/fd')), flush=True)\n"
+        "while not os.path.exists(os.environ['DONE']): time.sleep(0.01)\n"
+    )
+    argv = init.command_line([sys.executable, "-c", sender])
+    argv[1:1] = ["--notify-fd", str(fds[0]), "--ready-fd", str(fds[1]), "--forward-fd", str(fds[2])]
+    env = {"PATH": init.DEFAULT_PATH, "NOTIFY_SOCKET": str(tmp_path / "notify")}
+    env["DONE"] = str(tmp_path / "done")
+    process = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--mount-proc", init.BINARY, *argv[1:]],
+        env=env,
+        pass_fds=fds,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        systemd.settimeout(20)
+        assert systemd.recv(4096) == b"READY=1\nSTATUS=up\nWATCHDOG=1\n"
+        assert systemd.recv(4096) == b"READY=1\n"
+        assert os.read(ready_read, 16) == b"R"  # once, for the first READY=1 only
+    finally:
+        (tmp_path / "done").touch()
+        out, _ = process.communicate(timeout=20)
+    assert process.returncode == 0
+    # stdio, listdir's and its socket: none of the init's three
+    assert out.strip() == "['0', '1', '2', '3', '4']"
+    os.set_blocking(ready_read, False)
+    with pytest.raises(BlockingIOError):
+        os.read(ready_read, 16)
+
+
+@pytest.mark.parametrize("action, status", [("restart", 133), ("stop", 0), ("kill", 137)])
+def test_health_check_failures_take_the_action(tmp_path, action: str, status: int) -> None:
+    """HealthCmd=: failures in a row up to HealthRetries= make the machine
+    unhealthy (recorded in --health-fd) and take HealthOnFailure='s action:
+    133 (the unit's RestartForceExitStatus=) for restart, a clean stop, or
+    everything killed."""
+    record = tmp_path / "health"
+    fd = os.open(record, os.O_RDWR | os.O_CREAT, 0o600)
+    argv = init.command_line(["sh", "-c", "trap 'exit 0' TERM; while :; do sleep 0.1; done"])
+    argv[1:1] = ["--health-fd", str(fd), "--health-cmd", "echo sick; exit 1"]
+    argv[1:1] = [
+        "--health-interval",
+        "0.05",
+        "--health-retries",
+        "2",
+        "--health-on-failure",
+        action,
+    ]
+    result = subprocess.run(
+        ["unshare", "--pid", "--fork", "--mount-proc", init.BINARY, *argv[1:]],
+        env={"PATH": init.DEFAULT_PATH},
+        pass_fds=[fd],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    os.close(fd)
+    assert result.returncode == status, result.stderr
+    assert record.read_text() == "unhealthy 2\nsick\n"
+    verb = {"restart": "restarting", "stop": "stopping", "kill": "killing"}[action]
+    assert f"health check failed 2 times in a row: {verb} the machine (last output: sick)" in (
+        result.stderr
+    )
