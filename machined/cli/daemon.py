@@ -41,11 +41,17 @@ class NotInstalled(PymachineError):
 def in_process() -> bool:
     """Whether this call runs the library itself rather than asking pymachined:
     only root with another ``PYMACHINE_ROOT`` than the daemon's (tests, a
-    second tree), or ``PYMACHINE_NO_DAEMON=1`` (benchmarks of the old path)."""
+    second tree), ``PYMACHINE_NO_DAEMON=1`` (benchmarks of the old path), or
+    root on a host where pymachined is not installed."""
     if os.environ.get("PYMACHINE_REMOTE"):  # -H: the other host's pymachined, always
         return False
-    return bool(os.environ.get("PYMACHINE_ROOT") or os.environ.get("PYMACHINE_NO_DAEMON")) and (
-        os.geteuid() == 0
+    if os.geteuid() != 0:
+        return False
+    return bool(
+        os.environ.get("PYMACHINE_ROOT")
+        or os.environ.get("PYMACHINE_NO_DAEMON")
+        # not installed: a call could only fail (a bus round trip, ~5 ms a verb)
+        or not os.path.exists(daemon.ACTIVATION_FILE)
     )
 
 

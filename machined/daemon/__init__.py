@@ -20,6 +20,9 @@ from machined.errors import (
 
 BUS_NAME = "org.pymachine.machine1"
 MANAGER_PATH = "/org/pymachine/machine1"
+#: The bus's activation file for BUS_NAME (`install-units` writes it): without it
+#: root's CLI runs the library itself and skips a call that could only fail.
+ACTIVATION_FILE = "/usr/share/dbus-1/system-services/org.pymachine.machine1.service"
 MANAGER_INTERFACE = "org.pymachine.machine1.Manager"
 MACHINE_INTERFACE = "org.pymachine.machine1.Machine"
 IMAGE_INTERFACE = "org.pymachine.machine1.Image"

@@ -256,3 +256,12 @@ def test_the_bus_writer_survives_a_full_socket_buffer(retrying: bool) -> None:
         assert not ended and received == expected
     else:
         assert ended and isinstance(ended[0], BlockingIOError)  # the bug worked around
+
+
+def test_the_clients_activation_file_is_the_one_install_units_writes() -> None:
+    """Root's CLI runs in-process when this file is missing: it must be the
+    file ``install-units`` installs, or root would never reach the daemon."""
+    from machined import daemon
+    from machined.daemon import install
+
+    assert ("/" + install.FILES[1][1]) == daemon.ACTIVATION_FILE
