@@ -323,6 +323,10 @@ def _define(definition, args: argparse.Namespace) -> int:
     with Machines(paths) as machines:
         if machines.is_running(definition.name):
             raise Conflict(f"machine '{definition.name}' is running: stop it to replace it")
+    if definition.secrets:  # as create stores them: the definition names their IDs only
+        from machined import credentials
+
+        credentials.save(paths, definition.name, definition.secrets)
     definitions.save(definition, paths)
     if not args.quiet:
         print(f"Replaced the definition of machine {definition.name}.")

@@ -109,3 +109,21 @@ def test_hand_edited_separator_is_refused_at_start(systemd_host, tiny_image, mac
         assert state in ("inactive", "unknown")
     finally:
         systemd_host.pymachine("remove", machine_name, check=False)
+
+
+def test_replace_stores_a_set_credential_as_create_does(systemd_host, tiny_image, machine_name):
+    """``create --replace --set-credential ID:VALUE`` keeps the secret where
+    ``create`` does (root's store, 0600), the definition naming its ID only;
+    before, the value was dropped and the machine could not start."""
+    systemd_host.pymachine("create", machine_name, "--image", tiny_image, "--", "/bin/true")
+    try:
+        systemd_host.pymachine(
+            "create", machine_name, "--image", tiny_image, "--replace",
+            "--set-credential", "token:s3cret", "--", "/bin/true",
+        )  # fmt: skip
+        stored = systemd_host.host_path(f"/etc/pymachine/credentials/{machine_name}/token")
+        assert stored.read_bytes() == b"s3cret" and stored.stat().st_mode & 0o077 == 0
+        definition = systemd_host.host_path(f"/etc/pymachine/{machine_name}.machine")
+        assert "s3cret" not in definition.read_text()
+    finally:
+        systemd_host.pymachine("remove", machine_name, check=False)
