@@ -150,9 +150,12 @@ def runtime_environment(paths: Paths) -> dict[str, str]:
 class Machines:
     """Machines on this host. Opens the system bus lazily, once."""
 
-    def __init__(self, paths: Paths | None = None) -> None:
+    def __init__(self, paths: Paths | None = None, *, owns_network: bool | None = None) -> None:
         self.paths = paths or Paths.from_env()
         self._systemd = None
+        #: whether this process tears down a stopped machine's network:
+        #: pymachined, or anyone on a host without it
+        self.owns_network = owns_network
 
     @property
     def systemd(self):
@@ -601,14 +604,19 @@ class Machines:
         bridged machine's veth with its namespace, but both a moment later, and
         the units without an ExecStopPost= do not wait for either
         (runtime.cleanup.needs_command)."""
-        from machined.network.leftover import delete_lingering_veth
         from machined.runtime import cleanup
 
         if (cleanup.MACHINED_STATE / name).exists():
             from machined import registry
 
             registry.unregister(self.systemd.bus, name)
-        delete_lingering_veth(name)
+        owner = self.owns_network
+        if owner is None:  # pymachined removes it otherwise, when the unit goes inactive
+            owner = not cleanup.daemon_cleans(self.paths)
+        if owner:
+            from machined import network
+
+            network.delete_lingering_veth(name)
 
     def restart(self, name: str) -> None:
         if self.is_running(name):

@@ -3,15 +3,10 @@ D-Bus activation through ``pymachined.service``)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import sys
-
-# asyncio imports ssl when it can (OpenSSL: ~4 MB of the daemon's idle Pss);
-# pymachined speaks D-Bus on a local socket only, never TLS. Before asyncio.
-sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
-
-import asyncio  # noqa: E402
-import contextlib  # noqa: E402
-import logging  # noqa: E402
 
 
 def run() -> None:

@@ -32,7 +32,7 @@ from dbus_next.service import PropertyAccess, ServiceInterface, dbus_property, m
 from machined import daemon, machines
 from machined.daemon import enter, jobs, network, polkit
 from machined.daemon.bus import CURRENT_MESSAGE, Bus, api, to_bus
-from machined.errors import InvalidInput, NotFound, PymachineError
+from machined.errors import AccessDenied, InvalidInput, NotFound, PymachineError
 from machined.names import validate_image_name, validate_machine_name
 from machined.paths import Paths
 
@@ -82,7 +82,7 @@ class Daemon:
         """FN(Machines, *ARGS) on a worker thread with a bus connection of its own."""
 
         def run() -> Any:
-            with machines.Machines(self.paths) as m:
+            with machines.Machines(self.paths, owns_network=True) as m:
                 return fn(m, *args)
 
         return await self.blocking(run)
@@ -418,6 +418,32 @@ class Manager(ServiceInterface):
     async def GarbageCollect(self) -> "as":
         await self.d.authorize(daemon.ACTION_MANAGE_MACHINES, "clean up after machines")
         return await self.d.with_machines(lambda m: m.gc())
+
+    @method()
+    @api
+    async def SetUpNetwork(self, name: "s", pid: "u") -> "(sisssssas)":
+        """The host side of bridged machine NAME's start (its runtime asks once
+        PID, the machine's PID 1 or its parent in the machine's namespaces, has
+        them): bridge, lease, veth pair, addresses and routes on both ends, nft
+        rules, /etc files, dnsmasq, [::1] proxies. Root only (the runtime is
+        root; no polkit action: nobody else starts a machine's runtime), and
+        PID must be in machine NAME's unit, in a network namespace of its own.
+        Answers (host ifname, host ifindex, address/prefix, gateway,
+        address6/prefix or "", gateway6 or "", bridge, ports)."""
+        validate_machine_name(name)
+        if await polkit.caller_uid(self.d.bus, CURRENT_MESSAGE.get().sender) != 0:
+            raise AccessDenied("access denied: only a machine's runtime (root) sets up its network")
+        s = await self.d.blocking(network.set_up, self.d.paths, name, int(pid))
+        return [
+            s.host_ifname,
+            s.host_ifindex,
+            s.address,
+            s.gateway,
+            s.address6 or "",
+            s.gateway6 or "",
+            s.bridge,
+            list(s.ports),
+        ]
 
     # --- images ------------------------------------------------------------------
     @method()

@@ -65,12 +65,15 @@ def pid_file(paths: Paths, bridge: str):
 
 
 def render_hosts(leases) -> str:
-    """The bridge's hosts file: every leased machine, IPv4 and IPv6."""
+    """The bridge's hosts file: every leased machine, IPv4 and IPv6, as NAME
+    and NAME.machine (spelled out: dnsmasq's ``--expand-hosts`` adds the
+    domain to names without a dot only, and ``web.prod`` is a machine's name)."""
     lines = [f"# machines on this bridge, written by pymachine from {len(leases)} lease(s)"]
     for lease in sorted(leases, key=lambda lease: lease.machine):
-        lines.append(f"{lease.ip}\t{lease.machine}")
+        names = f"{lease.machine}\t{lease.machine}.{DOMAIN}"
+        lines.append(f"{lease.ip}\t{names}")
         if lease.address6:
-            lines.append(f"{lease.address6.split('/', 1)[0]}\t{lease.machine}")
+            lines.append(f"{lease.address6.split('/', 1)[0]}\t{names}")
     return "\n".join(lines) + "\n"
 
 

@@ -139,13 +139,15 @@ def write_in_place(path: Path, text: str) -> None:
         f.write(text)
 
 
-def write_etc_files(machine: str, net_state: Any, paths: Any, dest_dir: Path) -> None:
+def write_etc_files(
+    machine: str, net_state: Any, paths: Any, dest_dir: Path, *, dns: bool = True
+) -> None:
     """Write ``dest_dir/hosts`` and ``dest_dir/resolv.conf``; NET_STATE None
     (``Mode=none``/``host``): the name on 127.0.1.1, the host's resolvers as they are."""
     dest_dir = Path(dest_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)
     write_in_place(dest_dir / "hosts", render_hosts(paths, machine, net_state))
-    write_resolv(machine, net_state, dest_dir)
+    write_resolv(machine, net_state, dest_dir, dns=dns)
 
 
 def write_resolv(machine: str, net_state: Any, dest_dir: Path, *, dns: bool = True) -> None:

@@ -1,85 +1,72 @@
-"""Links, addresses and routes through rtnetlink (:mod:`.rtnl`; no ``ip`` commands).
+"""Links, addresses and routes through rtnetlink, with pyroute2 (no ``ip`` commands).
 
-Imported only by the functions of :mod:`machined.network` that touch the
-kernel. :mod:`.rtnl` is ``socket`` + ``struct``: pyroute2, used here before,
-cost ~93 ms of import on every bridged start.
+pymachined imports it once; a process that only lists machines or writes
+``/etc`` files never does (:mod:`machined.network` imports it inside the
+functions that touch the kernel: pyroute2's import costs ~130 ms).
 
-Inside a machine's network namespace, a netlink socket is opened by a
-short-lived thread that ``setns()``\\ es into ``/proc/PID/ns/net`` (``setns``
-acts on the calling thread only; the thread and its namespace go away when it
-ends): the socket stays in the namespace it was made in, wherever it is used
-from. A thread costs ~3 ms where a forked helper process (pyroute2's
-``IPRoute(netns=…)``) cost ~15 ms; it cannot create a namespace by mistake and
-does not fork a process that may hold threads and locks. It is a bare
-``_thread`` and the sockets are ``_socket``'s: ``threading`` and ``socket``
-(its enums) cost a bridged start ~2 and ~3 ms of imports, for nothing used here.
+Inside a machine's network namespace, the netlink socket is made by a
+short-lived thread that ``setns()``\\ es into the namespace of the machine's
+PID 1 (``setns(CLONE_NEWNET)`` acts on the calling thread only, which then
+ends): a socket stays in the namespace it was made in, wherever it is used
+from, and pyroute2 takes it as ``IPRoute(use_socket=…)``. pyroute2's own
+``IPRoute(netns=…)`` forks a helper process per socket (~15 ms, and a fork of
+a process with threads); a thread costs a fraction of that.
 """
 
 from __future__ import annotations
 
-import _socket as socket
-import _thread
-import contextlib
-import ctypes
 import errno
 import ipaddress
 import os
+import socket
+import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netns import setns
 
 from machined.errors import Conflict, PymachineError
 from machined.network.addresses import BridgeNet, Lease
-from machined.network.leftover import delete_link  # noqa: F401 - gc's too (light: leftover)
-from machined.network.rtnl import IFA_F_NODAD, RT_TABLE_MAIN, Link, Rtnl, make_socket, veth_peer
 from machined.network.state import ALIAS_PREFIX, CONTAINER_IFNAME, mac_address
 
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without typing's import (~2 ms in the runtime)
-if TYPE_CHECKING:
-    from typing import Any
-
-CLONE_NEWNET = 0x40000000
-
-_libc = ctypes.CDLL(None, use_errno=True)
+RT_TABLE_MAIN = 254
 
 
-@contextlib.contextmanager
-def host() -> Iterator[Rtnl]:
+@contextmanager
+def host() -> Iterator[IPRoute]:
     """An rtnetlink handle in the caller's own network namespace."""
-    with Rtnl() as ipr:
+    with IPRoute() as ipr:
         yield ipr
 
 
-def _netns_socket(pid: int) -> socket.socket:
+def netns_socket(netns_fd: int) -> socket.socket:
+    """A NETLINK_ROUTE socket in the network namespace NETNS_FD refers to."""
     result: dict[str, Any] = {}
-    done = _thread.allocate_lock()
-    done.acquire()
 
     def enter() -> None:
         try:
-            fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                if _libc.setns(fd, CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, os.strerror(err))
-            finally:
-                os.close(fd)
-            result["sock"] = make_socket()
-        except BaseException as e:  # reported by the caller, not lost in the thread
-            result["error"] = e
-        finally:
-            done.release()
+            setns(netns_fd)  # this thread only; it ends right after
+            result["sock"] = socket.socket(
+                socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE
+            )
+        except BaseException as exc:  # reported by the caller, not lost in the thread
+            result["error"] = exc
 
-    _thread.start_new_thread(enter, ())
-    done.acquire()  # the socket is made; the thread ends (setns changed its namespace only)
+    thread = threading.Thread(target=enter, name="pymachine-netns")
+    thread.start()
+    thread.join()
     if "sock" not in result:
-        e = result.get("error")
-        raise PymachineError(f"cannot enter the network namespace of PID {pid}: {e}")
+        raise PymachineError(f"cannot enter the machine's network namespace: {result.get('error')}")
     return result["sock"]
 
 
-@contextlib.contextmanager
-def netns(pid: int) -> Iterator[Rtnl]:
-    """An rtnetlink handle inside the network namespace of process ``pid``."""
-    with Rtnl(_netns_socket(pid)) as ipr:
+@contextmanager
+def netns(netns_fd: int) -> Iterator[IPRoute]:
+    """An rtnetlink handle inside the network namespace NETNS_FD refers to."""
+    with IPRoute(use_socket=netns_socket(netns_fd)) as ipr:
         yield ipr
 
 
@@ -87,143 +74,216 @@ def _ignore(codes: tuple[int, ...], call: Callable[..., Any], *args: Any, **kwar
     """Run a netlink call; False (instead of raising) for the given errno codes."""
     try:
         call(*args, **kwargs)
-    except OSError as e:
-        if e.errno in codes:
+    except NetlinkError as exc:
+        if exc.code in codes:
             return False
         raise
     return True
 
 
-def _link(ipr: Rtnl, index: int = 0, ifname: str | None = None) -> Link | None:
-    """One link by index or name (RTM_GETLINK, not a dump); None if there is none."""
+def _link(ipr: IPRoute, ifname: str) -> Any | None:
+    """One link by name (RTM_GETLINK, not a dump); None if there is none."""
     try:
-        return ipr.get_link(index, ifname)
-    except OSError as e:
-        if e.errno == errno.ENODEV:
+        return ipr.get_links(ifname=ifname)[0]
+    except NetlinkError as exc:
+        if exc.code == errno.ENODEV:
             return None
         raise
+    except IndexError:
+        return None
 
 
-def index_of(ipr: Rtnl, ifname: str) -> int | None:
-    """The interface's index in ``ipr``'s namespace (RTM_GETLINK by name, not a dump)."""
-    link = _link(ipr, ifname=ifname)
-    return link.index if link is not None else None
+def _kind(link: Any) -> str | None:
+    info = link.get("IFLA_LINKINFO")
+    return info.get("IFLA_INFO_KIND") if info is not None else None
+
+
+def index_of(ipr: IPRoute, ifname: str) -> int | None:
+    """The interface's index in ``ipr``'s namespace."""
+    link = _link(ipr, ifname)
+    return link["index"] if link is not None else None
 
 
 # --- host side -------------------------------------------------------------------
 
 
-def ensure_bridge(ipr: Rtnl, net: BridgeNet, ipv6: bool) -> tuple[int, bool]:
+def ensure_bridge(ipr: IPRoute, net: BridgeNet, ipv6: bool) -> tuple[int, bool]:
     """The bridge, created if missing, with its gateway addresses, up: (ifindex, has IPv6)."""
-    link = _link(ipr, ifname=net.name)
+    link = _link(ipr, net.name)
     if link is None:
         # EEXIST: created by someone else meanwhile
         _ignore(
-            (errno.EEXIST,), ipr.add_link, net.name, "bridge", mac_address("bridge:" + net.name)
+            (errno.EEXIST,),
+            ipr.link,
+            "add",
+            ifname=net.name,
+            kind="bridge",
+            address=mac_address("bridge:" + net.name),
         )
-        link = _link(ipr, ifname=net.name)
+        link = _link(ipr, net.name)
         if link is None:
             raise PymachineError(f"bridge {net.name!r} vanished while being created")
-    if link.kind != "bridge":
-        raise Conflict(f"interface {net.name!r} exists and is not a bridge ({link.kind})")
-    _ignore((errno.EEXIST,), ipr.add_address, link.index, str(net.gateway), net.subnet.prefixlen)
+    kind = _kind(link)
+    if kind != "bridge":
+        raise Conflict(f"interface {net.name!r} exists and is not a bridge ({kind})")
+    index = link["index"]
+    _ignore(
+        (errno.EEXIST,),
+        ipr.addr,
+        "add",
+        index=index,
+        address=str(net.gateway),
+        prefixlen=net.subnet.prefixlen,
+    )
     has6 = (
         ipv6
         and net.subnet6 is not None
-        and _add_ipv6(ipr, link.index, str(net.gateway6), net.subnet6.prefixlen)
+        and _add_ipv6(ipr, index, str(net.gateway6), net.subnet6.prefixlen)
     )
-    ipr.set_link(link.index, up=True)
-    return link.index, has6
+    ipr.link("set", index=index, state="up")
+    return index, has6
 
 
-def _add_ipv6(ipr: Rtnl, index: int, address: str, prefixlen: int) -> bool:
+#: IFA_F_NODAD: no duplicate address detection, so the address works at once
+IFA_F_NODAD = 0x02
+
+
+def _add_ipv6(ipr: IPRoute, index: int, address: str, prefixlen: int) -> bool:
     """Add an IPv6 address without duplicate detection; False where IPv6 is
     disabled on this host or interface."""
     try:
-        _ignore((errno.EEXIST,), ipr.add_address, index, address, prefixlen, IFA_F_NODAD)
-    except OSError as e:
-        if e.errno not in (errno.EACCES, errno.EPERM, errno.EAFNOSUPPORT, errno.EOPNOTSUPP):
+        _ignore(
+            (errno.EEXIST,),
+            ipr.addr,
+            "add",
+            index=index,
+            address=address,
+            prefixlen=prefixlen,
+            flags=IFA_F_NODAD,
+        )
+    except NetlinkError as exc:
+        if exc.code not in (errno.EACCES, errno.EPERM, errno.EAFNOSUPPORT, errno.EOPNOTSUPP):
             raise
         return False
     return True
 
 
-def create_veth(ipr: Rtnl, machine: str, ifname: str, bridge_index: int, netns_pid: int) -> int:
+def create_veth(ipr: IPRoute, machine: str, ifname: str, bridge_index: int, netns_fd: int) -> int:
     """A veth pair: ``ifname`` on the bridge, its peer ``host0`` straight in the machine's netns."""
-    peer = veth_peer(CONTAINER_IFNAME, mac_address("machine:" + machine), netns_pid)
-    ipr.add_link(ifname, "veth", mac_address("host:" + machine), peer)
+    ipr.link(
+        "add",
+        ifname=ifname,
+        kind="veth",
+        address=mac_address("host:" + machine),
+        peer={
+            "ifname": CONTAINER_IFNAME,
+            "address": mac_address("machine:" + machine),
+            "net_ns_fd": netns_fd,
+        },
+    )
     index = index_of(ipr, ifname)
     if index is None:
         raise PymachineError(f"veth {ifname!r} vanished right after being created")
-    ipr.set_link(index, up=True, master=bridge_index, alias=ALIAS_PREFIX + machine)
+    ipr.link("set", index=index, master=bridge_index, ifalias=ALIAS_PREFIX + machine, state="up")
     return index
 
 
-def pymachine_links(ipr: Rtnl) -> dict[str, str]:
+def pymachine_links(ipr: IPRoute) -> dict[str, str]:
     """Host-side veths pymachine made: ifname → machine (from their alias)."""
     found = {}
-    for link in ipr.links():
-        alias = link.alias
-        if alias and alias.startswith(ALIAS_PREFIX) and link.kind == "veth" and link.ifname:
-            found[link.ifname] = alias[len(ALIAS_PREFIX) :]
+    for link in ipr.get_links():
+        alias = link.get("IFLA_IFALIAS")
+        ifname = link.get("IFLA_IFNAME")
+        if alias and alias.startswith(ALIAS_PREFIX) and _kind(link) == "veth" and ifname:
+            found[ifname] = alias[len(ALIAS_PREFIX) :]
     return found
 
 
-def delete_bridge(ipr: Rtnl, name: str) -> bool:
+def delete_link(ipr: IPRoute, ifname: str, machine: str) -> bool:
+    """Delete the machine's host-side veth if it is there (and is ours); True if deleted."""
+    link = _link(ipr, ifname)
+    if link is None:
+        return False
+    alias = link.get("IFLA_IFALIAS")
+    if alias not in (None, ALIAS_PREFIX + machine) or _kind(link) != "veth":
+        return False  # someone else's interface that happens to have this name
+    return _ignore((errno.ENODEV,), ipr.link, "del", index=link["index"])
+
+
+def delete_bridge(ipr: IPRoute, name: str) -> bool:
     index = index_of(ipr, name)
     if index is None:
         return False
-    return _ignore((errno.ENODEV,), ipr.del_link, index)
+    return _ignore((errno.ENODEV,), ipr.link, "del", index=index)
 
 
-def bridge_ports(ipr: Rtnl, bridge_index: int) -> list[str]:
-    return [link.ifname for link in ipr.links() if link.master == bridge_index and link.ifname]
+def bridge_ports(ipr: IPRoute, bridge_index: int) -> list[str]:
+    return [
+        link.get("IFLA_IFNAME")
+        for link in ipr.get_links()
+        if link.get("IFLA_MASTER") == bridge_index and link.get("IFLA_IFNAME")
+    ]
 
 
-def host_networks(ipr: Rtnl, exclude_ifname: str | None = None) -> list[ipaddress.IPv4Network]:
+def host_networks(ipr: IPRoute, exclude_ifname: str | None = None) -> list[ipaddress.IPv4Network]:
     """IPv4 networks the host already routes or sits in (what a new bridge must avoid):
     the routes of table main (not the default ones) and the interfaces' addresses."""
     exclude = index_of(ipr, exclude_ifname) if exclude_ifname else None
     nets = []
-    for route in ipr.routes(socket.AF_INET):
-        if route.table != RT_TABLE_MAIN or route.dst is None or route.dst_len == 0:
+    for route in ipr.get_routes(family=socket.AF_INET, table=RT_TABLE_MAIN):
+        dst = route.get("RTA_DST")
+        if dst is None or route["dst_len"] == 0:
             continue
-        if exclude is not None and route.oif == exclude:
+        if exclude is not None and route.get("RTA_OIF") == exclude:
             continue
-        nets.append(ipaddress.IPv4Network(f"{route.dst}/{route.dst_len}", strict=False))
-    for addr in ipr.addresses(socket.AF_INET):
-        if addr.index == exclude or addr.address is None:
+        nets.append(ipaddress.IPv4Network(f"{dst}/{route['dst_len']}", strict=False))
+    for addr in ipr.get_addr(family=socket.AF_INET):
+        address = addr.get("IFA_ADDRESS")
+        if addr["index"] == exclude or address is None:
             continue
-        nets.append(ipaddress.IPv4Network(f"{addr.address}/{addr.prefixlen}", strict=False))
+        nets.append(ipaddress.IPv4Network(f"{address}/{addr['prefixlen']}", strict=False))
     return [n for n in nets if not n.is_loopback]
 
 
 # --- machine side ----------------------------------------------------------------
 
 
-def loopback_up(netns_pid: int) -> None:
-    with netns(netns_pid) as ipr:
-        index = index_of(ipr, "lo")
-        if index is not None:
-            ipr.set_link(index, up=True)
-
-
-def configure_inside(netns_pid: int, lease: Lease, net: BridgeNet, ipv6: bool) -> None:
+def configure_inside(netns_fd: int, lease: Lease, net: BridgeNet, ipv6: bool) -> None:
     """``lo`` and ``host0`` up, the lease's addresses on ``host0``, default routes via the bridge."""
     address = ipaddress.IPv4Interface(lease.address)
-    with netns(netns_pid) as ipr:
+    with netns(netns_fd) as ipr:
         lo = index_of(ipr, "lo")
         if lo is not None:
-            ipr.set_link(lo, up=True)
+            ipr.link("set", index=lo, state="up")
         index = index_of(ipr, CONTAINER_IFNAME)
         if index is None:
             raise PymachineError(f"{CONTAINER_IFNAME} is missing in the machine's namespace")
-        _ignore((errno.EEXIST,), ipr.add_address, index, str(address.ip), address.network.prefixlen)
+        _ignore(
+            (errno.EEXIST,),
+            ipr.addr,
+            "add",
+            index=index,
+            address=str(address.ip),
+            prefixlen=address.network.prefixlen,
+        )
         use6 = ipv6 and lease.address6 is not None and net.gateway6 is not None
         if use6:
             address6 = ipaddress.IPv6Interface(lease.address6)
             use6 = _add_ipv6(ipr, index, str(address6.ip), address6.network.prefixlen)
-        ipr.set_link(index, up=True)
-        _ignore((errno.EEXIST,), ipr.add_default_route, str(net.gateway), index)
+        ipr.link("set", index=index, state="up")
+        _ignore((errno.EEXIST,), ipr.route, "add", gateway=str(net.gateway), oif=index)
         if use6:
-            _ignore((errno.EEXIST,), ipr.add_default_route, str(net.gateway6), index)
+            _ignore(
+                (errno.EEXIST,),
+                ipr.route,
+                "add",
+                family=socket.AF_INET6,
+                dst="::/0",
+                gateway=str(net.gateway6),
+                oif=index,
+            )
+
+
+def open_netns(pid: int) -> int:
+    """A descriptor of the network namespace of process PID (close it)."""
+    return os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)

@@ -2,16 +2,12 @@
 
 Every change is one atomic JSON batch; what is there is read with a JSON
 ``list table inet pymachine`` (never scraped text). Both go to libnftables in
-this process, through ctypes (:class:`_Context`), where a bridged start's two
-``nft -j`` subprocesses cost 15-29 ms (tier-1 host): 3-8 ms each to start
-``nft``, and the exit of the one that made a change waits for the kernel (see
-:class:`_Context`); in-process the list and the change take ~2 ms. Why not the
-Python bindings: Debian's ``python3-nftables`` exists only for the
-distribution's Python, and nftables publishes none on PyPI (only unofficial
-copies); they are a thin ctypes wrapper of the same few functions. The JSON is
-the library's stable contract (libnftables-json(5)) either way, and where
-``libnftables.so.1`` cannot be loaded the ``nft`` command runs the same batch
-(:func:`_run_command`), with the same error messages.
+pymachined's process through nftables' own Python binding (Debian's
+``python3-nftables``, :func:`_binding`), where a start's two ``nft -j``
+subprocesses cost 15-29 ms; where the binding or ``libnftables.so.1`` is
+missing, the ``nft`` command runs the same batch (:func:`_run_command`), with
+the same error messages. The JSON is the library's stable contract
+(libnftables-json(5)) either way.
 
 One table, ``inet pymachine``, holds everything:
 
@@ -42,40 +38,120 @@ One table, ``inet pymachine``, holds everything:
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
-from collections import namedtuple
+import os
+import shutil
+import subprocess
+import sys
+import threading
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
 
 from machined.errors import PymachineError
-from machined.network import nftlib
 from machined.network.config import PortForward, check_ports_free
 
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without typing's import (~2 ms in the runtime)
-if TYPE_CHECKING:
-    from typing import Any
+Cmd = dict[str, Any]  # one command of a JSON batch
 
-    Cmd = dict[str, Any]  # one command of a JSON batch
-
-FAMILY = nftlib.FAMILY
-TABLE = nftlib.TABLE
-COMMENT_PREFIX = nftlib.COMMENT_PREFIX
+FAMILY = "inet"
+TABLE = "pymachine"
+COMMENT_PREFIX = "pymachine:"
 PORTS_CHAIN = "ports"
+NO_TABLE = "No such file or directory"  # nft's error for a table that is not there
+
+#: Where Debian's python3-nftables puts the binding: for the distribution's
+#: Python, which a venv (pymachine's own, or pipx's) does not see. The binding
+#: is pure Python over ctypes, so it is loaded from there by its path.
+DEBIAN_BINDING = "/usr/lib/python3/dist-packages/nftables/__init__.py"
 
 
 # --- running nft -----------------------------------------------------------------
 
-#: libnftables and its context live in :mod:`.nftlib` (the stop's clean-up
-#: uses them without this module); names kept here for callers and tests
-_libnftables = nftlib.libnftables
-_Context = nftlib.Context
-_sockets = nftlib._sockets
+
+def _binding() -> Any | None:
+    """nftables' own Python module (``nftables.Nftables``), or None without it."""
+    try:
+        import nftables
+    except ImportError:
+        if not os.path.exists(DEBIAN_BINDING):
+            return None
+        spec = importlib.util.spec_from_file_location(
+            "nftables", DEBIAN_BINDING, submodule_search_locations=[os.path.dirname(DEBIAN_BINDING)]
+        )
+        if spec is None or spec.loader is None:
+            return None
+        nftables = importlib.util.module_from_spec(spec)
+        sys.modules["nftables"] = nftables
+        try:
+            spec.loader.exec_module(nftables)
+        except Exception:  # noqa: BLE001 - a broken copy: the nft command instead
+            del sys.modules["nftables"]
+            return None
+    return nftables
+
+
+class _Library:
+    """One libnftables context of this process and network namespace, kept open.
+
+    Kept because closing a netfilter netlink socket right after a change waits
+    for the kernel to release the change's objects (``nft_rcv_nl_event``
+    flushes nf_tables' destroy work: an RCU grace period, 7-30 ms in a tier-1
+    host, where the change itself takes ~1 ms). A context acts in the network
+    namespace it was made in: one of another namespace (a test's) or inherited
+    through a fork is replaced. Its socket is made close-on-exec
+    (libnftables' is not), so no command pymachined runs inherits it.
+    Contexts are not thread-safe: one at a time, under a lock.
+    """
+
+    lock = threading.Lock()
+    current: tuple[tuple[int, int], Any] | None = None
+    module: Any | None = None
+    loaded = False
+
+    @classmethod
+    def context(cls) -> Any | None:
+        if not cls.loaded:
+            cls.module, cls.loaded = _binding(), True
+        if cls.module is None:
+            return None
+        owner = (os.getpid(), os.stat("/proc/thread-self/ns/net").st_ino)
+        if cls.current is None or cls.current[0] != owner:
+            before = _sockets()
+            try:
+                nft = cls.module.Nftables()
+            except OSError:  # libnftables.so.1 cannot be loaded
+                cls.module = None
+                return None
+            for fd in _sockets() - before:  # the one the context opened
+                os.set_inheritable(fd, False)
+            nft.set_json_output(True)
+            cls.current = (owner, nft)
+        return cls.current[1]
+
+    @classmethod
+    def run(cls, text: str) -> tuple[bool, str] | None:
+        """(ok, output or error), or None without the library."""
+        with cls.lock:
+            nft = cls.context()
+            if nft is None:
+                return None
+            rc, output, error = nft.cmd(text)
+        return rc == 0, output if rc == 0 else (error.strip() or output.strip())
+
+
+def _sockets() -> set[int]:
+    """This process's socket descriptors."""
+    found = set()
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                found.add(int(name))
+    return found
 
 
 def _run_command(text: str) -> tuple[bool, str]:
-    """:class:`_Context`'s stand-in without libnftables: ``nft -j -f -``."""
-    import shutil
-    import subprocess
-
+    """The library's stand-in: ``nft -j -f -``."""
     path = shutil.which("nft") or shutil.which("nft", path="/usr/sbin:/sbin")
     if path is None:
         raise PymachineError("nft not found: install nftables (apt-get install nftables)")
@@ -87,19 +163,20 @@ def _run_command(text: str) -> tuple[bool, str]:
     return True, proc.stdout
 
 
-def _execute(commands: list[Cmd]) -> tuple[bool, str]:
+#: how a batch runs: "library" or "command" (tests compare the two)
+BACKENDS = ("library", "command")
+
+
+def _execute(commands: list[Cmd], backend: str | None = None) -> tuple[bool, str]:
     """One JSON batch, atomic: (True, JSON output) or (False, nft's error message)."""
-    return _execute_text(json.dumps({"nftables": commands}))
-
-
-def _execute_text(text: str) -> tuple[bool, str]:
-    lib = _libnftables()
-    if lib is None:
-        return _run_command(text)
-    try:
-        return _Context.run(lib, text)
-    except nftlib.NftError as exc:
-        raise PymachineError(str(exc)) from None
+    text = json.dumps({"nftables": commands})
+    if backend != "command":
+        result = _Library.run(text)
+        if result is not None:
+            return result
+        if backend == "library":
+            raise PymachineError("libnftables' Python binding (python3-nftables) is not installed")
+    return _run_command(text)
 
 
 def run(commands: list[Cmd]) -> None:
@@ -115,10 +192,10 @@ def list_table() -> list[dict[str, Any]] | None:
     """The table's objects (``{"rule": {...}}`` …), or None if there is no table."""
     ok, output = _execute([{"list": {"table": {"family": FAMILY, "name": TABLE}}}])
     if not ok:
-        if "No such file or directory" in output:
+        if NO_TABLE in output:
             return None
         raise PymachineError(f"nft list table failed: {output}")
-    return json.loads(output).get("nftables", [])
+    return json.loads(output).get("nftables", []) if output.strip() else []
 
 
 # --- expressions -----------------------------------------------------------------
@@ -277,11 +354,9 @@ def comment_for(machine: str, port: PortForward) -> str:
     return f"{COMMENT_PREFIX}{machine}:{port}"
 
 
-class MachineRule(namedtuple("MachineRule", ("machine", "chain", "handle", "port"))):
-    """One machine's rule found in the table (for teardown and gc).
-    (A namedtuple: a dataclass costs ~0.3 ms to create, paid by every bridged start.)"""
-
-    __slots__ = ()
+@dataclass(frozen=True)
+class MachineRule:
+    """One machine's rule found in the table (for teardown and gc)."""
 
     machine: str
     chain: str
@@ -291,8 +366,10 @@ class MachineRule(namedtuple("MachineRule", ("machine", "chain", "handle", "port
 
 def parse_comment(comment: Any) -> tuple[str, PortForward | None] | None:
     """``pymachine:web:tcp:8080:80`` → ("web", tcp:8080:80); None if not pymachine's."""
-    machine = nftlib.machine_of(comment)
-    if machine is None:
+    if not isinstance(comment, str) or not comment.startswith(COMMENT_PREFIX):
+        return None
+    machine = comment[len(COMMENT_PREFIX) :].partition(":")[0]
+    if not machine:
         return None
     rest = comment[len(COMMENT_PREFIX) + len(machine) + 1 :]
     try:
@@ -373,12 +450,19 @@ def install_machine(
 def remove_machine(machine: str, attempts: int = 3) -> int:
     """Delete every rule tagged with the machine; the number deleted (0 if none or no table).
 
-    :func:`.nftlib.remove_machine`, which the stop's clean-up calls without this module.
+    Found by listing the table, so nothing but the name is needed; listed again
+    when a concurrent change deleted some of them first (the batch then fails whole).
     """
-    try:
-        return nftlib.remove_machine(machine, _execute_text, attempts)
-    except nftlib.NftError as exc:
-        raise PymachineError(str(exc)) from None
+    for attempt in range(attempts):
+        rules = [r for r in machine_rules(list_table()) if r.machine == machine]
+        if not rules:
+            return 0
+        ok, output = _execute([_delete(r) for r in rules])
+        if ok:
+            return len(rules)
+        if attempt == attempts - 1:
+            raise PymachineError(f"nft failed: {output}")
+    return 0
 
 
 def remove_machines_except(keep: set[str]) -> list[str]:

@@ -29,6 +29,13 @@ def own_cgroup(pid: int | str = "self") -> str:
     raise OSError(f"process {pid} is in no cgroup v2 hierarchy")
 
 
+def unit_of(cgroup_path: str) -> str | None:
+    """The unit a cgroup path is in (its ``.service`` or ``.scope`` component)."""
+    return next(
+        (part for part in cgroup_path.split("/") if part.endswith((".service", ".scope"))), None
+    )
+
+
 def unified_mount() -> str:
     """Where the v2 hierarchy is mounted (pure v2: /sys/fs/cgroup; hybrid: …/unified)."""
     if os.path.exists(f"{CGROUP_ROOT}/cgroup.procs"):

@@ -1,24 +1,19 @@
 """The unit's ``ExecStopPost=``: what a stopped machine leaves to tear down.
 
 In service mode the runtime hands the unit over to the container's PID 1 once
-it is up and exits, so this is the one place that tears down after a stop
-(and after a runtime SIGKILLed at any step of start) what systemd and the
-kernel do not: the nft rules of a machine's port forwards, its veth if it
-lingers, the state and record files, an ephemeral layer (:func:`needs_command`
-says which machines need it). Mounts need nothing: they live in
-namespaces that died with the container. The machined registration needs
-nothing either: machined drops a machine whose unit has stopped, and
-``pymachine stop`` unregisters it at once (so it is gone from ``machinectl
-list`` when stop returns, as with systemd-nspawn). Asking machined from here
-cost every bridged stop ~6 ms (the D-Bus client's imports, a connection) for a
-registration a few milliseconds shorter.
+it is up and exits, so what systemd and the kernel do not tear down after a
+stop is someone else's: a bridged machine's network (nft rules, a lingering
+veth) is pymachined's, which follows the unit's stop
+(:mod:`machined.daemon.network`), so no unit has a clean-up process for its
+network where pymachined is installed. This clean-up runs for an ephemeral
+layer, and on a host without pymachined for a machine with port forwards
+(:func:`needs_command` says which machines need it). Mounts need nothing:
+they live in namespaces that died with the container. The machined
+registration needs nothing either: machined drops a machine whose unit has
+stopped, and ``pymachine stop`` unregisters it at once.
 
-Kept light: it runs at every stop of a bridged machine, and its imports are
-most of its cost. :func:`run` takes every path it touches from its command
-line (:func:`command` writes them there), so the clean-up imports neither
-``machined.paths`` (``pathlib``, ``re``: ~4 ms) nor ``machined.names``, and
-of the network code only :mod:`machined.network.leftover`. ``Path`` and
-``Paths`` are for the CLI's side (:func:`command`), imported there.
+:func:`run` takes every path it touches from its command line (:func:`command`
+writes them there); units written by an older pymachine pass the same.
 """
 
 from __future__ import annotations
@@ -62,24 +57,10 @@ DAEMON_UNIT = "pymachined.service"
 
 
 def daemon_cleans(paths: Paths) -> bool:
-    """Whether pymachined is installed here: it then removes a stopped
-    machine's nft rules and veth itself, when systemd says its unit went
-    inactive (``machined.daemon.network``), and reconciles at its start; the
-    runtime of a machine with rules activates it (:func:`activate_daemon`)."""
+    """Whether pymachined is installed here: it then sets up a bridged
+    machine's network for its runtime and removes it when the machine's unit
+    goes inactive (``machined.daemon.network``), reconciling at its start."""
     return (paths.unit_files / DAEMON_UNIT).exists()
-
-
-def activate_daemon(bus) -> None:
-    """Start pymachined unless it runs (no wait: a job for a running unit is a
-    no-op, and a stop before it follows systemd's signals is its reconciler's)."""
-    bus.call(
-        "org.freedesktop.systemd1",
-        "/org/freedesktop/systemd1",
-        "org.freedesktop.systemd1.Manager",
-        "StartUnit",
-        "ss",
-        [DAEMON_UNIT, "replace"],
-    )
 
 
 def needs_command(
@@ -154,9 +135,10 @@ def run(name: str, record: str, ephemeral: str, files: list[str]) -> None:
         raise SystemExit(f"pymachine-runtime: refusing to clean up {name!r}")
     if os.path.exists(record):
         try:
-            from machined.network.leftover import teardown
+            from machined import network
+            from machined.paths import Paths
 
-            teardown(name, record)
+            network.teardown(name, Paths.from_env())
         except Exception as exc:
             print(f"pymachine-runtime: network clean-up of {name} failed: {exc}", file=sys.stderr)
     for leftover in files:

@@ -106,11 +106,12 @@ class Supervisor:
         self.foreground = foreground
         self.layers = Layers(paths, definition)
         self.child = 0
-        self.network_state = None
+        self.network_state: dict | None = None  # host_ifname, host_ifindex, address, …
         self.registered = False
         self.intermediate = intermediate  # started early by __main__, or by run()
         self.cgroups = cgroups  # the cgroup split, started with it by __main__, or by run()
-        self._bus = None  # machined's connection, from _register on (see _start_loopback_proxies)
+        self._bus = None  # the system bus, from the network's set-up or _register on
+        self.own_network = False  # set up by this process (no pymachined): torn down by it too
         self._userns_fd: int | None = None  # the container's user namespace (_container_userns)
         self.handed_over = False  # service mode: PID 1 is the unit's main process now
         self.notify = None  # Notify=: the payload's notify socket (runtime/notify.py)
@@ -171,33 +172,67 @@ class Supervisor:
             bind["source"] = str(staged)
 
     def _setup_network(self) -> list[dict]:
-        """Configure the child's netns from here; returns extra binds (/etc files)."""
+        """The child's network; returns extra binds (/etc files). ``Mode=none``
+        is ours (``lo`` up); a bridge is the host's: pymachined's when it is
+        installed (:meth:`_network_from_daemon`), else this process's own."""
         etc_dir = self.layers.runtime_dir / "etc"
         etc_dir.mkdir(parents=True, exist_ok=True)
         # The machine's name, not the image's: many machines share one image.
         (etc_dir / "hostname").write_text(f"{self.definition.name}\n")
         names = ["hostname"]
-        if self.definition.network.mode == NetworkMode.NONE:
-            # lo only: neither the bridge's machinery (network.lifecycle) nor its state
+        mode = self.definition.network.mode
+        if mode == NetworkMode.NONE:
             from machined.network import etc
-            from machined.network.loopback import loopback_up
+            from machined.runtime.loopback import loopback_up
 
             loopback_up(self.child)
             etc.write_etc_files(self.definition.name, None, self.paths, etc_dir)
             names += ["hosts", "resolv.conf"]
-        elif self.definition.network.mode != NetworkMode.HOST:
-            from machined import network
+        elif mode == NetworkMode.BRIDGE:
+            if cleanup.daemon_cleans(self.paths):
+                self.network_state = self._network_from_daemon()
+            else:
+                from machined import network
 
-            self.network_state = network.setup(
-                self.definition.name, self.definition.network, self.child, self.paths
-            )
-            network.render_etc_files(self.definition.name, self.network_state, self.paths, etc_dir)
+                own_unit = cgroup.unit_of(cgroup.own_cgroup())
+                attached = network.attach(
+                    self.definition.name, self.definition.network, self.child, self.paths, own_unit
+                )
+                self.network_state = attached.to_record()
+                self.own_network = True
             names += ["hosts", "resolv.conf"]
         return [
             {"source": str(etc_dir / name), "target": f"/etc/{name}", "read_only": True}
             for name in names
             if (etc_dir / name).exists()
         ]
+
+    def _network_from_daemon(self) -> dict:
+        """pymachined's ``SetUpNetwork``: one call (it activates the daemon if it
+        does not run); the connection is kept for the registration."""
+        from machined import daemon
+        from machined.dbus import Bus
+
+        self._bus = Bus()
+        reply = self._bus.call(
+            daemon.BUS_NAME,
+            daemon.MANAGER_PATH,
+            daemon.MANAGER_INTERFACE,
+            "SetUpNetwork",
+            "su",
+            [self.definition.name, self.child],
+        )
+        ifname, ifindex, address, gateway, address6, gateway6, bridge, ports = reply  # the struct
+        return {
+            "host_ifname": ifname,
+            "host_ifindex": ifindex,
+            "address": address,
+            "gateway": gateway,
+            "address6": address6 or None,
+            "gateway6": gateway6 or None,
+            "bridge": bridge,
+            "ports": list(ports),
+        }
 
     def _notifies(self) -> bool:
         """Notify= or HealthCmd= in service mode (``run`` is a scope, started at
@@ -245,73 +280,25 @@ class Supervisor:
             )
 
     def _register(self) -> None:
-        """Register with machined on a connection that the rest of the start
-        reuses (``_start_loopback_proxies`` closes it). A stale registration
-        (a killed run) is dropped first only if machined has one: no round trip
-        in the common case."""
+        """Register with machined on the connection the network's set-up opened,
+        if it did; a foreground run keeps it for its teardown (it has no signal
+        match, so nothing queues up on it while the machine runs). A stale
+        registration (a killed run) is dropped first only if machined has one:
+        no round trip in the common case."""
         from machined import registry
         from machined.dbus import Bus
 
-        ifindices = [self.network_state.host_ifindex] if self.network_state else []
-        self._bus = Bus()
+        ifindices = [self.network_state["host_ifindex"]] if self.network_state else []
+        self._bus = self._bus or Bus()
         if (cleanup.MACHINED_STATE / self.definition.name).exists():
             registry.unregister(self._bus, self.definition.name)
         registry.register(
             self._bus, self.definition.name, self.child, str(self.layers.root), ifindices
         )
         self.registered = True
-        if self.definition.network.ports and cleanup.daemon_cleans(self.paths):
-            try:  # the owner of its rules once it stops (no ExecStopPost= then)
-                cleanup.activate_daemon(self._bus)
-            except Exception as exc:
-                _log(f"could not activate pymachined: {exc}")
-
-    def _start_loopback_proxies(self) -> None:
-        """``Port=`` on the host's [::1] (nftables cannot): see machined.proxies.
-        The last D-Bus user of the start: closes ``_register``'s connection,
-        unless a foreground run's teardown can unregister on it: it has no
-        signal match then (proxies add one for their jobs), so nothing queues
-        up on it while the machine runs."""
-        from machined.dbus import Bus
-
-        bus, self._bus = self._bus, None
-        proxies = self.network_state is not None and bool(self.definition.network.ports)
-        try:
-            if self.network_state is not None:
-                self._ensure_dns()
-            if proxies:
-                bus = bus or Bus()
-                _start_proxies(self.definition.name, self.network_state, bus)
-        except Exception as exc:  # the IPv4 and other IPv6 forwards still work
-            _log(f"port forwards on [::1] are not available: {exc}")
-        finally:
-            if bus is not None and self.foreground and not proxies:
-                self._bus = bus  # for _teardown
-            elif bus is not None:
-                bus.close()
-
-    def _ensure_dns(self) -> None:
-        """The bridge's dnsmasq (machined.network.dns), started by the first
-        machine on it (on a connection of its own: the job's signal match must
-        not stay on one a foreground run keeps); its job ends once it answers,
-        before the payload starts. If it cannot run, the machine's resolv.conf
-        names the host's resolvers again."""
-        from machined.network import dns, etc
-
-        bridge = self.network_state.bridge
-        if dns.dnsmasq() is None or dns.running(self.paths, bridge):
-            return
-        try:
-            from machined.dbus import Bus
-            from machined.systemd import Systemd
-
-            with Bus() as bus:
-                dns.ensure(Systemd(bus), self.paths, bridge)
-        except Exception as exc:
-            _log(f"names of machines on {bridge} are not served (dnsmasq): {exc}")
-            etc.write_resolv(
-                self.definition.name, self.network_state, self.layers.runtime_dir / "etc", dns=False
-            )
+        if not self.foreground:
+            self._bus.close()
+            self._bus = None
 
     def _teardown(self) -> None:
         name = self.definition.name
@@ -330,7 +317,7 @@ class Supervisor:
                         registry.unregister(bus, name)
             except Exception as exc:  # the bus may be gone at shutdown
                 _log(f"could not unregister from machined: {exc}")
-        if self.definition.network.mode == NetworkMode.BRIDGE:  # none/host: no veth, no rules
+        if self.own_network:  # pymachined's otherwise: it follows the unit's stop
             try:
                 from machined import network
 
@@ -423,7 +410,6 @@ class Supervisor:
                 raise StartError("the container exited while creating its namespaces")
             self._register()
             _crash_point("after-registration")
-            self._start_loopback_proxies()
             state.write(
                 self.paths,
                 state.RuntimeState(
@@ -435,8 +421,8 @@ class Supervisor:
                     boot=self.definition.boot,
                     started=time.time(),
                     network_mode=str(self.definition.network.mode),
-                    address=_without_prefix(getattr(self.network_state, "address", None)),
-                    host_ifname=getattr(self.network_state, "host_ifname", None),
+                    address=_without_prefix((self.network_state or {}).get("address")),
+                    host_ifname=(self.network_state or {}).get("host_ifname"),
                 ),
             )
             if not self.foreground:
@@ -638,19 +624,6 @@ def _crash_point(step: str) -> None:
     check that nothing is left behind (after-overlay, after-network, after-registration)."""
     if os.environ.get(CRASH_ENV) == step:
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _start_proxies(name: str, network_state, bus) -> None:
-    from machined import network, proxies
-    from machined.systemd import Systemd
-
-    wanted = network.loopback_proxies(network_state)
-    own_unit = next(
-        (part for part in cgroup.own_cgroup().split("/") if part.endswith((".service", ".scope"))),
-        None,
-    )
-    if wanted and own_unit is not None:
-        proxies.start(Systemd(bus), name, own_unit, wanted)
 
 
 def _preload_registration() -> None:

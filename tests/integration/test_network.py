@@ -385,7 +385,11 @@ def test_outbound_nat_through_an_upstream_router(machine, namespaces, paths: Pat
 def test_mode_none_has_only_loopback(paths: Paths, namespaces) -> None:
     ns = Namespace()
     namespaces.append(ns)
-    assert network.setup("lonely", NetworkConfig(mode=NetworkMode.NONE), ns.pid, paths) is None
+    from machined.runtime.loopback import loopback_up
+
+    none = NetworkConfig(mode=NetworkMode.NONE)
+    assert network.attach("lonely", none, ns.pid, paths, None) is None  # nothing of the host's
+    loopback_up(ns.pid)  # the runtime's own
     links = json.loads(ns.run("ip", "-j", "addr"))
     assert [link["ifname"] for link in links] == ["lo"]
     assert "UP" in links[0]["flags"]
@@ -395,7 +399,8 @@ def test_mode_none_has_only_loopback(paths: Paths, namespaces) -> None:
 
 def test_mode_host_does_nothing(paths: Paths) -> None:
     before = host_links()
-    assert network.setup("hosty", NetworkConfig(mode=NetworkMode.HOST), os.getpid(), paths) is None
+    host_mode = NetworkConfig(mode=NetworkMode.HOST)
+    assert network.attach("hosty", host_mode, os.getpid(), paths, None) is None
     assert host_links() == before
     assert table_rules() == []
 

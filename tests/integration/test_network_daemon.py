@@ -146,3 +146,52 @@ def test_twenty_machines_started_at_once_get_distinct_addresses_and_reach_each_o
     finally:
         host.pymachine("stop", *names)
         host.pymachine("remove", *names)
+
+
+def test_a_dotted_machine_name_resolves_with_the_machine_domain_too(host):
+    """dnsmasq's --expand-hosts adds the domain to names without a dot only:
+    web.prod must still answer as web.prod.machine (the hosts file spells it)."""
+    host.pymachine("create", "web.prod", "--image", "tiny", "--", "/bin/sh", "-c", SLEEP)
+    host.pymachine("create", "asker", "--image", "tiny", "--", "/bin/sh", "-c", SLEEP)
+    host.pymachine("start", "web.prod", "asker")
+    try:
+        for name in ("web.prod", "web.prod.machine"):
+            answer = inside(host, "asker", f"nslookup {name}", check=False)
+            assert address(host, "web.prod") in answer.stdout, (name, answer)
+    finally:
+        host.pymachine("stop", "web.prod", "asker")
+        host.pymachine("remove", "web.prod", "asker")
+
+
+def setup_call(host: SystemdHost, name: str, pid: str, *, user: str | None = None):
+    argv = ["busctl", "call", "org.pymachine.machine1", "/org/pymachine/machine1",
+            "org.pymachine.machine1.Manager", "SetUpNetwork", "su", name, pid]  # fmt: skip
+    if user is not None:
+        argv = ["setpriv", f"--reuid={user}", "--regid=65534", "--clear-groups", *argv]
+    return host.run(argv, check=False)
+
+
+def test_only_a_machines_own_runtime_can_have_its_network_set_up(host):
+    """SetUpNetwork configures the network namespace of the PID it is given:
+    a user that is not root is refused, and root is refused a PID outside the
+    machine's unit (the host's PID 1, another machine's PID 1); nothing is made."""
+    make(host, "victim", 8501)
+    make(host, "other", 8502)
+    host.pymachine("start", "other")
+    try:
+        table, before = rules(host), links(host)
+        refused = setup_call(host, "victim", "1", user="nobody")
+        assert refused.returncode != 0 and "access denied" in refused.stderr, refused.stderr
+        for pid in ("1", daemon_pid(host)):  # the host's own network namespace
+            refused = setup_call(host, "victim", pid)
+            assert refused.returncode != 0, refused
+            assert "not in the unit of machine 'victim'" in refused.stderr, refused.stderr
+        status = json.loads(host.pymachine("status", "other", "--json").stdout)
+        other_pid = (status[0] if isinstance(status, list) else status)["leader"]
+        refused = setup_call(host, "victim", str(other_pid))  # another machine's namespace
+        assert "not in the unit of machine 'victim'" in refused.stderr, refused.stderr
+        assert rules(host) == table and links(host) == before
+        assert "vm-victim" not in links(host)
+    finally:
+        host.pymachine("stop", "other")
+        host.pymachine("remove", "victim", "other")

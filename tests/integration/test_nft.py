@@ -2,8 +2,9 @@
 
 Root only, no systemd: the test thread unshares a network namespace of its own
 (as in ``test_network.py``), so the table never touches the host's ruleset.
-Every test runs twice: with libnftables in this process (what pymachine uses)
-and with the ``nft`` command (its stand-in where the library cannot be loaded);
+Every test runs twice: with libnftables in this process through nftables' own
+Python binding (what pymachined uses) and with the ``nft`` command (its
+stand-in where the binding or the library cannot be loaded);
 both must give the same rules, results and error messages.
 """
 
@@ -36,8 +37,8 @@ def own_netns() -> Iterator[None]:
     """Move the test thread into a new network namespace, and back afterwards."""
     if os.geteuid() != 0:
         skip_or_fail("nft tests need root")
-    if shutil.which("nft") is None or nft._libnftables() is None:
-        skip_or_fail("nft tests need nftables (the nft command and libnftables.so.1)")
+    if shutil.which("nft") is None or nft._binding() is None:
+        skip_or_fail("nft tests need nftables (the nft command and python3-nftables)")
     saved = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     if _libc.unshare(CLONE_NEWNET) != 0:
         os.close(saved)
@@ -50,12 +51,17 @@ def own_netns() -> Iterator[None]:
         os.close(saved)
 
 
-@pytest.fixture(params=["libnftables", "command"])
+def without_library(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As where python3-nftables or libnftables.so.1 cannot be loaded."""
+    monkeypatch.setattr(nft._Library, "run", classmethod(lambda cls, text: None))
+
+
+@pytest.fixture(params=nft.BACKENDS)
 def backend(
     request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, own_netns: None
 ) -> str:
     if request.param == "command":
-        monkeypatch.setattr(nft, "_libnftables", lambda: None)
+        without_library(monkeypatch)
     return request.param
 
 
@@ -89,7 +95,7 @@ def test_both_backends_make_the_same_table(
     nft.install_machine("web", PORT, "10.219.250.2", "fd00:5eed::2", BRIDGE)
     in_process = ruleset()
     nft.delete_table()
-    monkeypatch.setattr(nft, "_libnftables", lambda: None)
+    without_library(monkeypatch)
     nft.install_machine("web", PORT, "10.219.250.2", "fd00:5eed::2", BRIDGE)
     assert ruleset() == in_process
 
@@ -129,7 +135,7 @@ def test_context_is_kept_close_on_exec_and_per_network_namespace(own_netns: None
 
 
 def test_without_nftables_the_error_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(nft, "_libnftables", lambda: None)
+    without_library(monkeypatch)
     monkeypatch.setattr(shutil, "which", lambda *a, **k: None)
     with pytest.raises(PymachineError, match="nft not found: install nftables"):
         nft.list_table()

@@ -1,5 +1,5 @@
 """The stop's clean-up (``ExecStopPost=``): its command line, what it removes,
-what it imports, the light JSON and nft pieces, the one D-Bus call."""
+what it imports; a machine's nft rules found and deleted by name."""
 
 from __future__ import annotations
 
@@ -11,36 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from machined.network import jsonlite, nft, nftlib, state
+from machined.network import lifecycle, nft, state
 from machined.paths import Paths
 from machined.runtime import cleanup
 
 NAME = "pymachine-unit-test-cleanup"
 
-# --- jsonlite -------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "text",
-    [
-        '{"a": [1, 2.5, "x\\u00e9", null, true, false, {"b": {}}]}',
-        " [] \n",
-        '"s"',
-        "-3",
-        '{"nftables": [{"metainfo": {"version": "1.0.6", "json_schema_version": 1}}]}',
-    ],
-)
-def test_jsonlite_decodes_as_json(text: str) -> None:
-    assert jsonlite.loads(text) == json.loads(text)
-
-
-@pytest.mark.parametrize("text", ["", "{", "{}x", "[1,]", '{"a" 1}', "NaN", "[Infinity]"])
-def test_jsonlite_rejects_what_json_rejects(text: str) -> None:
-    with pytest.raises(ValueError):
-        jsonlite.loads(text)
-
-
-# --- nftlib ---------------------------------------------------------------------
+# --- nft: a machine's rules -------------------------------------------------------
 
 LISTING = json.dumps(
     {
@@ -57,23 +34,17 @@ LISTING = json.dumps(
 
 
 def test_rules_of_a_machine_are_found_by_comment_exactly() -> None:
-    assert nftlib.rules_of("web", LISTING) == [("ports", 7), ("ports", 9)]
-    assert nftlib.rules_of("db", LISTING) == []
+    listing = json.loads(LISTING)["nftables"]
+    assert [(r.chain, r.handle) for r in nft.machine_rules(listing) if r.machine == "web"] == [
+        ("ports", 7),
+        ("ports", 9),
+    ]
+    assert [r for r in nft.machine_rules(listing) if r.machine == "db"] == []
+    assert nft.parse_comment("pymachine:") is None and nft.parse_comment(7) is None
 
 
-def test_delete_batch_is_the_json_nft_writes() -> None:
-    rules = [nft.MachineRule("web", "ports", 7, None), nft.MachineRule("web", "ports", 9, None)]
-    expected = {"nftables": [nft._delete(r) for r in rules]}
-    assert json.loads(nftlib.delete_batch([("ports", 7), ("ports", 9)])) == expected
-    assert json.loads(nftlib.LIST_TABLE) == {
-        "nftables": [{"list": {"table": {"family": "inet", "name": "pymachine"}}}]
-    }
-    odd = json.loads(nftlib.delete_batch([('a"b', 1)]))
-    assert odd["nftables"][0]["delete"]["rule"]["chain"] == 'a"b'
-
-
-def test_remove_machine_lists_deletes_and_retries() -> None:
-    calls: list[str] = []
+def test_remove_machine_lists_deletes_and_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    batches: list[list[dict]] = []
     answers = [
         (True, LISTING),
         (False, "Error: Could not process rule"),
@@ -81,15 +52,27 @@ def test_remove_machine_lists_deletes_and_retries() -> None:
         (True, ""),
     ]
 
-    def execute(text: str) -> tuple[bool, str]:
-        calls.append(text)
+    def execute(commands: list[dict], backend: str | None = None) -> tuple[bool, str]:
+        batches.append(commands)
         return answers.pop(0)
 
-    assert nftlib.remove_machine("web", execute) == 2
-    assert calls[0] == calls[2] == nftlib.LIST_TABLE
-    assert calls[1] == calls[3] == nftlib.delete_batch([("ports", 7), ("ports", 9)])
-    no_table = [(False, "Error: No such file or directory; did you mean table ...")]
-    assert nftlib.remove_machine("web", lambda text: no_table[0]) == 0
+    monkeypatch.setattr(nft, "_execute", execute)
+    assert nft.remove_machine("web") == 2
+    listing = [{"list": {"table": {"family": "inet", "name": "pymachine"}}}]
+    assert batches[0] == batches[2] == listing
+    deletes = [
+        {
+            "delete": {
+                "rule": {"family": "inet", "table": "pymachine", "chain": "ports", "handle": h}
+            }
+        }
+        for h in (7, 9)
+    ]
+    assert batches[1] == batches[3] == deletes
+    monkeypatch.setattr(
+        nft, "_execute", lambda commands: (False, "Error: No such file or directory; did you mean")
+    )
+    assert nft.remove_machine("web") == 0
 
 
 # --- cleanup: command line, run ---------------------------------------------------
@@ -116,11 +99,12 @@ def test_run_removes_what_the_machine_left(tmp_path: Path, monkeypatch: pytest.M
         f.write_text("{}")
     (ephemeral / "upper").mkdir(parents=True)
     done: list[str] = []
-    from machined.network import leftover
-
-    monkeypatch.setattr(leftover, "teardown", lambda name, path: done.append(f"teardown {path}"))
+    monkeypatch.setenv("PYMACHINE_ROOT", str(tmp_path))
+    monkeypatch.setattr(
+        lifecycle, "teardown", lambda name, p: done.append(f"teardown {name} {p.root}")
+    )
     cleanup.run("web", str(record), str(ephemeral), [str(f) for f in files])
-    assert done == [f"teardown {record}"]
+    assert done == [f"teardown web {tmp_path}"]
     assert not any(f.exists() for f in files) and not ephemeral.exists()
     done.clear()
     record.unlink()
@@ -133,27 +117,22 @@ def test_run_refuses_a_name_that_leaves_the_directory() -> None:
         cleanup.run("../etc", "/nonexistent", "/nonexistent", [])
 
 
-def test_clean_up_of_a_bridged_machine_is_light(tmp_path: Path) -> None:
-    """What the clean-up of a bridged machine imports (a record with no ports,
-    no veth: nothing reaches the kernel; a registration machined drops itself)."""
+def test_clean_up_without_a_network_record_is_light(tmp_path: Path) -> None:
+    """What the clean-up imports where pymachined owns the network (no record
+    here): nothing of the network code, no D-Bus client."""
     paths = Paths(tmp_path)
     record, ephemeral, *files = (str(p) for p in cleanup.targets(NAME, paths))
-    os.makedirs(os.path.dirname(record))
-    with open(record, "w") as f:
-        json.dump({"machine": NAME, "host_ifname": state.host_ifname(NAME), "ports": []}, f)
+    os.makedirs(os.path.dirname(files[0]))
+    for f in files:
+        Path(f).write_text("{}")
     heavy = [
         "pathlib", "re", "json", "typing", "dataclasses", "socket", "threading",
-        "contextlib", "shutil", "enum", "machined.paths", "machined.network.lifecycle",
-        "machined.network.nft", "machined.network.links", "machined.dbus", "pystemd",
+        "contextlib", "shutil", "enum", "machined.paths", "machined.network",
+        "pyroute2", "machined.dbus", "pystemd",
     ]  # fmt: skip
-    # machined still has the machine (its unit is in stop-post): the clean-up
-    # leaves that to machined, no D-Bus client is loaded
-    registered = tmp_path / "machines"
-    registered.mkdir()
-    (registered / NAME).write_text("")
     code = (
         "import sys; sys.path.insert(0, sys.argv.pop(1)); "
-        f"from machined.runtime import cleanup; cleanup.MACHINED_STATE_DIR = {str(registered)!r}; "
+        "from machined.runtime import cleanup; "
         "cleanup.run(*sys.argv[1:4], sys.argv[4:]); "
         f"print([m for m in {heavy!r} if m in sys.modules])"
     )
@@ -163,7 +142,7 @@ def test_clean_up_of_a_bridged_machine_is_light(tmp_path: Path) -> None:
         text=True,
     )
     assert out.strip() == "[]"
-    assert not os.path.exists(record)
+    assert not any(os.path.exists(f) for f in files)
 
 
 def test_network_teardown_stays_the_function_after_every_submodule() -> None:
@@ -177,39 +156,29 @@ def test_network_teardown_stays_the_function_after_every_submodule() -> None:
     assert subprocess.check_output([sys.executable, "-c", code], text=True).strip() == "True"
 
 
-def test_leftover_teardown_deletes_the_veth_even_when_nft_fails(
+def test_teardown_deletes_the_veth_even_when_nft_fails(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from machined.network import leftover, rtnl
-
-    record = tmp_path / "web.json"
-    record.write_text(json.dumps({"host_ifname": "vm-web", "ports": ["tcp:8080:80"]}))
+    paths = Paths(tmp_path)
+    state.write(paths, "web", {"host_ifname": "vm-web", "ports": ["tcp:8080:80"]})
     done: list[str] = []
 
     def refuse(machine: str) -> int:
         done.append("nft")
-        raise nftlib.NftError("nft failed: busy")
+        raise nft.PymachineError("nft failed: busy")
 
-    class FakeRtnl:
-        def __init__(self) -> None:
-            pass
-
-        def __enter__(self) -> FakeRtnl:
-            return self
-
-        def __exit__(self, *exc: object) -> None:
-            pass
-
-    monkeypatch.setattr(nftlib, "remove_machine", refuse)
-    monkeypatch.setattr(leftover, "link_exists", lambda ifname: ifname == "vm-web")
-    monkeypatch.setattr(rtnl, "Rtnl", FakeRtnl)
-    monkeypatch.setattr(leftover, "delete_link", lambda ipr, ifname, m: done.append(ifname))
-    with pytest.raises(nftlib.NftError):
-        leftover.teardown("web", str(record))
-    assert done == ["nft", "vm-web"] and record.exists()  # kept: gc and the next start retry
-    monkeypatch.setattr(nftlib, "remove_machine", lambda machine: done.append("nft again"))
-    leftover.teardown("web", str(record))
-    assert not record.exists()
+    monkeypatch.setattr(nft, "remove_machine", refuse)
+    monkeypatch.setattr(
+        lifecycle, "delete_lingering_veth", lambda machine, ifname: done.append(ifname) or True
+    )
+    with pytest.raises(nft.PymachineError):
+        lifecycle.teardown("web", paths)
+    assert done == ["nft", "vm-web"] and state.read(
+        paths, "web"
+    )  # kept: gc and the next start retry
+    monkeypatch.setattr(nft, "remove_machine", lambda machine: done.append("nft again") or 1)
+    assert lifecycle.teardown("web", paths) is None
+    assert state.read(paths, "web") is None
 
 
 def test_a_unit_without_paths_on_its_command_line_is_cleaned_as_before(tmp_path: Path) -> None:

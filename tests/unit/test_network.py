@@ -372,7 +372,12 @@ def test_bridge_hosts_file_follows_the_leases(paths: Paths) -> None:
         dns.write_hosts(paths, "b0")
     hosts = dns.hosts_dir(paths, "b0") / dns.HOSTS
     lines = [line for line in hosts.read_text().splitlines() if not line.startswith("#")]
-    assert lines == ["10.5.0.3\tdb", "fd00:1::3\tdb", "10.5.0.2\tweb", "fd00:1::2\tweb"]
+    assert lines == [
+        "10.5.0.3\tdb\tdb.machine",
+        "fd00:1::3\tdb\tdb.machine",
+        "10.5.0.2\tweb\tweb.machine",
+        "fd00:1::2\tweb\tweb.machine",
+    ]
     assert hosts.stat().st_mode & 0o777 == 0o644  # dnsmasq reads it as nobody
     assert [p.name for p in dns.directory(paths).iterdir()] == ["b0"]  # no temporary left
     network.release("web", paths)  # removed: its name goes

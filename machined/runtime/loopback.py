@@ -1,8 +1,8 @@
-"""``lo`` up inside a machine's network namespace with one ioctl.
+"""``lo`` up inside a ``Mode=none`` machine's network namespace with one ioctl.
 
-``Mode=none`` needs nothing else from the network code, so its runtime imports
-neither :mod:`.lifecycle` (leases, dataclasses) nor :mod:`.links`/:mod:`.rtnl`.
-(This once saved pyroute2's import: ~0.25 s and ~20 MB.)
+The runtime's own: nothing of the host changes, so pymachined is not asked
+(:mod:`machined.network` is the host's side), and a start pays neither
+netlink nor pyroute2's import (~130 ms) for one interface flag.
 """
 
 from __future__ import annotations
