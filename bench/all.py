@@ -1,6 +1,6 @@
 """Run every benchmark in this (systemd) host and print the tables.
 
-python3 -m bench.all [--repeats N] [--sizes 1,10,50] [--only floors,start,several,density,imports,snapshot,daemon]
+python3 -m bench.all [--repeats N] [--sizes 1,10,50] [--only floors,start,several,density,imports,snapshot,daemon,network]
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import os
 import platform
 from pathlib import Path
 
-from bench import daemon, density, floors, importtime, several, snapshot, start_latency
+from bench import daemon, density, floors, importtime, network, several, snapshot, start_latency
 from bench.common import PY, load, run
 
 
@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         snapshot.main(["-n", str(min(args.repeats, 3))])
     if "daemon" in only:  # last: it installs pymachined, which the others do not measure
         daemon.main(["-n", str(args.repeats)])
+    if "network" in only:  # not by default: 100 bridged machines; installs pymachined
+        network.main(["-n", str(args.repeats)])
     return 0
 
 

@@ -614,9 +614,12 @@ class Machines:
         if owner is None:  # pymachined removes it otherwise, when the unit goes inactive
             owner = not cleanup.daemon_cleans(self.paths)
         if owner:
-            from machined import network
+            from machined.network import state as network_state
 
-            network.delete_lingering_veth(name)
+            if network_state.veth_exists(network_state.host_ifname(name)):
+                from machined import network  # pyroute2: only for a veth that lingers
+
+                network.delete_lingering_veth(name)
 
     def restart(self, name: str) -> None:
         if self.is_running(name):
