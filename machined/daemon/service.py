@@ -23,6 +23,7 @@ import os
 import re
 import stat
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from dbus_next import BusType, DBusError, Message, MessageFlag, Variant
@@ -55,6 +56,12 @@ class Daemon:
         self.jobs: dict[int, jobs.Job] = {}
         self.images: dict[str, ImageObject] = {}
         self._children: set[asyncio.Task] = set()
+        # The network's work runs under one lock (machined.network.addresses):
+        # two threads of its own, not one of the shared pool's per machine
+        # started at once, each blocked on that lock with its own pyroute2 loop.
+        self.network_executor = ThreadPoolExecutor(
+            max_workers=2, thread_name_prefix="pymachined-network"
+        )
 
     def anonymous_authfile(self) -> str:
         """An auth file with no logins (``{"auths": {}}``), for pulls of callers
@@ -77,6 +84,12 @@ class Daemon:
     async def blocking(self, fn: Callable[..., Any], *args: Any) -> Any:
         """FN(*ARGS) on a worker thread: the library blocks on systemd's jobs."""
         return await asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args))
+
+    async def networking(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """FN(*ARGS) on a network worker thread (set-up, clean-up, reconciliation)."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self.network_executor, functools.partial(fn, *args)
+        )
 
     async def with_machines(self, fn: Callable[..., Any], *args: Any) -> Any:
         """FN(Machines, *ARGS) on a worker thread with a bus connection of its own."""
@@ -433,7 +446,7 @@ class Manager(ServiceInterface):
         validate_machine_name(name)
         if await polkit.caller_uid(self.d.bus, CURRENT_MESSAGE.get().sender) != 0:
             raise AccessDenied("access denied: only a machine's runtime (root) sets up its network")
-        s = await self.d.blocking(network.set_up, self.d.paths, name, int(pid))
+        s = await self.d.networking(network.set_up, self.d.paths, name, int(pid))
         return [
             s.host_ifname,
             s.host_ifindex,
@@ -969,7 +982,7 @@ async def follow_systemd(d: Daemon) -> None:
             d.changed([name])
             state = msg.body[1]["ActiveState"]
             if getattr(state, "value", state) in ("inactive", "failed"):
-                d.spawn(_logged(d.blocking(network.unit_stopped, d.paths, name), unit))
+                d.spawn(_logged(d.networking(network.unit_stopped, d.paths, name), unit))
 
     d.bus.add_message_handler(on_message)
 
@@ -978,8 +991,6 @@ async def serve(paths: Paths | None = None) -> None:
     """Own the bus name and answer until the bus goes away."""
     # a worker thread per call in flight: a stop holds one for StopTimeoutSec=,
     # and a list must not queue behind a few of them (asyncio's default is 6)
-    from concurrent.futures import ThreadPoolExecutor
-
     asyncio.get_running_loop().set_default_executor(
         ThreadPoolExecutor(max_workers=64, thread_name_prefix="pymachined")
     )
@@ -990,5 +1001,5 @@ async def serve(paths: Paths | None = None) -> None:
     reply = await bus.request_name(daemon.BUS_NAME)
     log.info("pymachined: %s on the system bus (%s)", daemon.BUS_NAME, reply)
     # after follow_systemd: a machine that stops meanwhile is cleaned by either
-    d.spawn(_logged(d.blocking(network.reconcile, d.paths), "the reconciliation at start"))
+    d.spawn(_logged(d.networking(network.reconcile, d.paths), "the reconciliation at start"))
     await bus.wait_for_disconnect()

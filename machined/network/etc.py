@@ -77,16 +77,21 @@ def host_resolvers(bridged: bool) -> Resolv:
     return resolv
 
 
-def _hosts_entries(paths: Any, machine: str, net_state: Any) -> list[tuple[str, str]]:
-    """(address, name) of the gateway and of every other machine on the bridge."""
+def _hosts_entries(
+    paths: Any, machine: str, net_state: Any, leases: Any = None
+) -> list[tuple[str, str]]:
+    """(address, name) of the gateway and of every other machine on the bridge
+    (LEASES: the bridge's, when the caller has read them)."""
     if net_state is None or not net_state.bridge:
         return []
-    from machined.network import addresses
+    if leases is None:
+        from machined.network import addresses
 
+        leases = addresses.leases_on(paths, net_state.bridge)
     entries = [(net_state.gateway, "_gateway")]
     if net_state.gateway6:
         entries.append((net_state.gateway6, "_gateway"))
-    for lease in addresses.leases_on(paths, net_state.bridge):
+    for lease in leases:
         if lease.machine == machine:
             continue
         entries.append((lease.ip, lease.machine))
@@ -95,7 +100,7 @@ def _hosts_entries(paths: Any, machine: str, net_state: Any) -> list[tuple[str, 
     return entries
 
 
-def render_hosts(paths: Any, machine: str, net_state: Any) -> str:
+def render_hosts(paths: Any, machine: str, net_state: Any, leases: Any = None) -> str:
     """The machine's /etc/hosts: itself on its addresses (127.0.1.1 without
     any), then its bridge's gateway and machines."""
     own = []
@@ -112,7 +117,9 @@ def render_hosts(paths: Any, machine: str, net_state: Any) -> str:
         "ff02::2\tip6-allrouters",
     ]
     lines += [f"{address}\t{machine}" for address in own or ["127.0.1.1"]]
-    lines += [f"{address}\t{name}" for address, name in _hosts_entries(paths, machine, net_state)]
+    lines += [
+        f"{address}\t{name}" for address, name in _hosts_entries(paths, machine, net_state, leases)
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -394,7 +394,9 @@ def render_etc_files(
 
 
 def _refresh_hosts(paths: Paths, bridge: str, skip: str) -> None:
-    """Rewrite the hosts files of the running machines on ``bridge`` (a lease came or went)."""
+    """Rewrite the hosts files of the running machines on ``bridge`` (a lease
+    came or went), from one reading of the leases."""
+    leases = addresses.leases_on(paths, bridge)
     for machine in state.machines(paths):
         if machine == skip:
             continue
@@ -406,5 +408,5 @@ def _refresh_hosts(paths: Paths, bridge: str, skip: str) -> None:
         with contextlib.suppress(OSError):
             if (Path(etc_dir) / "hosts").exists():
                 etc.write_in_place(
-                    Path(etc_dir) / "hosts", etc.render_hosts(paths, machine, net_state)
+                    Path(etc_dir) / "hosts", etc.render_hosts(paths, machine, net_state, leases)
                 )

@@ -33,6 +33,7 @@ from machined.network.addresses import BridgeNet, Lease
 from machined.network.state import ALIAS_PREFIX, CONTAINER_IFNAME, mac_address
 
 RT_TABLE_MAIN = 254
+LOOPBACK_IFINDEX = 1  # the kernel's, in every network namespace (LOOPBACK_IFINDEX)
 
 
 @contextmanager
@@ -82,15 +83,14 @@ def _ignore(codes: tuple[int, ...], call: Callable[..., Any], *args: Any, **kwar
 
 
 def _link(ipr: IPRoute, ifname: str) -> Any | None:
-    """One link by name (RTM_GETLINK, not a dump); None if there is none."""
+    """One link by name (RTM_GETLINK with IFLA_IFNAME: pyroute2's
+    ``get_links(ifname=…)`` dumps every link and filters); None if there is none."""
     try:
-        return ipr.get_links(ifname=ifname)[0]
+        return ipr.link("get", ifname=ifname)[0]
     except NetlinkError as exc:
         if exc.code == errno.ENODEV:
             return None
         raise
-    except IndexError:
-        return None
 
 
 def _kind(link: Any) -> str | None:
@@ -104,12 +104,28 @@ def index_of(ipr: IPRoute, ifname: str) -> int | None:
     return link["index"] if link is not None else None
 
 
+#: Bridges this process has set up, by namespace and name. A bridge found again with
+#: the same index is taken as set up (its addresses and state are the
+#: administrator's to change after that): every start then asks for the
+#: bridge once rather than four times (get, two addresses, up).
+_bridges_set_up: dict[tuple[int, str], tuple[int, bool]] = {}  # → (ifindex, has IPv6)
+
+
+def _bridge_key(name: str) -> tuple[int, str]:
+    """The calling thread's network namespace and a bridge name (``host()``
+    handles act in the caller's namespace; tests make many)."""
+    return os.stat("/proc/thread-self/ns/net").st_ino, name
+
+
 # --- host side -------------------------------------------------------------------
 
 
 def ensure_bridge(ipr: IPRoute, net: BridgeNet, ipv6: bool) -> tuple[int, bool]:
     """The bridge, created if missing, with its gateway addresses, up: (ifindex, has IPv6)."""
     link = _link(ipr, net.name)
+    known = _bridges_set_up.get(_bridge_key(net.name))
+    if link is not None and known is not None and known[0] == link["index"]:
+        return known[0], known[1] and ipv6
     if link is None:
         # EEXIST: created by someone else meanwhile
         _ignore(
@@ -141,6 +157,7 @@ def ensure_bridge(ipr: IPRoute, net: BridgeNet, ipv6: bool) -> tuple[int, bool]:
         and _add_ipv6(ipr, index, str(net.gateway6), net.subnet6.prefixlen)
     )
     ipr.link("set", index=index, state="up")
+    _bridges_set_up[_bridge_key(net.name)] = (index, has6)
     return index, has6
 
 
@@ -169,12 +186,15 @@ def _add_ipv6(ipr: IPRoute, index: int, address: str, prefixlen: int) -> bool:
 
 
 def create_veth(ipr: IPRoute, machine: str, ifname: str, bridge_index: int, netns_fd: int) -> int:
-    """A veth pair: ``ifname`` on the bridge, its peer ``host0`` straight in the machine's netns."""
+    """A veth pair: ``ifname`` on the bridge and up (set in the creating
+    request), its peer ``host0`` straight in the machine's netns."""
     ipr.link(
         "add",
         ifname=ifname,
         kind="veth",
         address=mac_address("host:" + machine),
+        master=bridge_index,
+        state="up",
         peer={
             "ifname": CONTAINER_IFNAME,
             "address": mac_address("machine:" + machine),
@@ -184,7 +204,7 @@ def create_veth(ipr: IPRoute, machine: str, ifname: str, bridge_index: int, netn
     index = index_of(ipr, ifname)
     if index is None:
         raise PymachineError(f"veth {ifname!r} vanished right after being created")
-    ipr.link("set", index=index, master=bridge_index, ifalias=ALIAS_PREFIX + machine, state="up")
+    ipr.link("set", index=index, ifalias=ALIAS_PREFIX + machine)  # not taken at creation
     return index
 
 
@@ -252,9 +272,7 @@ def configure_inside(netns_fd: int, lease: Lease, net: BridgeNet, ipv6: bool) ->
     """``lo`` and ``host0`` up, the lease's addresses on ``host0``, default routes via the bridge."""
     address = ipaddress.IPv4Interface(lease.address)
     with netns(netns_fd) as ipr:
-        lo = index_of(ipr, "lo")
-        if lo is not None:
-            ipr.link("set", index=lo, state="up")
+        ipr.link("set", index=LOOPBACK_IFINDEX, state="up")
         index = index_of(ipr, CONTAINER_IFNAME)
         if index is None:
             raise PymachineError(f"{CONTAINER_IFNAME} is missing in the machine's namespace")
