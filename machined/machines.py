@@ -616,7 +616,7 @@ class Machines:
         if owner:
             from machined.network import state as network_state
 
-            if network_state.veth_exists(network_state.host_ifname(name)):
+            if network_state.host_has_link(network_state.host_ifname(name)):
                 from machined import network  # pyroute2: only for a veth that lingers
 
                 network.delete_lingering_veth(name)

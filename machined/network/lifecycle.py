@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -153,7 +154,7 @@ def setup(machine: str, config: NetworkConfig, netns_pid: int, paths: Paths) -> 
         with addresses.locked(paths):
             # A previous run killed before it could clean up; or the veth of the
             # last run, which the kernel removes with its namespace, asynchronously.
-            if state.read(paths, machine) is not None or state.veth_exists(ifname):
+            if state.read(paths, machine) is not None or _has_link(ifname):
                 teardown_locked(machine, paths)
             try:
                 net_state, changed = _set_up_locked(
@@ -255,12 +256,21 @@ def teardown_locked(machine: str, paths: Paths) -> tuple[int, bool]:
     return rules, veth
 
 
+def _has_link(ifname: str) -> bool:
+    """Whether the caller's network namespace has an interface of that name (one ioctl)."""
+    try:
+        socket.if_nametoindex(ifname)
+    except OSError:
+        return False
+    return True
+
+
 def delete_lingering_veth(machine: str, ifname: str | None = None) -> bool:
     """Delete the machine's host-side veth if the kernel has not removed it with
     the machine's namespace yet (it does so asynchronously, a moment after the
     last process exited; a quick restart would find its name taken)."""
     ifname = ifname or state.host_ifname(machine)
-    if not state.veth_exists(ifname):
+    if not _has_link(ifname):
         return False
     from machined.network import links
 

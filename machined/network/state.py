@@ -7,17 +7,22 @@ removes when the unit stops. The record is written under the network lock
 *before* anything is created, so a setup killed half-way still leaves a record
 to clean up from, and a record means a run that owns what is there
 (:mod:`machined.daemon.network` leaves such a machine's objects alone).
+
+The CLI reads it on its own clock (``stop`` asks whether a veth lingers,
+``start`` which host ports are forwarded): so the module imports nothing at
+its top (``hashlib`` for a long name, ``json`` for a record, in the function).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import socket
-from pathlib import Path
-from typing import Any
+import os
 
-from machined.paths import Paths
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without typing's import (~2.5 ms)
+if TYPE_CHECKING:
+    from pathlib import Path
+    from typing import Any
+
+    from machined.paths import Paths
 
 IFNAME_MAX = 15
 VETH_PREFIX = "vm-"  # vm-NAME when NAME fits
@@ -32,6 +37,8 @@ def host_ifname(machine: str) -> str:
     name = VETH_PREFIX + machine
     if len(name) <= IFNAME_MAX:
         return name
+    import hashlib
+
     return VETH_HASH_PREFIX + hashlib.sha256(machine.encode()).hexdigest()[: IFNAME_MAX - 3]
 
 
@@ -41,19 +48,18 @@ def mac_address(seed: str) -> str:
     Stable addresses keep neighbour caches valid across restarts; a bridge with a
     fixed MAC does not change its address whenever a port comes or goes.
     """
+    import hashlib
+
     digest = bytearray(hashlib.sha256(b"pymachine:" + seed.encode()).digest()[:6])
     digest[0] = (digest[0] & 0xFE) | 0x02  # unicast, locally administered
     return ":".join(f"{b:02x}" for b in digest)
 
 
-def veth_exists(ifname: str) -> bool:
-    """Whether this network namespace has an interface of that name (one ioctl,
-    no netlink: ``pymachine stop`` asks after every stop)."""
-    try:
-        socket.if_nametoindex(ifname)
-    except OSError:
-        return False
-    return True
+def host_has_link(ifname: str) -> bool:
+    """Whether the host has an interface of that name: one stat in sysfs, which
+    shows the network namespace it was mounted in, the host's (``pymachine
+    stop`` asks after every stop, without a socket module)."""
+    return os.path.exists(f"/sys/class/net/{ifname}")
 
 
 def state_file(paths: Paths, machine: str) -> Path:
@@ -63,6 +69,8 @@ def state_file(paths: Paths, machine: str) -> Path:
 def read(paths: Paths, machine: str) -> dict[str, Any] | None:
     """The machine's record: None if there is none, {} if it is unreadable
     (still a leftover to clean, with the default names)."""
+    import json
+
     try:
         data = json.loads(state_file(paths, machine).read_text(encoding="utf-8"))
     except FileNotFoundError:
