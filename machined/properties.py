@@ -225,12 +225,16 @@ def single_line(key: str, text: str) -> str:
     return check_value(f"{key}=", text)
 
 
-def quote_word(word: str, *, specifiers: bool = True) -> str:
+def quote_word(word: str, *, specifiers: bool = True, variables: bool = False) -> str:
     """One word as systemd's unit-file parser reads it back unchanged: doubled
-    ``%`` (specifiers), and C-style double quotes unless it is plain."""
+    ``%`` (specifiers), doubled ``$`` where systemd expands ``$VAR`` and
+    ``${VAR}`` (VARIABLES: the ``Exec*=`` lines, quoted or not), and C-style
+    double quotes unless it is plain."""
     single_line("value", word)
     if specifiers:
         word = word.replace("%", "%%")
+    if variables:
+        word = word.replace("$", "$$")
     if word and _PLAIN_WORD.fullmatch(word):
         return word
     return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -88,7 +88,7 @@ def _exec_start(prop: Property) -> str:
         raise PymachineError(f"cannot render ExecStart {prop.value!r}: argv[0] is not the path")
     if not path.startswith("/"):
         raise PymachineError(f"cannot render ExecStart {prop.value!r}: path is not absolute")
-    return ("-" if ignore_failure else "") + " ".join(quote_word(w) for w in argv)
+    return ("-" if ignore_failure else "") + " ".join(quote_word(w, variables=True) for w in argv)
 
 
 def setting_value(setting: UnitSetting) -> str:

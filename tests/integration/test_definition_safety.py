@@ -127,3 +127,25 @@ def test_replace_stores_a_set_credential_as_create_does(systemd_host, tiny_image
         assert "s3cret" not in definition.read_text()
     finally:
         systemd_host.pymachine("remove", machine_name, check=False)
+
+
+def test_exec_words_reach_the_process_as_written_dollar_signs_included(systemd_host):
+    """systemd expands $VAR and ${VAR} in Exec*= lines, quoted or not: a word
+    with a dollar sign (a path of the runtime's, an argument) must come out of
+    the unit file as written, not as the manager's environment says."""
+    from machined.properties import Property
+    from machined.units import _exec_start
+
+    unit = _unique("dollar") + ".service"
+    words = ["/bin/echo", "$HOME", "${PATH}x", "50%", "a b", "$$"]
+    line = _exec_start(Property("ExecStart", "a(sasb)", [(words[0], words, False)]))
+    path = systemd_host.host_path(f"/run/systemd/system/{unit}")
+    path.write_text(f"[Service]\nType=oneshot\nExecStart={line}\n")
+    try:
+        systemd_host.run(["systemctl", "daemon-reload"])
+        systemd_host.run(["systemctl", "start", unit])
+        out = systemd_host.run(["journalctl", "-o", "cat", "-u", unit, "--no-pager"]).stdout
+        assert "$HOME ${PATH}x 50% a b $$" in out.splitlines(), out
+    finally:
+        path.unlink()
+        systemd_host.run(["systemctl", "daemon-reload"])

@@ -139,6 +139,12 @@ def test_quote_word(word, expected):
     assert unquote(units.quote_word(word)) == [word]
 
 
+def test_quote_word_doubles_dollar_signs_where_systemd_expands_variables():
+    assert units.quote_word("$HOME", variables=True) == '"$$HOME"'
+    assert units.quote_word("${X}%", variables=True) == '"$${X}%%"'
+    assert units.quote_word("$HOME") == '"$HOME"'  # Environment= expands nothing
+
+
 def test_quote_word_refuses_line_breaks():
     with pytest.raises(InvalidInput):
         units.quote_word("a\nb")
