@@ -221,14 +221,39 @@ class Supervisor:
             return []
         from machined.runtime import credentials
 
-        base = self.policy.uid_base
         bind = credentials.stage(
-            str(self.layers.runtime_dir / "credentials"), base if base is not None else 0
+            str(self.layers.runtime_dir / "credentials"), self._credentials_owner()
         )
         if bind is None:
             return []
         self.credentials_environment = {"CREDENTIALS_DIRECTORY": credentials.INSIDE}
         return [bind]
+
+    def _credentials_owner(self) -> tuple[int, int]:
+        """The payload's user and group as the host sees them (systemd gives a
+        unit's User= its credentials): User= resolved in the machine's own
+        /etc/passwd, as PID 1 will resolve it, mapped into the machine's
+        range. A booted guest's systemd (root) imports them."""
+        base = self.policy.uid_base or 0
+        spec = self.definition.user
+        if self.definition.boot or spec in (None, "", "root", "0", "0:0", "root:root"):
+            return base, base
+        from machined.runtime import users
+
+        root_fd = os.open(self.layers.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            user = users.resolve(spec, users.reader_in_root(root_fd))
+        except LookupError as exc:
+            raise StartError(str(exc)) from None
+        finally:
+            os.close(root_fd)
+        count = self.policy.uid_count
+        if self.policy.uid_base is not None and not (user.uid < count and user.gid < count):
+            raise StartError(
+                f"user {spec!r} ({user.uid}:{user.gid}) is outside the machine's "
+                f"{count} UIDs: its credentials would belong to another range"
+            )
+        return base + user.uid, base + user.gid
 
     def _monitor_guest(self) -> None:
         """Guest health (runtime/guest.py): a child that outlives us."""

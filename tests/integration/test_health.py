@@ -164,6 +164,34 @@ def test_credentials_reach_the_payload_and_nothing_else(systemd_host, make_machi
     assert gone.returncode == 1
 
 
+def test_a_payload_that_is_not_root_reads_its_credentials_alone(
+    systemd_host, make_machine, machine_name
+):
+    """User=nobody: the credentials belong to the payload's user, as systemd
+    gives a unit's User= its credentials (0400 files in a 0500 directory), so
+    the payload reads them; another user inside does not."""
+    script = (
+        "id -u > /tmp/uid; cat $CREDENTIALS_DIRECTORY/token > /tmp/seen 2>&1; "
+        "while :; do sleep 1; done"
+    )
+    name = make_machine(
+        machine_name, "--user", "nobody", "--set-credential", "token:set-secret-44",
+        command=("/bin/sh", "-c", script),
+    )  # fmt: skip
+    assert inside(systemd_host, name, "cat /tmp/uid") == "65534"
+    assert inside(systemd_host, name, "cat /tmp/seen") == "set-secret-44"
+    directory, token = inside(
+        systemd_host, name, "ls -lnd /run/host/credentials /run/host/credentials/token"
+    ).splitlines()
+    assert directory.split()[0] == "dr-x------" and directory.split()[2:4] == ["65534"] * 2
+    assert token.split()[0] == "-r--------" and token.split()[2:4] == ["65534"] * 2
+    other = systemd_host.pymachine(
+        "exec", "--user", "1000", name, "--", "cat", "/run/host/credentials/token", check=False
+    )
+    assert other.returncode != 0 and "set-secret-44" not in other.stdout, other
+    assert "Permission denied" in other.stderr, other
+
+
 def test_start_of_a_machine_starts_what_it_requires_first(
     systemd_host, make_machine, machine_name, notify_tool
 ):
