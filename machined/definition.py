@@ -30,6 +30,10 @@ if TYPE_CHECKING:  # runtime, which runs without site: nothing there imports it)
 #: sent READY=1 to $NOTIFY_SOCKET (runtime/notify.py).
 NOTIFY_MODES = ("no", "yes", "healthy")  # healthy: at HealthCmd='s first pass
 HEALTH_ACTIONS = ("none", "kill", "restart", "stop")  # HealthOnFailure=, podman's
+#: Restart=: systemd.service(5)'s, carried to the unit as they are
+RESTART_MODES = (
+    "no", "on-success", "on-failure", "on-abnormal", "on-watchdog", "on-abort", "always",
+)  # fmt: skip
 DEFAULT_STOP_TIMEOUT = 10.0  # seconds, like docker/podman; systemd's 90 s is for whole OSes
 
 
@@ -172,6 +176,8 @@ class MachineDefinition(Record):
         after: list[str] | None = None,
         devices: list[DeviceNode] | None = None,
         health: HealthCheck | None = None,
+        watchdog: float | None = None,
+        restart: str = "no",
     ) -> None:
         self.name = name
         self.image = image
@@ -204,6 +210,9 @@ class MachineDefinition(Record):
         self.after = after if after is not None else []
         self.devices = devices if devices is not None else []  # Device= host nodes
         self.health = health if health is not None else HealthCheck()
+        # WatchdogSec=: the unit's; the payload's WATCHDOG=1 (relayed by the init) feeds it
+        self.watchdog = watchdog
+        self.restart = restart  # Restart=: the unit's, systemd's values
 
     def validate(self) -> MachineDefinition:
         validate_machine_name(self.name)
@@ -231,6 +240,14 @@ class MachineDefinition(Record):
         if self.boot and self.health.command is not None:
             raise InvalidInput("HealthCmd= is not supported for boot-mode machines yet")
         self.health.validate()
+        if self.watchdog is not None:
+            check_seconds(self.watchdog, what="WatchdogSec=")
+            if self.boot:
+                raise InvalidInput("WatchdogSec= is not supported for boot-mode machines yet")
+        if self.restart not in RESTART_MODES:
+            raise InvalidInput(
+                f"invalid Restart= {self.restart!r}: expected {', '.join(RESTART_MODES)}"
+            )
         ids = [c.id for c in self.load_credentials] + [i for i, _ in self.set_credentials]
         if len(set(ids)) != len(ids):
             twice = sorted({i for i in ids if ids.count(i) > 1})
@@ -480,6 +497,13 @@ _KEYS: tuple[_Key, ...] = (
         *_scalar("private_users", _parse_private_users, default="pick"),
     ),
     _Key("Exec", "Notify", *_scalar("notify", _parse_notify, default="no")),
+    # 0: off, as systemd reads it
+    _Key(
+        "Exec",
+        "WatchdogSec",
+        *_scalar("watchdog", lambda v: _parse_seconds_or_zero(v) or None, _fmt_seconds),
+    ),
+    _Key("Exec", "Restart", *_scalar("restart", default="no")),
     *(
         _Key("Exec", key, *_health_scalar(attr, parse, fmt, default))
         for key, attr, parse, fmt, default in (

@@ -405,6 +405,8 @@ class Machines:
             ),
             credentials=[tuple(c) for c in credentials.unit_credentials(definition, self.paths)],
             devices=[tuple(d) for d in definition.devices],
+            watchdog=definition.watchdog,
+            restart=definition.restart,
             dependencies=None
             if scope
             else {

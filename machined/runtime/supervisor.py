@@ -200,9 +200,14 @@ class Supervisor:
         ]
 
     def _notifies(self) -> bool:
-        """Notify= or HealthCmd= in service mode (``run`` is a scope, started at
+        """Notify=, HealthCmd= or WatchdogSec= in service mode (``run`` is a scope, started at
         once; boot mode has its image's init)."""
-        wanted = self.definition.notify != "no" or self.definition.health.command is not None
+        definition = self.definition
+        wanted = (
+            definition.notify != "no"
+            or definition.health.command is not None
+            or definition.watchdog is not None
+        )
         return wanted and not self.foreground
 
     def _notify_binds(self) -> list[dict]:
@@ -211,7 +216,9 @@ class Supervisor:
         from machined.runtime import notify
 
         self.notify = notify.prepare(
-            str(self.layers.runtime_dir), health=self.definition.health.command is not None
+            str(self.layers.runtime_dir),
+            health=self.definition.health.command is not None,
+            watchdog=self.definition.watchdog,
         )
         return [self.notify.bind()]
 

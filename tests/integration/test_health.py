@@ -365,6 +365,68 @@ def test_notify_healthy_gates_a_dependent_machine(systemd_host, make_machine, ma
     assert 0 < db_ready <= web_began
 
 
+def test_a_silent_payload_is_ended_by_systemds_watchdog(
+    systemd_host, make_machine, machine_name, notify_tool
+):
+    """WatchdogSec=2: the payload's WATCHDOG=1 (relayed by the init) keeps the
+    unit alive for 4 s; once it stops, systemd's watchdog fires ("Watchdog
+    timeout" in the journal), its SIGABRT reaches the payload, and the unit
+    fails with result watchdog."""
+    script = (
+        f"for i in 1 2 3 4 5 6 7 8; do {NOTIFY} WATCHDOG=1; sleep 0.5; done; "
+        "while :; do sleep 1; done"
+    )
+    name = make_machine(
+        machine_name, "--watchdog-sec", "2", "--bind", notify_tool,
+        command=("/bin/sh", "-c", script),
+    )  # fmt: skip
+    unit = f"pymachine-{name}.service"
+    assert show(systemd_host, unit, "WatchdogUSec")["WatchdogUSec"] == "2s"
+    systemd_host.wait_for_journal(unit, "Watchdog timeout", timeout=60)
+    wait_until(lambda: status_json(systemd_host, name)["state"] == "failed", "failed")
+    assert show(systemd_host, unit, "Result")["Result"] == "watchdog"
+    # the init passed systemd's SIGABRT on: the payload ended of it (128+6), as a
+    # plain service's process would, not SIGKILLed after TimeoutAbortSec=
+    assert "Main process exited, code=exited, status=134" in systemd_host.journal(unit)
+
+
+def test_a_payload_that_keeps_pinging_keeps_its_watchdog_fed_and_restart_on_watchdog(
+    systemd_host, make_machine, machine_name, notify_tool
+):
+    """A payload that keeps sending WATCHDOG=1 outlives many WatchdogSec=
+    periods (WATCHDOG_USEC tells it how often); one that stops is restarted
+    by systemd with Restart=on-watchdog."""
+    fed = (
+        "echo $WATCHDOG_USEC > /run/usec; "
+        f"i=0; while :; do {NOTIFY} WATCHDOG=1; i=$((i+1)); echo $i > /run/pings; sleep 0.3; done"
+    )
+    alive = make_machine(
+        f"{machine_name}-fed", "--watchdog-sec", "1", "--bind", notify_tool,
+        command=("/bin/sh", "-c", fed),
+    )  # fmt: skip
+    silent = make_machine(
+        f"{machine_name}-silent", "--watchdog-sec", "1", "--restart", "on-watchdog",
+        "--bind", notify_tool, command=("/bin/sh", "-c", "while :; do sleep 1; done"),
+    )  # fmt: skip
+    assert wait_until(
+        lambda: inside(systemd_host, alive, "cat /run/usec", check=False), "usec"
+    ) == ("1000000")
+    unit = f"pymachine-{silent}.service"
+    systemd_host.wait_for_journal(unit, "Watchdog timeout", timeout=60)
+    wait_until(lambda: int(show(systemd_host, unit, "NRestarts")["NRestarts"]) >= 1, "restarted")
+    # 20 pings at 0.3 s: the fed machine lived through 6 of its 1 s periods
+    wait_until(
+        lambda: int(inside(systemd_host, alive, "cat /run/pings", check=False) or 0) >= 20,
+        "20 pings",
+    )
+    alive_unit = f"pymachine-{alive}.service"
+    assert show(systemd_host, alive_unit, "ActiveState", "NRestarts") == {
+        "ActiveState": "active",
+        "NRestarts": "0",
+    }
+    assert "Watchdog timeout" not in systemd_host.journal(alive_unit, lines=1000)
+
+
 def test_a_booted_guest_is_started_once_its_systemd_is_ready(
     systemd_host, debian_image, machine_name
 ):
