@@ -320,6 +320,7 @@ def enable(name: str, *, now: bool = False, machines: Machines | None = None) ->
             )
         if target_state == "masked":
             result.warnings.append(f"{TARGET} is masked: machines will not start at boot")
+        result.warnings += _dependency_warnings(definition, paths)
 
         if old == text and state in _ENABLED_STATES:
             result.already = True
@@ -348,6 +349,26 @@ def enable(name: str, *, now: bool = False, machines: Machines | None = None) ->
             m.start(name)  # StartUnit: the unit file exists now
             result.started = True
     return result
+
+
+def _dependency_warnings(definition: MachineDefinition, paths: Paths) -> list[str]:
+    """A machine enabled to start at boot whose Requires=/Wants= name a machine
+    that is not enabled: at boot that machine has no unit (a transient one
+    exists only once started), so systemd fails a required one ("Unit not
+    found") and leaves a wanted one out. ``systemctl enable`` enables no
+    dependency either; it is said, not done."""
+    warnings = []
+    for key, names, outcome in (
+        ("requires", definition.requires, "it will fail to start at boot"),
+        ("wants", definition.wants, "it will start at boot without it"),
+    ):
+        for other in names:
+            if not is_enabled(other, paths):
+                warnings.append(
+                    f"machine '{definition.name}' {key} '{other}', which is not enabled: "
+                    f"{outcome} ('pymachine enable {other}')"
+                )
+    return warnings
 
 
 def _restore(path: Path, old: str | None) -> None:

@@ -247,6 +247,63 @@ def test_unknown_machines_and_cycles_are_refused(systemd_host, make_machine, mac
     assert (states[a], states[b]) == ("stopped", "stopped"), states
 
 
+def test_a_wanted_machine_must_exist_at_create_and_may_be_gone_at_start(
+    systemd_host, make_machine, machine_name
+):
+    """Wants=: an unknown machine is refused at create as Requires= is (exit 4,
+    nothing written); one removed since then is left out at start, as
+    systemd's Wants= leaves out a unit that is not there, where a removed
+    required machine fails the start."""
+    out = systemd_host.pymachine(
+        "create", machine_name, "--image", "tiny", "--wants", "no-such-machine", check=False
+    )
+    assert out.returncode == 4, out
+    assert out.stderr.strip().endswith("Wants=no-such-machine: machine 'no-such-machine' not found")
+    shown = systemd_host.pymachine("show", machine_name, "--json", check=False)
+    assert shown.returncode == 4, shown
+    cache = make_machine(f"{machine_name}-cache", start=False)
+    db = make_machine(f"{machine_name}-db", start=False)
+    web = make_machine(f"{machine_name}-web", "--wants", cache, start=False)
+    api = make_machine(f"{machine_name}-api", "--requires", db, start=False)
+    systemd_host.pymachine("remove", cache)
+    systemd_host.pymachine("remove", db)
+    systemd_host.pymachine("start", web)
+    assert status_json(systemd_host, web)["state"] == "running"
+    out = systemd_host.pymachine("start", api, check=False)
+    assert out.returncode == 4 and f"requires '{db}', which did not start" in out.stderr, out
+    assert status_json(systemd_host, api)["state"] == "stopped"
+
+
+def test_enabling_a_machine_whose_required_machine_is_not_enabled_warns(
+    systemd_host, make_machine, machine_name
+):
+    """web Requires=db, db not enabled: enable web says, in one line, that web
+    will fail at boot, which is what systemd does (db has no unit then); once
+    db is enabled, no warning, and systemd's own start of web (as at boot)
+    starts db first."""
+    db = make_machine(f"{machine_name}-db", start=False)
+    web = make_machine(f"{machine_name}-web", "--requires", db, start=False)
+    web_unit = f"pymachine-{web}.service"
+    try:
+        out = systemd_host.pymachine("enable", web)
+        warnings = [line for line in out.stderr.splitlines() if "warning" in line]
+        assert warnings == [
+            f"pymachine: warning: machine '{web}' requires '{db}', which is not enabled: "
+            f"it will fail to start at boot ('pymachine enable {db}')"
+        ], out
+        refused = systemd_host.run(["systemctl", "start", web_unit], check=False)
+        assert refused.returncode != 0 and "not found" in refused.stderr, refused
+        systemd_host.pymachine("enable", db)
+        out = systemd_host.pymachine("disable", web)
+        out = systemd_host.pymachine("enable", web)
+        assert "warning" not in out.stderr, out
+        systemd_host.run(["systemctl", "start", web_unit])
+        assert status_json(systemd_host, db)["state"] == "running"
+    finally:
+        systemd_host.pymachine("disable", "--now", web, check=False)
+        systemd_host.pymachine("disable", "--now", db, check=False)
+
+
 def test_a_device_passed_through_is_usable(systemd_host, make_machine, machine_name):
     """/dev/fuse in a user-namespaced machine: there, root's inside, opened for
     reading and writing (the unit's device policy allows it); a machine

@@ -122,6 +122,13 @@ def test_stop_timeout_follows_the_definition():
     assert service["TimeoutStopSec"] == "7.5s"
 
 
+def test_watchdog_and_restart_reach_the_enabled_unit_file():
+    """Restart= and WatchdogSec= are [Service] lines of the file, as of the transient unit."""
+    service = sections(units.render(make(watchdog=3, restart="on-failure"), Paths()))["Service"]
+    assert ("WatchdogSec", "3s") in service and ("Restart", "on-failure") in service
+    assert ("NotifyAccess", "main") in service
+
+
 @pytest.mark.parametrize(
     ("word", "expected"),
     [
@@ -517,3 +524,20 @@ def test_install_units_installs_pymachined_and_version_sees_it(env):
     assert (
         len(install.problems(paths)) == 1 and "not this pymachine's" in install.problems(paths)[0]
     )
+
+
+def test_enable_warns_of_wanted_and_required_machines_that_are_not_enabled(env):
+    machines, fake, paths = env
+    definitions.save(make("db", resources={}), paths)
+    definitions.save(make("cache", resources={}), paths)
+    definitions.save(make("app", requires=["db"], wants=["cache"], resources={}), paths)
+    warnings = units.enable("app", machines=machines).warnings
+    assert warnings == [
+        "machine 'app' requires 'db', which is not enabled: it will fail to start at boot "
+        "('pymachine enable db')",
+        "machine 'app' wants 'cache', which is not enabled: it will start at boot without it "
+        "('pymachine enable cache')",
+    ]
+    units.enable("db", machines=machines)
+    units.enable("cache", machines=machines)
+    assert units.enable("app", machines=machines).warnings == []
