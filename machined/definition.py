@@ -609,6 +609,52 @@ def from_text(name: str, text: str, path: str = "<string>") -> MachineDefinition
         raise parsed.error(None, str(exc)) from None
 
 
+# --- pymachine set -------------------------------------------------------------
+
+#: Definition keys ``pymachine set NAME -p KEY=VALUE`` takes besides the
+#: resource limits (which apply live), and their sections. They apply at the
+#: next start. A list key's value is added to it (as systemctl set-property
+#: adds to DeviceAllow=); an empty value clears the key (back to its default).
+SETTABLE = {
+    **dict.fromkeys(("Requires", "Wants", "After"), "Machine"),
+    **dict.fromkeys(
+        (
+            "Notify", "WatchdogSec", "Restart", "HealthCmd", "HealthInterval", "HealthTimeout",
+            "HealthRetries", "HealthStartPeriod", "HealthOnFailure", "LoadCredential",
+            "LoadCredentialEncrypted",
+        ),
+        "Exec",
+    ),
+    "Device": "Files",
+}  # fmt: skip
+LIST_KEYS = frozenset(
+    ("Requires", "Wants", "After", "Device", "LoadCredential", "LoadCredentialEncrypted")
+)
+
+
+def with_assignments(
+    definition: MachineDefinition, assignments: list[tuple[str, str]]
+) -> MachineDefinition:
+    """DEFINITION with ASSIGNMENTS (SETTABLE keys) applied, as a new definition
+    read back from its text: the file parser's checks, exactly as ``create``'s.
+    (No SetCredential=: a value is for ``create --replace --set-credential``,
+    root's, never an argument of a D-Bus call.)"""
+    parsed = unitfile.parse(to_text(definition))
+    sections = {s: [(e.key, e.value) for e in parsed.sections.get(s, [])] for s in SECTIONS}
+    for key, value in assignments:
+        entries = sections[SETTABLE[key]]
+        if key not in LIST_KEYS or not value:
+            entries[:] = [(k, v) for k, v in entries if k != key]
+        if value:
+            entries.append((key, value))
+    where = f"<{definition.name}.machine>"
+    try:
+        return from_text(definition.name, unitfile.render(sections), where)
+    except InvalidInput as exc:  # no file:line: the text is ours, the value the caller's
+        message = re.sub(rf"^{re.escape(where)}(:[0-9]+)?: ", "", str(exc))
+        raise InvalidInput(message) from None
+
+
 # --- the store ---------------------------------------------------------------
 
 
