@@ -247,13 +247,10 @@ class Supervisor:
             return base, base
         from machined.runtime import users
 
-        root_fd = os.open(self.layers.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            user = users.resolve(spec, users.reader_in_root(root_fd))
+            user = self._in_image(lambda read: users.resolve(spec, read))
         except LookupError as exc:
             raise StartError(str(exc)) from None
-        finally:
-            os.close(root_fd)
         count = self.policy.uid_count
         if self.policy.uid_base is not None and not (user.uid < count and user.gid < count):
             raise StartError(
@@ -524,7 +521,9 @@ class Supervisor:
         )
 
     def _devices(self) -> tuple:
-        """Device=: each host node's (path, mode, rdev); a missing one is an error."""
+        """Device=: each host node's (path, mode, rdev, group); a missing one is
+        an error. Group: the machine's group of the same name as the host
+        node's (kvm, render…), mapped, or None (root's) where it has none."""
         nodes = []
         for device in self.definition.devices:
             try:
@@ -533,8 +532,35 @@ class Supervisor:
                 raise StartError(f"device {device.path} does not exist on the host") from None
             if not (stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)):
                 raise StartError(f"{device.path} is not a device node")
-            nodes.append((device.path, st.st_mode, st.st_rdev))
+            nodes.append((device.path, st.st_mode, st.st_rdev, self._device_group(st.st_gid)))
         return tuple(nodes)
+
+    def _device_group(self, host_gid: int) -> int | None:
+        if host_gid == 0:
+            return None
+        import grp
+
+        try:
+            name = grp.getgrgid(host_gid).gr_name
+        except KeyError:
+            return None
+        from machined.runtime import users
+
+        inside = self._in_image(lambda read: users.group_id(name, read))
+        base, count = self.policy.uid_base, self.policy.uid_count
+        if inside is None or (base is not None and inside >= count):
+            return None
+        return (base or 0) + inside
+
+    def _in_image(self, use):
+        """USE(a reader of the machine's own files: runtime/users.py)."""
+        from machined.runtime import users
+
+        root_fd = os.open(self.layers.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            return use(users.reader_in_root(root_fd))
+        finally:
+            os.close(root_fd)
 
     def _container_message(self, restrictions: dict) -> dict:
         """Everything the container's set-up (container.py) and PID 1 need

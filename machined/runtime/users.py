@@ -99,3 +99,11 @@ def resolve(spec: str | None, read: Callable[[str], str | None] | None = None) -
         int(g[2]) for g in groups if len(g) >= 4 and g[2].isdigit() and user.name in g[3].split(",")
     )
     return User(user.uid, gid, user.home, user.shell, user.name, supplementary)
+
+
+def group_id(name: str, read: Callable[[str], str | None] | None = None) -> int | None:
+    """The GID of group NAME in the machine's /etc/group, or None."""
+    for entry in _entries("/etc/group", read or _read):
+        if len(entry) >= 3 and entry[0] == name and entry[2].isdigit():
+            return int(entry[2])
+    return None

@@ -324,6 +324,38 @@ def test_a_device_passed_through_is_usable(systemd_host, make_machine, machine_n
     ), out
 
 
+def test_a_device_keeps_its_group_by_name_for_a_payload_user(
+    systemd_host, make_machine, machine_name
+):
+    """A host node of group G (as /dev/kvm is kvm's, 0660) is made in a
+    user-namespaced machine with the machine's own group G (its GID in the
+    machine's /etc/group, mapped): a payload user in G there opens it, one
+    not in G does not. Without such a group, the node is root's group."""
+    node, group = "/dev/pymtest-null", "pymtest-dev"
+    systemd_host.run(
+        f"getent group {group} >/dev/null || groupadd {group}; rm -f {node}; "
+        f"mknod -m 660 {node} c 1 3 && chgrp {group} {node}"
+    )  # the /dev/null device, as a node only G may open
+    try:
+        name = make_machine(machine_name, "--device", node)
+        assert inside(systemd_host, name, f"ls -ln {node}").split()[2:4] == ["0", "0"]
+        inside(systemd_host, name, f"echo {group}:x:4242:nobody >> /etc/group")
+        systemd_host.pymachine("restart", name)
+        assert inside(systemd_host, name, f"ls -ln {node}").split()[:4] == [
+            "crw-rw----", "1", "0", "4242",
+        ]  # fmt: skip
+        member = systemd_host.pymachine(
+            "exec", "--user", "nobody", name, "--", "sh", "-c", f"exec 3<>{node} && echo opened"
+        )
+        assert member.stdout.strip() == "opened", member
+        other = systemd_host.pymachine(
+            "exec", "--user", "1000", name, "--", "sh", "-c", f"exec 3<>{node}", check=False
+        )
+        assert other.returncode != 0 and "Permission denied" in other.stderr, other
+    finally:
+        systemd_host.run(["rm", "-f", node])
+
+
 def test_the_device_policy_still_refuses_other_nodes(systemd_host, make_machine, machine_name):
     """Device=/dev/fuse:r: read-only access to it; write is refused by the cgroup."""
     name = make_machine(machine_name, "--device", "/dev/fuse:r")

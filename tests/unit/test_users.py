@@ -216,3 +216,12 @@ def test_a_huge_or_binary_file_is_read_bounded(image) -> None:
     text = users.reader_in_root(fd)("/etc/passwd")
     assert text is not None and len(text) == users.MAX_SIZE
     assert resolve("bob", users.reader_in_root(fd)).uid == 5
+
+
+def test_group_id_by_name(container: list[str]) -> None:
+    """Device=: the machine's GID of the host node's group (kvm, render…)."""
+    assert users.group_id("wheel") == 10
+    assert users.group_id("audio") == 29
+    assert users.group_id("nosuch") is None
+    assert users.group_id("weird") is None  # no numeric GID: no group
+    assert users.group_id("comment") is None  # a commented-out line
