@@ -129,6 +129,11 @@ class HealthCheck(Record):
                 f"invalid HealthOnFailure= {self.on_failure!r}: expected {', '.join(HEALTH_ACTIONS)}"
             )
 
+    def watched(self) -> bool:
+        """Boot mode: whether the guest is checked (runtime/guest.py): for a
+        HealthCmd=, or for its action on the guest's own state."""
+        return self.command is not None or self.on_failure != "none"
+
     def init_arguments(self) -> list[str]:
         """pymachine-init's flags (none without a command)."""
         if self.command is None:
@@ -237,8 +242,6 @@ class MachineDefinition(Record):
             raise InvalidInput("Notify=healthy is not supported for boot-mode machines yet")
         if self.notify == "healthy" and self.health.command is None:
             raise InvalidInput("Notify=healthy needs a HealthCmd=")
-        if self.boot and self.health.command is not None:
-            raise InvalidInput("HealthCmd= is not supported for boot-mode machines yet")
         self.health.validate()
         if self.watchdog is not None:
             check_seconds(self.watchdog, what="WatchdogSec=")

@@ -782,7 +782,7 @@ def _health_of(info: MachineInfo, paths: Paths) -> dict[str, str]:
     definition = info.definition
     checked = definition is not None and (
         definition.health.command is not None
-        or (definition.boot and definition.health.on_failure != "none")  # guest health
+        or (definition.boot and definition.health.watched())  # guest health
     )
     if info.state != MachineState.RUNNING or not checked:
         return {}

@@ -200,14 +200,12 @@ class Supervisor:
         ]
 
     def _notifies(self) -> bool:
-        """Notify=, HealthCmd= or WatchdogSec= in service mode (``run`` is a scope, started at
-        once; boot mode has its image's init)."""
+        """Notify=, or an app machine's HealthCmd= or WatchdogSec= (its init's),
+        in service mode (``run`` is a scope, started at once; a booted guest's
+        checks are runtime/guest.py's)."""
         definition = self.definition
-        wanted = (
-            definition.notify != "no"
-            or definition.health.command is not None
-            or definition.watchdog is not None
-        )
+        init_checks = definition.health.command is not None or definition.watchdog is not None
+        wanted = definition.notify != "no" or (init_checks and not definition.boot)
         return wanted and not self.foreground
 
     def _notify_binds(self) -> list[dict]:
@@ -473,7 +471,7 @@ class Supervisor:
                     from machined.runtime import notify
 
                     notify.relay_boot(self.notify.fds, self.child)  # before the unit is handed over
-                if self.definition.boot and self.definition.health.on_failure != "none":
+                if self.definition.boot and self.definition.health.watched():
                     self._monitor_guest()
                 self._hand_over()
                 return 0

@@ -579,3 +579,45 @@ def test_a_degraded_guest_takes_the_health_action(systemd_host, debian_image, ma
     finally:
         systemd_host.pymachine("stop", name, check=False, timeout=120)
         systemd_host.pymachine("remove", name, check=False)
+
+
+def test_a_booted_guests_health_command_is_run_inside_and_acted_on(
+    systemd_host, debian_image, machine_name
+):
+    """HealthCmd= in boot mode: run in the guest (as pymachine exec would) by
+    the runtime's monitor; healthy while it passes, and at HealthRetries=
+    failures the machine is killed (HealthOnFailure=kill: the unit fails),
+    the journal giving the check's last output."""
+    name = machine_name
+    systemd_host.pymachine(
+        "create", name, "--image", debian_image, "--boot", "--network", "none",
+        "--stop-timeout", "30", "--health-cmd", "echo probed; test ! -e /run/broken",
+        "--health-interval", "1", "--health-retries", "2", "--health-on-failure", "kill",
+    )  # fmt: skip
+    unit = f"pymachine-{name}.service"
+    try:
+        systemd_host.pymachine("start", name, timeout=180)
+        health = wait_until(
+            lambda: (
+                status_json(systemd_host, name).get("health", {}).get("status") == "healthy"
+                and status_json(systemd_host, name)["health"]
+            ),
+            "healthy",
+            timeout=120,
+        )
+        assert health["last_output"] == "probed", health
+        # the guest's checks are the runtime's: no notify socket for its systemd
+        no_socket = systemd_host.pymachine(
+            "exec", name, "--", "test", "-e", "/run/host/notify", check=False
+        )
+        assert no_socket.returncode == 1, no_socket
+        systemd_host.pymachine("exec", name, "--", "touch", "/run/broken")
+        systemd_host.wait_for_journal(
+            unit,
+            "guest health check failed 2 times in a row: killing the machine (last output: probed)",
+            timeout=120,
+        )
+        wait_until(lambda: status_json(systemd_host, name)["state"] == "failed", "failed")
+    finally:
+        systemd_host.pymachine("stop", name, check=False, timeout=120)
+        systemd_host.pymachine("remove", name, check=False)
