@@ -111,7 +111,8 @@ def cmd_set(args: argparse.Namespace) -> int:
         where = "definition and unit file" if result.unit_file_rewritten else "definition"
         print(f"Saved {text} in machine {args.name}'s {where}.")
     if later:
-        print(f"{', '.join(f'{k}=' for k in sorted(later))} takes effect at the next start.")
+        keys = ", ".join(f"{k}=" for k in sorted(later))
+        print(f"{keys} take{'s' if len(later) == 1 else ''} effect at the next start.")
     elif args.runtime:
         print("Not saved (--runtime): the next start uses the definition again.")
     return 0

@@ -27,7 +27,7 @@ MAX_SIZE = 4 << 20  # an /etc/passwd larger than this is no account database
 def _read(path: str) -> str | None:
     """PATH's text (we are inside the machine, pivoted: its own file)."""
     try:
-        with open(path, errors="replace") as handle:
+        with open(path, encoding="utf-8", errors="replace") as handle:
             return handle.read(MAX_SIZE)
     except OSError:
         return None
@@ -54,7 +54,7 @@ def reader_in_root(root_fd: int) -> Callable[[str], str | None]:
         finally:
             os.close(found)
         try:
-            with os.fdopen(fd, errors="replace") as handle:
+            with os.fdopen(fd, encoding="utf-8", errors="replace") as handle:
                 return handle.read(MAX_SIZE)
         except OSError:
             return None

@@ -269,7 +269,10 @@ def test_set_of_definition_keys_through_pymachined_is_checked_as_create_is(host)
     db = make(host, "setdb", start=False)
     web = make(host, "setweb", start=False)
     out = as_user(host, "alice", "set", web, "-p", "WatchdogSec=30", "-p", f"Requires={db}")
-    assert out.returncode == 0 and "takes effect at the next start" in out.stdout, out
+    assert (
+        out.returncode == 0
+        and "Requires=, WatchdogSec= take effect at the next start" in out.stdout
+    ), out
     text = host.run(["cat", f"/etc/pymachine/{web}.machine"]).stdout
     assert f"Requires={db}\n" in text and "WatchdogSec=30\n" in text
     cycle = as_user(host, "alice", "set", db, "-p", f"Wants={web}")
