@@ -30,6 +30,10 @@ if TYPE_CHECKING:  # runtime, which runs without site: nothing there imports it)
 #: sent READY=1 to $NOTIFY_SOCKET (runtime/notify.py).
 NOTIFY_MODES = ("no", "yes", "healthy")  # healthy: at HealthCmd='s first pass
 HEALTH_ACTIONS = ("none", "kill", "restart", "stop")  # HealthOnFailure=, podman's
+#: Restart=: systemd.service(5)'s, carried to the unit as they are
+RESTART_MODES = (
+    "no", "on-success", "on-failure", "on-abnormal", "on-watchdog", "on-abort", "always",
+)  # fmt: skip
 DEFAULT_STOP_TIMEOUT = 10.0  # seconds, like docker/podman; systemd's 90 s is for whole OSes
 
 
@@ -125,6 +129,11 @@ class HealthCheck(Record):
                 f"invalid HealthOnFailure= {self.on_failure!r}: expected {', '.join(HEALTH_ACTIONS)}"
             )
 
+    def watched(self) -> bool:
+        """Boot mode: whether the guest is checked (runtime/guest.py): for a
+        HealthCmd=, or for its action on the guest's own state."""
+        return self.command is not None or self.on_failure != "none"
+
     def init_arguments(self) -> list[str]:
         """pymachine-init's flags (none without a command)."""
         if self.command is None:
@@ -172,6 +181,8 @@ class MachineDefinition(Record):
         after: list[str] | None = None,
         devices: list[DeviceNode] | None = None,
         health: HealthCheck | None = None,
+        watchdog: float | None = None,
+        restart: str = "no",
     ) -> None:
         self.name = name
         self.image = image
@@ -204,6 +215,9 @@ class MachineDefinition(Record):
         self.after = after if after is not None else []
         self.devices = devices if devices is not None else []  # Device= host nodes
         self.health = health if health is not None else HealthCheck()
+        # WatchdogSec=: the unit's; the payload's WATCHDOG=1 (relayed by the init) feeds it
+        self.watchdog = watchdog
+        self.restart = restart  # Restart=: the unit's, systemd's values
 
     def validate(self) -> MachineDefinition:
         validate_machine_name(self.name)
@@ -228,9 +242,15 @@ class MachineDefinition(Record):
             raise InvalidInput("Notify=healthy is not supported for boot-mode machines yet")
         if self.notify == "healthy" and self.health.command is None:
             raise InvalidInput("Notify=healthy needs a HealthCmd=")
-        if self.boot and self.health.command is not None:
-            raise InvalidInput("HealthCmd= is not supported for boot-mode machines yet")
         self.health.validate()
+        if self.watchdog is not None:
+            check_seconds(self.watchdog, what="WatchdogSec=")
+            if self.boot:
+                raise InvalidInput("WatchdogSec= is not supported for boot-mode machines yet")
+        if self.restart not in RESTART_MODES:
+            raise InvalidInput(
+                f"invalid Restart= {self.restart!r}: expected {', '.join(RESTART_MODES)}"
+            )
         ids = [c.id for c in self.load_credentials] + [i for i, _ in self.set_credentials]
         if len(set(ids)) != len(ids):
             twice = sorted({i for i in ids if ids.count(i) > 1})
@@ -480,6 +500,13 @@ _KEYS: tuple[_Key, ...] = (
         *_scalar("private_users", _parse_private_users, default="pick"),
     ),
     _Key("Exec", "Notify", *_scalar("notify", _parse_notify, default="no")),
+    # 0: off, as systemd reads it
+    _Key(
+        "Exec",
+        "WatchdogSec",
+        *_scalar("watchdog", lambda v: _parse_seconds_or_zero(v) or None, _fmt_seconds),
+    ),
+    _Key("Exec", "Restart", *_scalar("restart", default="no")),
     *(
         _Key("Exec", key, *_health_scalar(attr, parse, fmt, default))
         for key, attr, parse, fmt, default in (
@@ -583,6 +610,52 @@ def from_text(name: str, text: str, path: str = "<string>") -> MachineDefinition
         return definition.validate()
     except InvalidInput as exc:
         raise parsed.error(None, str(exc)) from None
+
+
+# --- pymachine set -------------------------------------------------------------
+
+#: Definition keys ``pymachine set NAME -p KEY=VALUE`` takes besides the
+#: resource limits (which apply live), and their sections. They apply at the
+#: next start. A list key's value is added to it (as systemctl set-property
+#: adds to DeviceAllow=); an empty value clears the key (back to its default).
+SETTABLE = {
+    **dict.fromkeys(("Requires", "Wants", "After"), "Machine"),
+    **dict.fromkeys(
+        (
+            "Notify", "WatchdogSec", "Restart", "HealthCmd", "HealthInterval", "HealthTimeout",
+            "HealthRetries", "HealthStartPeriod", "HealthOnFailure", "LoadCredential",
+            "LoadCredentialEncrypted",
+        ),
+        "Exec",
+    ),
+    "Device": "Files",
+}  # fmt: skip
+LIST_KEYS = frozenset(
+    ("Requires", "Wants", "After", "Device", "LoadCredential", "LoadCredentialEncrypted")
+)
+
+
+def with_assignments(
+    definition: MachineDefinition, assignments: list[tuple[str, str]]
+) -> MachineDefinition:
+    """DEFINITION with ASSIGNMENTS (SETTABLE keys) applied, as a new definition
+    read back from its text: the file parser's checks, exactly as ``create``'s.
+    (No SetCredential=: a value is for ``create --replace --set-credential``,
+    root's, never an argument of a D-Bus call.)"""
+    parsed = unitfile.parse(to_text(definition))
+    sections = {s: [(e.key, e.value) for e in parsed.sections.get(s, [])] for s in SECTIONS}
+    for key, value in assignments:
+        entries = sections[SETTABLE[key]]
+        if key not in LIST_KEYS or not value:
+            entries[:] = [(k, v) for k, v in entries if k != key]
+        if value:
+            entries.append((key, value))
+    where = f"<{definition.name}.machine>"
+    try:
+        return from_text(definition.name, unitfile.render(sections), where)
+    except InvalidInput as exc:  # no file:line: the text is ours, the value the caller's
+        message = re.sub(rf"^{re.escape(where)}(:[0-9]+)?: ", "", str(exc))
+        raise InvalidInput(message) from None
 
 
 # --- the store ---------------------------------------------------------------

@@ -408,6 +408,8 @@ class Machines:
             ),
             credentials=[tuple(c) for c in credentials.unit_credentials(definition, self.paths)],
             devices=[tuple(d) for d in definition.devices],
+            watchdog=definition.watchdog,
+            restart=definition.restart,
             dependencies=None
             if scope
             else {
@@ -791,7 +793,7 @@ def _health_of(info: MachineInfo, paths: Paths) -> dict[str, str]:
     definition = info.definition
     checked = definition is not None and (
         definition.health.command is not None
-        or (definition.boot and definition.health.on_failure != "none")  # guest health
+        or (definition.boot and definition.health.watched())  # guest health
     )
     if info.state != MachineState.RUNNING or not checked:
         return {}

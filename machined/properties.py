@@ -261,6 +261,8 @@ def machine_settings(
     credentials: Sequence[tuple[str, str, bool]] = (),
     dependencies: Mapping[str, Sequence[str]] | None = None,
     devices: Sequence[tuple[str, str]] = (),
+    watchdog: float | None = None,
+    restart: str = "no",
 ) -> list[UnitSetting]:
     """Everything a machine's unit carries, in one list that both the transient
     path (D-Bus properties) and the enabled path (rendered unit file) use, so
@@ -276,7 +278,9 @@ def machine_settings(
     relays READY=1/STATUS=/WATCHDOG=1 to systemd (``NotifyAccess=main``).
     ``credentials``: (ID, host path, encrypted): the unit loads them (and
     decrypts the encrypted ones) at start; the runtime passes them in
-    (machined.credentials)."""
+    (machined.credentials). ``watchdog``: WatchdogSec=, fed by the payload's
+    WATCHDOG=1 through PID 1 (so ``NotifyAccess=main`` too); ``restart``:
+    Restart=, as systemd takes it."""
     timeout = stop_timeout + STOP_TIMEOUT_MARGIN
     settings = [
         _setting("Description", f"pymachine machine {name}"),
@@ -349,9 +353,20 @@ def machine_settings(
                 Property("ExecStart", "a(sasb)", [(exec_start[0], exec_start, False)]),
             ),
         ]
+        if exec_start_post or watchdog:
+            settings.append(_setting("NotifyAccess", "main"))
+        if watchdog:
+            settings.append(
+                _setting(
+                    "WatchdogSec",
+                    f"{format_seconds(watchdog)}s",
+                    Property("WatchdogUSec", "t", round(watchdog * 1_000_000)),
+                )
+            )
+        if restart != "no":
+            settings.append(_setting("Restart", restart))
         if exec_start_post:
             settings += [
-                _setting("NotifyAccess", "main"),
                 _setting(
                     "ExecStartPost",
                     _unit_quote(*exec_start_post),

@@ -320,6 +320,7 @@ def enable(name: str, *, now: bool = False, machines: Machines | None = None) ->
             )
         if target_state == "masked":
             result.warnings.append(f"{TARGET} is masked: machines will not start at boot")
+        result.warnings += _dependency_warnings(definition, paths)
 
         if old == text and state in _ENABLED_STATES:
             result.already = True
@@ -348,6 +349,26 @@ def enable(name: str, *, now: bool = False, machines: Machines | None = None) ->
             m.start(name)  # StartUnit: the unit file exists now
             result.started = True
     return result
+
+
+def _dependency_warnings(definition: MachineDefinition, paths: Paths) -> list[str]:
+    """A machine enabled to start at boot whose Requires=/Wants= name a machine
+    that is not enabled: at boot that machine has no unit (a transient one
+    exists only once started), so systemd fails a required one ("Unit not
+    found") and leaves a wanted one out. ``systemctl enable`` enables no
+    dependency either; it is said, not done."""
+    warnings = []
+    for key, names, outcome in (
+        ("requires", definition.requires, "it will fail to start at boot"),
+        ("wants", definition.wants, "it will start at boot without it"),
+    ):
+        for other in names:
+            if not is_enabled(other, paths):
+                warnings.append(
+                    f"machine '{definition.name}' {key} '{other}', which is not enabled: "
+                    f"{outcome} ('pymachine enable {other}')"
+                )
+    return warnings
 
 
 def _restore(path: Path, old: str | None) -> None:
@@ -458,6 +479,7 @@ class Applied:
     live_unit: str | None = None  # the running unit it was applied to
     persisted: bool = False
     unit_file_rewritten: bool = False
+    next_start: list[str] = field(default_factory=list)  # definition keys: not live
 
 
 def set_properties(
@@ -472,24 +494,33 @@ def set_properties(
     the enabled machine's unit file. Bad input changes nothing."""
     if not assignments:
         raise InvalidInput("nothing to set: give at least one -p KEY=VALUE")
-    pairs = [parse_assignment(text) for text in assignments]
+    pairs = [parse_setting(text) for text in assignments]
+    limits = [(k, v) for k, v in pairs if k not in definitions.SETTABLE]
+    later = [(k, v) for k, v in pairs if k in definitions.SETTABLE]
+    if runtime and later:
+        raise InvalidInput(
+            f"{later[0][0]}= applies at the next start: --runtime takes resource limits only"
+        )
     validate_machine_name(name)
     with _using(machines) as m:
         paths = m.paths
         definition = definitions.load(name, paths)
-        result = Applied(name, pairs)
+        result = Applied(name, pairs, next_start=[k for k, _ in later])
+        if later:  # every check create makes, before anything is applied
+            definition = definitions.with_assignments(definition, later)
+            _check_dependencies(definition, m)
         live = _live_status(m, name)
         if runtime and live is None:
             raise NotRunning(
                 f"machine '{name}' is not running; --runtime changes only a running machine"
             )
-        if live is not None:
-            props = [prop for key, value in pairs for prop in parse_resource(key, value)]
+        if live is not None and limits:
+            props = [prop for key, value in limits for prop in parse_resource(key, value)]
             m.systemd.set_properties(live.name, props, runtime=True)
             result.live_unit = live.name
         if runtime:
             return result
-        for key, value in pairs:
+        for key, value in limits:
             definition.resources[key] = value
         definitions.save(definition, paths)
         result.persisted = True
@@ -501,6 +532,29 @@ def set_properties(
         if result.unit_file_rewritten or dropins_gone:
             m.systemd.reload()
     return result
+
+
+def parse_setting(text: str) -> tuple[str, str]:
+    """A ``set`` assignment: a definition key of :data:`definitions.SETTABLE`
+    (its value checked with the whole definition) or a resource limit."""
+    key = text.partition("=")[0].strip(" \t")
+    if key in definitions.SETTABLE and "=" in text:
+        _single_line("property", text)
+        return key, text.partition("=")[2].strip(" \t")
+    if "=" in text and key not in RESOURCE_KEYS:
+        raise InvalidInput(
+            f"unknown property {key!r} (resource limits: {', '.join(RESOURCE_KEYS)}; "
+            f"definition keys: {', '.join(definitions.SETTABLE)})"
+        )
+    return parse_assignment(text)
+
+
+def _check_dependencies(definition: MachineDefinition, machines: Machines) -> None:
+    """Requires=/Wants=/After= as create checks them: known machines, no cycle."""
+    if definition.requires or definition.wants or definition.after:
+        from machined import dependencies
+
+        dependencies.check(definition, machines.load)
 
 
 # --- units/ ----------------------------------------------------------------------

@@ -60,6 +60,18 @@ def _add_definition_flags(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="count the machine as started at its first passing health check",
     )
+    p.add_argument(
+        "--watchdog-sec",
+        type=float,
+        metavar="SECONDS",
+        help="systemd's watchdog: the unit fails (or --restart) when the payload's "
+        "WATCHDOG=1 stops for this long",
+    )
+    p.add_argument(
+        "--restart",
+        metavar="MODE",
+        help="the unit's Restart=: no (default), on-failure, on-watchdog, always, … (systemd's)",
+    )
     p.add_argument("--health-cmd", metavar="CMD", help="health check, run by /bin/sh -c inside")
     for flag, meta, text in (
         ("--health-interval", "SECONDS", "between checks (default 30)"),
@@ -199,6 +211,10 @@ def _build_definition(name: str, args: argparse.Namespace, command: list[str]):
         definition.notify = "yes"
     if getattr(args, "notify_healthy", False):
         definition.notify = "healthy"
+    if getattr(args, "watchdog_sec", None) is not None:
+        definition.watchdog = args.watchdog_sec or None  # 0: off, as systemd reads it
+    if getattr(args, "restart", None) is not None:
+        definition.restart = args.restart
     health = definition.health
     health.command = getattr(args, "health_cmd", None)
     for key in ("interval", "timeout", "start_period", "retries", "on_failure"):

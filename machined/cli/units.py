@@ -102,12 +102,17 @@ def cmd_set(args: argparse.Namespace) -> int:
     )
     if args.quiet:
         return 0
+    later = set(result.next_start or ())
     text = " ".join(f"{k}={v}" for k, v in result.assignments)
+    live = " ".join(f"{k}={v}" for k, v in result.assignments if k not in later)
     if result.live_unit:
-        print(f"Applied {text} to running {result.live_unit}.")
+        print(f"Applied {live} to running {result.live_unit}.")
     if result.persisted:
         where = "definition and unit file" if result.unit_file_rewritten else "definition"
         print(f"Saved {text} in machine {args.name}'s {where}.")
+    if later:
+        keys = ", ".join(f"{k}=" for k in sorted(later))
+        print(f"{keys} take{'s' if len(later) == 1 else ''} effect at the next start.")
     elif args.runtime:
         print("Not saved (--runtime): the next start uses the definition again.")
     return 0
@@ -160,10 +165,13 @@ def register(subparsers: Any) -> None:
 
     p = subparsers.add_parser(
         "set",
-        help="change a machine's resource limits, live and persistently",
+        help="change a machine's resource limits (live) and definition keys",
         description="Validate KEY=VALUE (systemd's resource-control names and syntax), apply "
         "it to the running machine (SetUnitProperties) and save it in the definition and, if "
-        "the machine is enabled, its unit file.",
+        "the machine is enabled, its unit file. The definition keys Notify, WatchdogSec, "
+        "Restart, Health*, Requires, Wants, After, Device and LoadCredential[Encrypted] are "
+        "checked as create checks them and take effect at the next start; a list key's value "
+        "is added to it, an empty value clears it.",
     )
     p.add_argument("name", metavar="NAME")
     p.add_argument(
@@ -173,7 +181,7 @@ def register(subparsers: Any) -> None:
         default=[],
         required=True,
         metavar="KEY=VALUE",
-        help="e.g. MemoryMax=128M, CPUQuota=50%%, TasksMax=100 (may be repeated)",
+        help="e.g. MemoryMax=128M, CPUQuota=50%%, Requires=db, WatchdogSec=10 (may be repeated)",
     )
     p.add_argument(
         "--runtime",

@@ -299,10 +299,33 @@ class Manager(ServiceInterface):
     @method()
     @api
     async def SetMachineProperties(self, name: "s", assignments: "as", runtime: "b") -> "a{sv}":
-        """``pymachine set``: ASSIGNMENTS ("MemoryMax=1G"), validated by the
-        library as the CLI's are (resource-control keys only)."""
+        """``pymachine set``: ASSIGNMENTS ("MemoryMax=1G", "Device=/dev/fuse"),
+        validated by the library as the CLI's are. A definition key that gives
+        the machine a privileged feature it did not have (Device=,
+        LoadCredential=: host devices and paths) needs the privileged create
+        action, as CreateMachine does."""
+        from machined import definition as definitions
         from machined import units
 
+        validate_machine_name(name)
+        later = [
+            pair
+            for pair in (units.parse_setting(text) for text in assignments)
+            if pair[0] in definitions.SETTABLE
+        ]
+        if later:
+            old = await self.d.with_machines(lambda m: m.load(name))
+            gained = [
+                feature
+                for feature in privileged_features(definitions.with_assignments(old, later))
+                if feature not in privileged_features(old)
+            ]
+            if gained:
+                await self.d.authorize(
+                    daemon.ACTION_CREATE_PRIVILEGED,
+                    f"give machine '{name}' {', '.join(gained)}",
+                    machine=name,
+                )
         return await self._unit_verb(
             name,
             "change the limits of",

@@ -6,9 +6,13 @@ systemd imports them as its own system credentials).
 systemd loaded (and decrypted) them into ``$CREDENTIALS_DIRECTORY`` for the
 unit, root's files. A user-namespaced machine's root is not host root, and the
 credentials directory is a ramfs, which takes no idmapped mount; so the runtime
-copies them into a small tmpfs of its own, owned by the machine's root, 0400,
-mounted read-only — in its private mount namespace only: no host user ever
-sees it, and it goes with the machine's processes.
+copies them into a small tmpfs of its own, mounted read-only — in its private
+mount namespace only: no host user ever sees it, and it goes with the
+machine's processes. As systemd gives a unit's ``User=`` its credentials,
+the directory (0500) and files (0400) belong to the payload's user (its
+``User=``, resolved in the machine's own /etc/passwd, mapped into the
+machine's range), so a payload that is not root reads them, and no other user
+inside does (root inside does, as root does with systemd's).
 """
 
 from __future__ import annotations
@@ -20,10 +24,10 @@ from machined.runtime import linux
 INSIDE = "/run/host/credentials"
 
 
-def stage(staging: str, owner: int) -> dict | None:
+def stage(staging: str, owner: tuple[int, int]) -> dict | None:
     """Copy the unit's credentials to STAGING (a tmpfs mounted there), owned by
-    OWNER (the machine's root as the host sees it); the bind into the machine,
-    or None when the unit has none."""
+    OWNER (uid, gid: the payload's user as the host sees it); the bind into
+    the machine, or None when the unit has none."""
     source = os.environ.get("CREDENTIALS_DIRECTORY")
     if not source or not os.path.isdir(source):
         return None
@@ -34,7 +38,7 @@ def stage(staging: str, owner: int) -> dict | None:
         staging,
         "tmpfs",
         linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC,
-        f"mode=0500,uid={owner},gid={owner},size=1m,nr_inodes=1k",
+        f"mode=0500,uid={owner[0]},gid={owner[1]},size=1m,nr_inodes=1k",
     )
     for name in names:
         with open(os.path.join(source, name), "rb") as handle:
@@ -44,7 +48,7 @@ def stage(staging: str, owner: int) -> dict | None:
         )
         try:
             os.write(fd, data)
-            os.fchown(fd, owner, owner)
+            os.fchown(fd, *owner)
         finally:
             os.close(fd)
     linux.mount(

@@ -1,11 +1,14 @@
 """Guest health (boot mode): the guest's own ``systemctl is-system-running``,
-checked as ``HealthCmd=`` is in an app machine, with the same settings and
-``HealthOnFailure=`` (pymachine-init.c runs an app machine's checks; a booted
-machine's PID 1 is the image's systemd, so a child the runtime forks does).
+or its ``HealthCmd=``, checked as ``HealthCmd=`` is in an app machine, with
+the same settings and ``HealthOnFailure=`` (pymachine-init.c runs an app
+machine's checks; a booted machine's PID 1 is the image's systemd, so a
+child the runtime forks does, entering the machine as ``pymachine exec``).
 
 ``running`` passes; ``initializing`` and ``starting`` are still booting (no
 failure, the start period's rule); ``degraded``, ``maintenance``, any other
-answer and no answer within ``HealthTimeout=`` (a hung guest) fail. At
+answer and no answer within ``HealthTimeout=`` (a hung guest) fail. A
+``HealthCmd=`` (``/bin/sh -c``, as root of the guest) passes when it exits 0,
+and fails otherwise or when it has not ended at ``HealthTimeout=``. At
 ``HealthRetries=`` failures in a row the action goes through systemd: restart
 and stop are the unit's own jobs (``RestartUnit``, ``StopUnit``), kill is a
 SIGKILL to PID 1 (the unit fails). The record, in ``RUN/health``, is the
@@ -14,6 +17,7 @@ one ``status`` shows for app machines too.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -57,12 +61,17 @@ def _watch(health, state, record: str, unit: str) -> None:
     wait = health.start_period
     while not select.select([pidfd], [], [], wait)[0]:
         wait = health.interval
-        answer = _ask(state, health.timeout)
-        if answer == "running":
+        if health.command is not None:
+            code, answer = _ask(state, ["/bin/sh", "-c", health.command], health.timeout)
+            ok, booting = code == 0, False
+        else:
+            _, answer = _ask(state, ["systemctl", "is-system-running"], health.timeout)
+            ok, booting = answer == "running", answer in BOOTING
+        if ok:
             streak, passed = 0, True
             _record(record, "healthy", 0, answer)
             continue
-        if answer in BOOTING and not passed:
+        if booting and not passed:
             _record(record, "starting", streak, answer)
             continue
         if not passed and time.monotonic() < start_period_end:
@@ -74,45 +83,54 @@ def _watch(health, state, record: str, unit: str) -> None:
             continue
         _record(record, "unhealthy", streak, answer)
         if health.on_failure != "none":
-            _act(health.on_failure, streak, answer, state.leader, unit)
+            label = "is-system-running" if health.command is None else "last output"
+            _act(health.on_failure, streak, f"{label}: {answer}", state.leader, unit)
             return
 
 
-def _ask(state, timeout: float) -> str:
-    """The guest's is-system-running answer ("no answer" on a time-out)."""
+OUTPUT = 512  # bytes of a check's output kept, as pymachine-init keeps
+
+
+def _ask(state, argv: list[str], timeout: float) -> tuple[int | None, str]:
+    """ARGV run in the guest: its exit status (None: killed at TIMEOUT) and its
+    output, on one line ("no answer" for none). The command runs in a process
+    group of its own, killed as a whole at the time-out."""
     from machined.runtime.enter import ExecRequest, run_in_machine
     from machined.runtime.init import DEFAULT_PATH
 
     read, write = os.pipe()
     child = os.fork()
     if child == 0:
+        os.setpgid(0, 0)
         os.dup2(write, 1)
         os.dup2(write, 2)
-        request = ExecRequest(["systemctl", "is-system-running"])
-        os._exit(run_in_machine(state, request, {"PATH": DEFAULT_PATH, "container": "pymachine"}))
+        env = {"PATH": DEFAULT_PATH, "container": "pymachine"}
+        os._exit(run_in_machine(state, ExecRequest(argv), env))
     os.close(write)
-    output = b""
+    output, timed_out = b"", False
     deadline = time.monotonic() + timeout
     try:
         while (left := deadline - time.monotonic()) > 0 and select.select([read], [], [], left)[0]:
             chunk = os.read(read, 4096)
             if not chunk:
                 break
-            output += chunk
+            output = (output + chunk)[:OUTPUT]
         else:
-            os.kill(child, signal.SIGKILL)
-            output = b"no answer (timed out)"
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child, signal.SIGKILL)
+            output, timed_out = b"no answer (timed out)", True
     finally:
         os.close(read)
-        os.waitpid(child, 0)
-    return output.decode("utf-8", "replace").strip() or "no answer"
+        _, status = os.waitpid(child, 0)
+    text = " ".join(output.decode("utf-8", "replace").split()) or "no answer"
+    return (None if timed_out else os.waitstatus_to_exitcode(status)), text
 
 
-def _act(action: str, streak: int, answer: str, leader: int, unit: str) -> None:
+def _act(action: str, streak: int, why: str, leader: int, unit: str) -> None:
     verb = {"kill": "killing", "restart": "restarting", "stop": "stopping"}[action]
     print(
         f"pymachine-runtime: guest health check failed {streak} times in a row: "
-        f"{verb} the machine (is-system-running: {answer})",
+        f"{verb} the machine ({why})",
         file=sys.stderr,
         flush=True,
     )

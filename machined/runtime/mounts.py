@@ -108,8 +108,10 @@ class RootfsSpec(
     cgroup_dir: the machine's cgroup, as a host path; owner: host uid/gid of
     root inside, which owns what the runtime creates in the root; nested:
     PID 1 protects /proc itself (:func:`enter_rootfs`); devices: (path, mode,
-    rdev) of the host nodes of Device=, made anew in the machine's /dev, owned
-    by root inside (the unit's DeviceAllow= lets the machine use them)."""
+    rdev, group) of the host nodes of Device=, made anew in the machine's
+    /dev, owned by root inside and GROUP (a host gid: the machine's group of
+    the host node's group's name), or root's group if None (the unit's
+    DeviceAllow= lets the machine use them)."""
 
     __slots__ = ()
 
@@ -320,10 +322,13 @@ def _mount_sys(builder: _Builder, sysfs: int, cgroup: int, spec: RootfsSpec) -> 
         raise OSError("the container's PID 1 could not open a cgroup2 file system")
 
 
-def _make_device(builder: _Builder, dev: int, path: str, mode: int, rdev: int) -> None:
+def _make_device(
+    builder: _Builder, dev: int, path: str, mode: int, rdev: int, group: int | None = None
+) -> None:
     """PATH (``/dev/…``) in the machine's /dev tmpfs (DEV): a node of the
     host's kind and number, its permission bits, owned by root inside — a
-    user-namespaced machine's root could use no host-owned node."""
+    user-namespaced machine's root could use no host-owned node — and by
+    GROUP (host gid), so that /dev/kvm's group kvm is the machine's kvm."""
     *parents, name = path.removeprefix("/dev/").split("/")
     directory = os.dup(dev)
     try:
@@ -335,7 +340,10 @@ def _make_device(builder: _Builder, dev: int, path: str, mode: int, rdev: int) -
             os.close(directory)
             directory = sub
         os.mknod(name, stat.S_IFMT(mode) | (mode & 0o666), rdev, dir_fd=directory)
+        os.chmod(name, mode & 0o666, dir_fd=directory)  # the host's bits, not less the umask's
         builder.chown(directory, name)
+        if group is not None:
+            os.chown(name, -1, group, dir_fd=directory, follow_symlinks=False)
     except FileExistsError:
         raise OSError(errno.EEXIST, f"device {path}: the machine has one already") from None
     finally:
@@ -372,8 +380,8 @@ def _mount_dev(builder: _Builder, devpts: int, console: str | None, devices: tup
             ("stderr", "/proc/self/fd/2"),
         ):
             builder.symlink(target, dev, name)
-        for path, mode, rdev in devices:
-            _make_device(builder, dev, path, mode, rdev)
+        for device in devices:
+            _make_device(builder, dev, *device)
         if console:
             _bind(console, builder.child(dev, "console", "file"), recursive=False)
     finally:

@@ -43,21 +43,26 @@ class Channel:
     """What the runtime made for one start: the three descriptors PID 1 takes
     (the socket, the FIFO, the forward socket or -1) and the socket's host path."""
 
-    def __init__(self, fds: list[int], socket_path: str) -> None:
+    def __init__(self, fds: list[int], socket_path: str, watchdog: float | None = None) -> None:
         self.fds = fds
         self.socket_path = socket_path
-
-    environment = {"NOTIFY_SOCKET": INSIDE}
+        # the payload's: where to report, and (WatchdogSec=) how often, as
+        # sd_watchdog_enabled(3) reads it (no WATCHDOG_PID: the payload is not
+        # the unit's main process, the init relays for it)
+        self.environment = {"NOTIFY_SOCKET": INSIDE}
+        if watchdog is not None:
+            self.environment["WATCHDOG_USEC"] = str(round(watchdog * 1_000_000))
 
     def bind(self) -> dict:
         """The socket's bind mount into the machine (a ``mounts.Bind``'s fields)."""
         return {"source": self.socket_path, "target": INSIDE, "read_only": False}
 
 
-def prepare(runtime_dir: str, *, health: bool = False) -> Channel:
+def prepare(runtime_dir: str, *, health: bool = False, watchdog: float | None = None) -> Channel:
     """Make the socket and the FIFO under RUNTIME_DIR (a leftover of an
     earlier start is replaced) and connect to systemd's notify socket; with
-    HEALTH, the file the init records its health checks in (status reads it)."""
+    HEALTH, the file the init records its health checks in (status reads it);
+    WATCHDOG: the unit's WatchdogSec=, told to the payload."""
     directory = os.path.join(runtime_dir, DIRECTORY)
     os.makedirs(directory, mode=0o700, exist_ok=True)
     os.chmod(directory, 0o700)  # the FIFO and the socket are reached through it only
@@ -82,7 +87,7 @@ def prepare(runtime_dir: str, *, health: bool = False) -> Channel:
             os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
             0o600,
         )
-    return Channel([sock.detach(), fifo, _forward_socket(), health_fd], socket_path)
+    return Channel([sock.detach(), fifo, _forward_socket(), health_fd], socket_path, watchdog)
 
 
 def _forward_socket() -> int:

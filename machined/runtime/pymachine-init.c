@@ -29,7 +29,10 @@
  *   itself sends (Ctrl-C, Ctrl-Z, a resize) are not forwarded: the payload,
  *   in the terminal's foreground process group with us, has them already.
  * A SIGTERM is followed by a SIGCONT, as systemd does, so that a stopped
- * payload hears it.
+ * payload hears it. SIGABRT is watched and forwarded too: no fault of ours
+ * raises it (we never call abort()), and it is systemd's WatchdogSignal=, so
+ * a payload that stopped sending WATCHDOG=1 gets it as a plain service would
+ * (and systemd kills us after TimeoutAbortSec= if it does not end).
  *
  * Why C, in a Python project: this is the one process pymachine keeps per
  * running machine, for as long as it runs. Python sets the container up,
@@ -134,7 +137,7 @@ static int ready_sent;
 static int stop_requested;
 
 /* A fault of the process that gets them: never blocked, never forwarded. */
-static const int synchronous[] = {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGTRAP, SIGSYS, SIGABRT};
+static const int synchronous[] = {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGTRAP, SIGSYS};
 static const int poweroff_offsets[] = {3, 4, 13, 14};
 static const int reboot_offsets[] = {5, 6, 15, 16};
 

@@ -235,9 +235,12 @@ class Supervisor:
         }
 
     def _notifies(self) -> bool:
-        """Notify= or HealthCmd= in service mode (``run`` is a scope, started at
-        once; boot mode has its image's init)."""
-        wanted = self.definition.notify != "no" or self.definition.health.command is not None
+        """Notify=, or an app machine's HealthCmd= or WatchdogSec= (its init's),
+        in service mode (``run`` is a scope, started at once; a booted guest's
+        checks are runtime/guest.py's)."""
+        definition = self.definition
+        init_checks = definition.health.command is not None or definition.watchdog is not None
+        wanted = definition.notify != "no" or (init_checks and not definition.boot)
         return wanted and not self.foreground
 
     def _notify_binds(self) -> list[dict]:
@@ -246,7 +249,9 @@ class Supervisor:
         from machined.runtime import notify
 
         self.notify = notify.prepare(
-            str(self.layers.runtime_dir), health=self.definition.health.command is not None
+            str(self.layers.runtime_dir),
+            health=self.definition.health.command is not None,
+            watchdog=self.definition.watchdog,
         )
         return [self.notify.bind()]
 
@@ -256,14 +261,36 @@ class Supervisor:
             return []
         from machined.runtime import credentials
 
-        base = self.policy.uid_base
         bind = credentials.stage(
-            str(self.layers.runtime_dir / "credentials"), base if base is not None else 0
+            str(self.layers.runtime_dir / "credentials"), self._credentials_owner()
         )
         if bind is None:
             return []
         self.credentials_environment = {"CREDENTIALS_DIRECTORY": credentials.INSIDE}
         return [bind]
+
+    def _credentials_owner(self) -> tuple[int, int]:
+        """The payload's user and group as the host sees them (systemd gives a
+        unit's User= its credentials): User= resolved in the machine's own
+        /etc/passwd, as PID 1 will resolve it, mapped into the machine's
+        range. A booted guest's systemd (root) imports them."""
+        base = self.policy.uid_base or 0
+        spec = self.definition.user
+        if self.definition.boot or spec in (None, "", "root", "0", "0:0", "root:root"):
+            return base, base
+        from machined.runtime import users
+
+        try:
+            user = self._in_image(lambda read: users.resolve(spec, read))
+        except LookupError as exc:
+            raise StartError(str(exc)) from None
+        count = self.policy.uid_count
+        if self.policy.uid_base is not None and not (user.uid < count and user.gid < count):
+            raise StartError(
+                f"user {spec!r} ({user.uid}:{user.gid}) is outside the machine's "
+                f"{count} UIDs: its credentials would belong to another range"
+            )
+        return base + user.uid, base + user.gid
 
     def _monitor_guest(self) -> None:
         """Guest health (runtime/guest.py): a child that outlives us."""
@@ -430,7 +457,7 @@ class Supervisor:
                     from machined.runtime import notify
 
                     notify.relay_boot(self.notify.fds, self.child)  # before the unit is handed over
-                if self.definition.boot and self.definition.health.on_failure != "none":
+                if self.definition.boot and self.definition.health.watched():
                     self._monitor_guest()
                 self._hand_over()
                 return 0
@@ -478,7 +505,9 @@ class Supervisor:
         )
 
     def _devices(self) -> tuple:
-        """Device=: each host node's (path, mode, rdev); a missing one is an error."""
+        """Device=: each host node's (path, mode, rdev, group); a missing one is
+        an error. Group: the machine's group of the same name as the host
+        node's (kvm, render…), mapped, or None (root's) where it has none."""
         nodes = []
         for device in self.definition.devices:
             try:
@@ -487,8 +516,35 @@ class Supervisor:
                 raise StartError(f"device {device.path} does not exist on the host") from None
             if not (stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)):
                 raise StartError(f"{device.path} is not a device node")
-            nodes.append((device.path, st.st_mode, st.st_rdev))
+            nodes.append((device.path, st.st_mode, st.st_rdev, self._device_group(st.st_gid)))
         return tuple(nodes)
+
+    def _device_group(self, host_gid: int) -> int | None:
+        if host_gid == 0:
+            return None
+        import grp
+
+        try:
+            name = grp.getgrgid(host_gid).gr_name
+        except KeyError:
+            return None
+        from machined.runtime import users
+
+        inside = self._in_image(lambda read: users.group_id(name, read))
+        base, count = self.policy.uid_base, self.policy.uid_count
+        if inside is None or (base is not None and inside >= count):
+            return None
+        return (base or 0) + inside
+
+    def _in_image(self, use):
+        """USE(a reader of the machine's own files: runtime/users.py)."""
+        from machined.runtime import users
+
+        root_fd = os.open(self.layers.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            return use(users.reader_in_root(root_fd))
+        finally:
+            os.close(root_fd)
 
     def _container_message(self, restrictions: dict) -> dict:
         """Everything the container's set-up (container.py) and PID 1 need

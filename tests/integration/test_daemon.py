@@ -261,6 +261,38 @@ def test_the_group_enables_sets_limits_and_disables_through_pymachined(host):
     ).returncode
 
 
+def test_set_of_definition_keys_through_pymachined_is_checked_as_create_is(host):
+    """alice may set the definition keys of issue 20 on a group machine, which
+    apply at the next start; a cycle is refused with create's error; Device=
+    and LoadCredential= (host devices and paths) need the privileged action,
+    which the group's rule does not grant: nothing changes."""
+    db = make(host, "setdb", start=False)
+    web = make(host, "setweb", start=False)
+    out = as_user(host, "alice", "set", web, "-p", "WatchdogSec=30", "-p", f"Requires={db}")
+    assert (
+        out.returncode == 0
+        and "Requires=, WatchdogSec= take effect at the next start" in out.stdout
+    ), out
+    text = host.run(["cat", f"/etc/pymachine/{web}.machine"]).stdout
+    assert f"Requires={db}\n" in text and "WatchdogSec=30\n" in text
+    cycle = as_user(host, "alice", "set", db, "-p", f"Wants={web}")
+    assert cycle.returncode == 2 and "dependency cycle" in cycle.stderr, cycle
+    for assignment in ("Device=/dev/fuse", "LoadCredential=key:/etc/shadow"):
+        denied = as_user(host, "alice", "set", web, "-p", assignment)
+        assert denied.returncode == 6, denied
+    assert host.run(["cat", f"/etc/pymachine/{web}.machine"]).stdout == text
+    assert "Wants" not in host.run(["cat", f"/etc/pymachine/{db}.machine"]).stdout
+    host.pymachine("start", web)  # starts db first, as create's Requires= would
+    assert active(host, f"pymachine-{db}.service") == "active"
+    assert (
+        host.run(
+            ["systemctl", "show", "-p", "WatchdogUSec", f"pymachine-{web}.service"]
+        ).stdout.strip()
+        == "WatchdogUSec=30s"
+    )
+    host.pymachine("stop", web, db)
+
+
 def test_image_jobs_bootstrap_and_import_for_the_group_with_progress(host):
     try:
         out = as_user(host, "alice", "bootstrap", "--distro", "busybox", "alicebox")

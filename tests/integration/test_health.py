@@ -164,6 +164,34 @@ def test_credentials_reach_the_payload_and_nothing_else(systemd_host, make_machi
     assert gone.returncode == 1
 
 
+def test_a_payload_that_is_not_root_reads_its_credentials_alone(
+    systemd_host, make_machine, machine_name
+):
+    """User=nobody: the credentials belong to the payload's user, as systemd
+    gives a unit's User= its credentials (0400 files in a 0500 directory), so
+    the payload reads them; another user inside does not."""
+    script = (
+        "id -u > /tmp/uid; cat $CREDENTIALS_DIRECTORY/token > /tmp/seen 2>&1; "
+        "while :; do sleep 1; done"
+    )
+    name = make_machine(
+        machine_name, "--user", "nobody", "--set-credential", "token:set-secret-44",
+        command=("/bin/sh", "-c", script),
+    )  # fmt: skip
+    assert inside(systemd_host, name, "cat /tmp/uid") == "65534"
+    assert inside(systemd_host, name, "cat /tmp/seen") == "set-secret-44"
+    directory, token = inside(
+        systemd_host, name, "ls -lnd /run/host/credentials /run/host/credentials/token"
+    ).splitlines()
+    assert directory.split()[0] == "dr-x------" and directory.split()[2:4] == ["65534"] * 2
+    assert token.split()[0] == "-r--------" and token.split()[2:4] == ["65534"] * 2
+    other = systemd_host.pymachine(
+        "exec", "--user", "1000", name, "--", "cat", "/run/host/credentials/token", check=False
+    )
+    assert other.returncode != 0 and "set-secret-44" not in other.stdout, other
+    assert "Permission denied" in other.stderr, other
+
+
 def test_start_of_a_machine_starts_what_it_requires_first(
     systemd_host, make_machine, machine_name, notify_tool
 ):
@@ -219,6 +247,63 @@ def test_unknown_machines_and_cycles_are_refused(systemd_host, make_machine, mac
     assert (states[a], states[b]) == ("stopped", "stopped"), states
 
 
+def test_a_wanted_machine_must_exist_at_create_and_may_be_gone_at_start(
+    systemd_host, make_machine, machine_name
+):
+    """Wants=: an unknown machine is refused at create as Requires= is (exit 4,
+    nothing written); one removed since then is left out at start, as
+    systemd's Wants= leaves out a unit that is not there, where a removed
+    required machine fails the start."""
+    out = systemd_host.pymachine(
+        "create", machine_name, "--image", "tiny", "--wants", "no-such-machine", check=False
+    )
+    assert out.returncode == 4, out
+    assert out.stderr.strip().endswith("Wants=no-such-machine: machine 'no-such-machine' not found")
+    shown = systemd_host.pymachine("show", machine_name, "--json", check=False)
+    assert shown.returncode == 4, shown
+    cache = make_machine(f"{machine_name}-cache", start=False)
+    db = make_machine(f"{machine_name}-db", start=False)
+    web = make_machine(f"{machine_name}-web", "--wants", cache, start=False)
+    api = make_machine(f"{machine_name}-api", "--requires", db, start=False)
+    systemd_host.pymachine("remove", cache)
+    systemd_host.pymachine("remove", db)
+    systemd_host.pymachine("start", web)
+    assert status_json(systemd_host, web)["state"] == "running"
+    out = systemd_host.pymachine("start", api, check=False)
+    assert out.returncode == 4 and f"requires '{db}', which did not start" in out.stderr, out
+    assert status_json(systemd_host, api)["state"] == "stopped"
+
+
+def test_enabling_a_machine_whose_required_machine_is_not_enabled_warns(
+    systemd_host, make_machine, machine_name
+):
+    """web Requires=db, db not enabled: enable web says, in one line, that web
+    will fail at boot, which is what systemd does (db has no unit then); once
+    db is enabled, no warning, and systemd's own start of web (as at boot)
+    starts db first."""
+    db = make_machine(f"{machine_name}-db", start=False)
+    web = make_machine(f"{machine_name}-web", "--requires", db, start=False)
+    web_unit = f"pymachine-{web}.service"
+    try:
+        out = systemd_host.pymachine("enable", web)
+        warnings = [line for line in out.stderr.splitlines() if "warning" in line]
+        assert warnings == [
+            f"pymachine: warning: machine '{web}' requires '{db}', which is not enabled: "
+            f"it will fail to start at boot ('pymachine enable {db}')"
+        ], out
+        refused = systemd_host.run(["systemctl", "start", web_unit], check=False)
+        assert refused.returncode != 0 and "not found" in refused.stderr, refused
+        systemd_host.pymachine("enable", db)
+        out = systemd_host.pymachine("disable", web)
+        out = systemd_host.pymachine("enable", web)
+        assert "warning" not in out.stderr, out
+        systemd_host.run(["systemctl", "start", web_unit])
+        assert status_json(systemd_host, db)["state"] == "running"
+    finally:
+        systemd_host.pymachine("disable", "--now", web, check=False)
+        systemd_host.pymachine("disable", "--now", db, check=False)
+
+
 def test_a_device_passed_through_is_usable(systemd_host, make_machine, machine_name):
     """/dev/fuse in a user-namespaced machine: there, root's inside, opened for
     reading and writing (the unit's device policy allows it); a machine
@@ -237,6 +322,38 @@ def test_a_device_passed_through_is_usable(systemd_host, make_machine, machine_n
     assert out.returncode == 1 and "device /dev/no-such-node does not exist on the host" in (
         out.stdout + out.stderr
     ), out
+
+
+def test_a_device_keeps_its_group_by_name_for_a_payload_user(
+    systemd_host, make_machine, machine_name
+):
+    """A host node of group G (as /dev/kvm is kvm's, 0660) is made in a
+    user-namespaced machine with the machine's own group G (its GID in the
+    machine's /etc/group, mapped): a payload user in G there opens it, one
+    not in G does not. Without such a group, the node is root's group."""
+    node, group = "/dev/pymtest-null", "pymtest-dev"
+    systemd_host.run(
+        f"getent group {group} >/dev/null || groupadd {group}; rm -f {node}; "
+        f"mknod -m 660 {node} c 1 3 && chgrp {group} {node}"
+    )  # the /dev/null device, as a node only G may open
+    try:
+        name = make_machine(machine_name, "--device", node)
+        assert inside(systemd_host, name, f"ls -ln {node}").split()[2:4] == ["0", "0"]
+        inside(systemd_host, name, f"echo {group}:x:4242:nobody >> /etc/group")
+        systemd_host.pymachine("restart", name)
+        assert inside(systemd_host, name, f"ls -ln {node}").split()[:4] == [
+            "crw-rw----", "1", "0", "4242",
+        ]  # fmt: skip
+        member = systemd_host.pymachine(
+            "exec", "--user", "nobody", name, "--", "sh", "-c", f"exec 3<>{node} && echo opened"
+        )
+        assert member.stdout.strip() == "opened", member
+        other = systemd_host.pymachine(
+            "exec", "--user", "1000", name, "--", "sh", "-c", f"exec 3<>{node}", check=False
+        )
+        assert other.returncode != 0 and "Permission denied" in other.stderr, other
+    finally:
+        systemd_host.run(["rm", "-f", node])
 
 
 def test_the_device_policy_still_refuses_other_nodes(systemd_host, make_machine, machine_name):
@@ -337,6 +454,68 @@ def test_notify_healthy_gates_a_dependent_machine(systemd_host, make_machine, ma
     assert 0 < db_ready <= web_began
 
 
+def test_a_silent_payload_is_ended_by_systemds_watchdog(
+    systemd_host, make_machine, machine_name, notify_tool
+):
+    """WatchdogSec=2: the payload's WATCHDOG=1 (relayed by the init) keeps the
+    unit alive for 4 s; once it stops, systemd's watchdog fires ("Watchdog
+    timeout" in the journal), its SIGABRT reaches the payload, and the unit
+    fails with result watchdog."""
+    script = (
+        f"for i in 1 2 3 4 5 6 7 8; do {NOTIFY} WATCHDOG=1; sleep 0.5; done; "
+        "while :; do sleep 1; done"
+    )
+    name = make_machine(
+        machine_name, "--watchdog-sec", "2", "--bind", notify_tool,
+        command=("/bin/sh", "-c", script),
+    )  # fmt: skip
+    unit = f"pymachine-{name}.service"
+    assert show(systemd_host, unit, "WatchdogUSec")["WatchdogUSec"] == "2s"
+    systemd_host.wait_for_journal(unit, "Watchdog timeout", timeout=60)
+    wait_until(lambda: status_json(systemd_host, name)["state"] == "failed", "failed")
+    assert show(systemd_host, unit, "Result")["Result"] == "watchdog"
+    # the init passed systemd's SIGABRT on: the payload ended of it (128+6), as a
+    # plain service's process would, not SIGKILLed after TimeoutAbortSec=
+    assert "Main process exited, code=exited, status=134" in systemd_host.journal(unit)
+
+
+def test_a_payload_that_keeps_pinging_keeps_its_watchdog_fed_and_restart_on_watchdog(
+    systemd_host, make_machine, machine_name, notify_tool
+):
+    """A payload that keeps sending WATCHDOG=1 outlives many WatchdogSec=
+    periods (WATCHDOG_USEC tells it how often); one that stops is restarted
+    by systemd with Restart=on-watchdog."""
+    fed = (
+        "echo $WATCHDOG_USEC > /run/usec; "
+        f"i=0; while :; do {NOTIFY} WATCHDOG=1; i=$((i+1)); echo $i > /run/pings; sleep 0.3; done"
+    )
+    alive = make_machine(
+        f"{machine_name}-fed", "--watchdog-sec", "1", "--bind", notify_tool,
+        command=("/bin/sh", "-c", fed),
+    )  # fmt: skip
+    silent = make_machine(
+        f"{machine_name}-silent", "--watchdog-sec", "1", "--restart", "on-watchdog",
+        "--bind", notify_tool, command=("/bin/sh", "-c", "while :; do sleep 1; done"),
+    )  # fmt: skip
+    assert wait_until(
+        lambda: inside(systemd_host, alive, "cat /run/usec", check=False), "usec"
+    ) == ("1000000")
+    unit = f"pymachine-{silent}.service"
+    systemd_host.wait_for_journal(unit, "Watchdog timeout", timeout=60)
+    wait_until(lambda: int(show(systemd_host, unit, "NRestarts")["NRestarts"]) >= 1, "restarted")
+    # 20 pings at 0.3 s: the fed machine lived through 6 of its 1 s periods
+    wait_until(
+        lambda: int(inside(systemd_host, alive, "cat /run/pings", check=False) or 0) >= 20,
+        "20 pings",
+    )
+    alive_unit = f"pymachine-{alive}.service"
+    assert show(systemd_host, alive_unit, "ActiveState", "NRestarts") == {
+        "ActiveState": "active",
+        "NRestarts": "0",
+    }
+    assert "Watchdog timeout" not in systemd_host.journal(alive_unit, lines=1000)
+
+
 def test_a_booted_guest_is_started_once_its_systemd_is_ready(
     systemd_host, debian_image, machine_name
 ):
@@ -397,6 +576,48 @@ def test_a_degraded_guest_takes_the_health_action(systemd_host, debian_image, ma
             )
         else:
             wait_until(lambda: status_json(systemd_host, name)["state"] == "failed", "failed")
+    finally:
+        systemd_host.pymachine("stop", name, check=False, timeout=120)
+        systemd_host.pymachine("remove", name, check=False)
+
+
+def test_a_booted_guests_health_command_is_run_inside_and_acted_on(
+    systemd_host, debian_image, machine_name
+):
+    """HealthCmd= in boot mode: run in the guest (as pymachine exec would) by
+    the runtime's monitor; healthy while it passes, and at HealthRetries=
+    failures the machine is killed (HealthOnFailure=kill: the unit fails),
+    the journal giving the check's last output."""
+    name = machine_name
+    systemd_host.pymachine(
+        "create", name, "--image", debian_image, "--boot", "--network", "none",
+        "--stop-timeout", "30", "--health-cmd", "echo probed; test ! -e /run/broken",
+        "--health-interval", "1", "--health-retries", "2", "--health-on-failure", "kill",
+    )  # fmt: skip
+    unit = f"pymachine-{name}.service"
+    try:
+        systemd_host.pymachine("start", name, timeout=180)
+        health = wait_until(
+            lambda: (
+                status_json(systemd_host, name).get("health", {}).get("status") == "healthy"
+                and status_json(systemd_host, name)["health"]
+            ),
+            "healthy",
+            timeout=120,
+        )
+        assert health["last_output"] == "probed", health
+        # the guest's checks are the runtime's: no notify socket for its systemd
+        no_socket = systemd_host.pymachine(
+            "exec", name, "--", "test", "-e", "/run/host/notify", check=False
+        )
+        assert no_socket.returncode == 1, no_socket
+        systemd_host.pymachine("exec", name, "--", "touch", "/run/broken")
+        systemd_host.wait_for_journal(
+            unit,
+            "guest health check failed 2 times in a row: killing the machine (last output: probed)",
+            timeout=120,
+        )
+        wait_until(lambda: status_json(systemd_host, name)["state"] == "failed", "failed")
     finally:
         systemd_host.pymachine("stop", name, check=False, timeout=120)
         systemd_host.pymachine("remove", name, check=False)

@@ -635,9 +635,41 @@ def test_health_keys_refuse_what_they_cannot_do(lines: str, message: str) -> Non
         defs.from_text("web", "[Machine]\nImage=tiny\n[Exec]\n" + lines)
 
 
-def test_boot_mode_takes_guest_health_but_no_health_command() -> None:
+def test_boot_mode_takes_guest_health_and_a_health_command() -> None:
     base = "[Machine]\nImage=tiny\nBoot=yes\n[Exec]\n"
     parsed = defs.from_text("os", base + "HealthOnFailure=restart\nHealthInterval=5\n")
     assert (parsed.health.on_failure, parsed.health.interval) == ("restart", 5.0)
-    with pytest.raises(InvalidInput, match="HealthCmd= is not supported for boot-mode"):
-        defs.from_text("os", base + "HealthCmd=true\n")
+    assert parsed.health.watched()
+    checked = defs.from_text("os", base + "HealthCmd=systemctl is-active nginx\n")
+    assert checked.health.watched() and checked.health.on_failure == "none"
+    assert not defs.from_text("os", base).health.watched()
+    with pytest.raises(InvalidInput, match="Notify=healthy is not supported for boot-mode"):
+        defs.from_text("os", base + "HealthCmd=true\nNotify=healthy\n")
+
+
+def test_watchdog_and_restart_read_and_write_back() -> None:
+    text = "[Machine]\nImage=tiny\n[Exec]\nWatchdogSec=2.5\nRestart=on-watchdog\n"
+    parsed = defs.from_text("web", text)
+    assert (parsed.watchdog, parsed.restart) == (2.5, "on-watchdog")
+    assert "WatchdogSec=2.5\nRestart=on-watchdog\n" in defs.to_text(parsed)
+    assert defs.from_text("web", defs.to_text(parsed)) == parsed
+    plain = defs.to_text(defs.from_text("web", "[Machine]\nImage=t\n"))
+    assert "WatchdogSec" not in plain and "Restart" not in plain
+    off = defs.from_text("web", "[Machine]\nImage=t\n[Exec]\nWatchdogSec=0\n")
+    assert off.watchdog is None  # systemd's "off"
+
+
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        ("[Exec]\nWatchdogSec=-1\n", "invalid duration"),
+        ("[Exec]\nWatchdogSec=soon\n", "invalid duration"),
+        ("[Exec]\nRestart=sometimes\n", "invalid Restart= 'sometimes'"),
+        ("[Exec]\nRestart=on-failure; rm -rf /\n", "invalid Restart="),
+        ("[Machine]\nBoot=yes\n[Exec]\nWatchdogSec=5\n", "not supported for boot-mode"),
+    ],
+)
+def test_watchdog_and_restart_refuse_what_they_cannot_do(lines: str, message: str) -> None:
+    text = "[Machine]\nImage=tiny\n" + lines.replace("[Machine]\n", "")
+    with pytest.raises(InvalidInput, match=message):
+        defs.from_text("web", text)

@@ -386,6 +386,21 @@ def test_machine_settings_scope_has_no_exec_lines() -> None:
     assert keys == ["Description", "Slice", "Delegate", "TimeoutStopSec", "TasksMax"]
 
 
+def test_machine_settings_watchdog_and_restart() -> None:
+    """WatchdogSec= comes with NotifyAccess=main (PID 1 relays the payload's
+    WATCHDOG=1); Restart= is written only when it is not systemd's default."""
+    by = _by_key(machine_settings("w", {}, 10, ["/bin/x"], {}, watchdog=2.5, restart="on-watchdog"))
+    assert by["WatchdogSec"].text == "2.5s"
+    assert by["WatchdogSec"].properties == (Property("WatchdogUSec", "t", 2_500_000),)
+    assert by["NotifyAccess"].properties == (Property("NotifyAccess", "s", "main"),)
+    assert by["Restart"].properties == (Property("Restart", "s", "on-watchdog"),)
+    keys = [s.key for s in machine_settings("w", {}, 10, ["/bin/x"], {})]
+    assert not {"WatchdogSec", "Restart", "NotifyAccess"} & set(keys)
+    both = [s.key for s in machine_settings("w", {}, 10, ["/bin/x"], {}, watchdog=1,
+                                               exec_start_post=["/bin/y"])]  # fmt: skip
+    assert both.count("NotifyAccess") == 1
+
+
 def test_machine_settings_rejects_bad_resource() -> None:
     with pytest.raises(InvalidInput, match="MemoryMax"):
         machine_settings("w", {"MemoryMax": "12Q"}, 10, ["/bin/x"], {})

@@ -122,6 +122,13 @@ def test_stop_timeout_follows_the_definition():
     assert service["TimeoutStopSec"] == "7.5s"
 
 
+def test_watchdog_and_restart_reach_the_enabled_unit_file():
+    """Restart= and WatchdogSec= are [Service] lines of the file, as of the transient unit."""
+    service = sections(units.render(make(watchdog=3, restart="on-failure"), Paths()))["Service"]
+    assert ("WatchdogSec", "3s") in service and ("Restart", "on-failure") in service
+    assert ("NotifyAccess", "main") in service
+
+
 @pytest.mark.parametrize(
     ("word", "expected"),
     [
@@ -494,6 +501,74 @@ def test_set_bad_input_changes_nothing(env):
     assert fake.calls == []
 
 
+def test_set_takes_definition_keys_for_the_next_start(env):
+    """Notify=, WatchdogSec=, Health*=, Requires=… go into the definition (a
+    list key adds, an empty value clears), never to the live unit, and the
+    enabled unit file follows."""
+    machines, fake, paths = env
+    definitions.save(make("db", resources={}), paths)
+    units.enable("web", now=True, machines=machines)
+    fake.calls.clear()
+    result = units.set_properties(
+        "web",
+        ["Notify=yes", "WatchdogSec=5", "Restart=on-watchdog", "Requires=db", "Device=/dev/fuse",
+         "HealthCmd=true", "HealthOnFailure=restart", "MemoryMax=1G"],
+        machines=machines,
+    )  # fmt: skip
+    assert fake.calls[0] == ("set_properties", "pymachine-web.service", ["MemoryMax"], True)
+    assert result.next_start == [
+        "Notify", "WatchdogSec", "Restart", "Requires", "Device", "HealthCmd", "HealthOnFailure",
+    ]  # fmt: skip
+    web = definitions.load("web", paths)
+    assert (web.notify, web.watchdog, web.restart, web.requires) == (
+        "yes", 5.0, "on-watchdog", ["db"],
+    )  # fmt: skip
+    assert (str(web.devices[0]), web.health.command, web.resources["MemoryMax"]) == (
+        "/dev/fuse", "true", "1G",
+    )  # fmt: skip
+    text = (paths.unit_files / "pymachine-web.service").read_text()
+    assert "WatchdogSec=5s\n" in text and "Requires=pymachine-db.service\n" in text
+    units.set_properties("web", ["Device=/dev/kvm:rw", "Requires="], machines=machines)
+    web = definitions.load("web", paths)
+    assert [str(d) for d in web.devices] == ["/dev/fuse", "/dev/kvm:rw"] and web.requires == []
+
+
+@pytest.mark.parametrize(
+    "assignment, error, message",
+    [
+        ("Requires=nope", NotFound, "Requires=nope: machine 'nope' not found"),
+        ("Wants=web", InvalidInput, "cannot depend on itself"),
+        ("Requires=db", InvalidInput, "dependency cycle: web → db → web"),
+        ("Notify=healthy", InvalidInput, "Notify=healthy needs a HealthCmd="),
+        ("WatchdogSec=soon", InvalidInput, "invalid duration"),
+        ("Restart=sometimes", InvalidInput, "invalid Restart="),
+        ("Device=/etc/shadow", InvalidInput, "invalid device"),
+        ("LoadCredential=x:relative", InvalidInput, "invalid credential path"),
+        ("HealthCmd=true\nImage=evil", InvalidInput, "line"),
+        ("Image=other", InvalidInput, "Image"),
+        ("SetCredential=token", InvalidInput, "SetCredential"),
+    ],
+)
+def test_set_refuses_definition_keys_as_create_does_and_changes_nothing(
+    env, assignment, error, message
+):
+    machines, fake, paths = env
+    definitions.save(make("db", requires=["web"], resources={}), paths)
+    before = paths.definition_file("web").read_text()
+    with pytest.raises(error, match=message):
+        units.set_properties("web", [assignment], machines=machines)
+    assert paths.definition_file("web").read_text() == before
+    assert fake.calls == []
+
+
+def test_set_runtime_refuses_definition_keys(env):
+    machines, fake, paths = env
+    fake.units["pymachine-web.service"] = status("pymachine-web.service", transient=True)
+    with pytest.raises(InvalidInput, match="Notify= applies at the next start"):
+        units.set_properties("web", ["Notify=yes"], runtime=True, machines=machines)
+    assert fake.calls == []
+
+
 def test_install_units_copies_and_leaves_the_hosts_own(env):
     machines, fake, paths = env
     result = units.install_units(machines=machines)
@@ -523,3 +598,20 @@ def test_install_units_installs_pymachined_and_version_sees_it(env):
     assert (
         len(install.problems(paths)) == 1 and "not this pymachine's" in install.problems(paths)[0]
     )
+
+
+def test_enable_warns_of_wanted_and_required_machines_that_are_not_enabled(env):
+    machines, fake, paths = env
+    definitions.save(make("db", resources={}), paths)
+    definitions.save(make("cache", resources={}), paths)
+    definitions.save(make("app", requires=["db"], wants=["cache"], resources={}), paths)
+    warnings = units.enable("app", machines=machines).warnings
+    assert warnings == [
+        "machine 'app' requires 'db', which is not enabled: it will fail to start at boot "
+        "('pymachine enable db')",
+        "machine 'app' wants 'cache', which is not enabled: it will start at boot without it "
+        "('pymachine enable cache')",
+    ]
+    units.enable("db", machines=machines)
+    units.enable("cache", machines=machines)
+    assert units.enable("app", machines=machines).warnings == []

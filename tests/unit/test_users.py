@@ -1,7 +1,9 @@
-"""resolve() against a fake container /etc/passwd and /etc/group (no real files read)."""
+"""resolve() against a fake container /etc/passwd and /etc/group (no real files
+of this host read), and reader_in_root(), the runtime's read of them from the host."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -42,14 +44,14 @@ def container(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     (tmp_path / "etc").mkdir()
     (tmp_path / "etc/passwd").write_text(PASSWD)
     (tmp_path / "etc/group").write_text(GROUP)
-    real_entries = users._entries
+    real_read = users._read
     seen: list[str] = []
 
-    def entries(path: str) -> list[list[str]]:
+    def read(path: str) -> str | None:
         seen.append(path)
-        return real_entries(str(tmp_path) + path)
+        return real_read(str(tmp_path) + path)
 
-    monkeypatch.setattr(users, "_entries", entries)
+    monkeypatch.setattr(users, "_read", read)
     return seen
 
 
@@ -136,8 +138,8 @@ def test_carol_is_member_but_has_no_passwd_entry(container: list[str]) -> None:
 def test_missing_files_only_numeric_ids_work(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_entries = users._entries
-    monkeypatch.setattr(users, "_entries", lambda path: real_entries(str(tmp_path) + path))
+    real_read = users._read
+    monkeypatch.setattr(users, "_read", lambda path: real_read(str(tmp_path) + path))
     assert resolve("123:456") == User(123, 456, "/", "/bin/sh", "123", ())
     with pytest.raises(LookupError, match="'root' not found"):
         resolve("root")
@@ -146,17 +148,80 @@ def test_missing_files_only_numeric_ids_work(
 def test_entries_parses_a_real_file(tmp_path: Path) -> None:
     path = tmp_path / "passwd"
     path.write_text("# c\n\na:x:1:2:g:/h:/s\nb:x:3:4::/:\n")
-    assert users._entries(str(path)) == [
+    assert users._entries(str(path), users._read) == [
         ["a", "x", "1", "2", "g", "/h", "/s"],
         ["b", "x", "3", "4", "", "/", ""],
     ]
-    assert users._entries(str(tmp_path / "missing")) == []
+    assert users._entries(str(tmp_path / "missing"), users._read) == []
 
 
 def test_with_a_dict_of_lines(monkeypatch: pytest.MonkeyPatch) -> None:
     files = {
-        "/etc/passwd": [["svc", "x", "999", "998", "", "/var/lib/svc", "/bin/false"]],
-        "/etc/group": [["svc", "x", "998", ""], ["docker", "x", "997", "svc"]],
+        "/etc/passwd": "svc:x:999:998::/var/lib/svc:/bin/false\n",
+        "/etc/group": "svc:x:998:\ndocker:x:997:svc\n",
     }
-    monkeypatch.setattr(users, "_entries", lambda path: files.get(path, []))
-    assert resolve("svc") == User(999, 998, "/var/lib/svc", "/bin/false", "svc", (997,))
+    assert resolve("svc", files.get) == User(999, 998, "/var/lib/svc", "/bin/false", "svc", (997,))
+
+
+# --- reader_in_root: the runtime reads a hostile image's files from the host ---
+
+
+@pytest.fixture
+def image(tmp_path: Path):
+    """An image root under tmp_path/root, and an fd of it; tmp_path/host-passwd
+    is a file of "the host" that no link of the image may reach."""
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (tmp_path / "host-passwd").write_text("alice:x:0:0::/root:/bin/sh\n")
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+    yield root, fd
+    os.close(fd)
+
+
+def test_reader_in_root_reads_the_images_files(image) -> None:
+    root, fd = image
+    (root / "etc/passwd").write_text(PASSWD)
+    (root / "etc/group").write_text(GROUP)
+    assert resolve("alice", users.reader_in_root(fd)).uid == 1000
+
+
+@pytest.mark.parametrize(
+    "target", ["/../host-passwd", "../../host-passwd", "/../../../host-passwd"]
+)
+def test_a_link_in_the_image_never_reaches_a_host_file(image, target: str) -> None:
+    """/etc/passwd -> a path above the root resolves inside the root, where
+    there is no such file: the host's alice (uid 0) is never found."""
+    root, fd = image
+    (root / "etc/passwd").symlink_to(target)
+    with pytest.raises(LookupError, match="'alice' not found"):
+        resolve("alice", users.reader_in_root(fd))
+    (root / "host-passwd").write_text("alice:x:1000:1000::/:/bin/sh\n")  # inside: followed
+    assert resolve("alice", users.reader_in_root(fd)).uid == 1000
+
+
+def test_a_fifo_or_directory_is_not_read(image) -> None:
+    """A FIFO as /etc/passwd would block an open for reading (or a read): it is
+    not opened at all; nor is a directory."""
+    root, fd = image
+    os.mkfifo(root / "etc/passwd")
+    (root / "etc/group").mkdir()
+    read = users.reader_in_root(fd)
+    assert read("/etc/passwd") is None and read("/etc/group") is None
+    assert resolve("77:88", read).uid == 77
+
+
+def test_a_huge_or_binary_file_is_read_bounded(image) -> None:
+    root, fd = image
+    (root / "etc/passwd").write_bytes(b"bob:x:5:5::/:/bin/sh\n\xff\xfe\n" + b"x" * (5 << 20))
+    text = users.reader_in_root(fd)("/etc/passwd")
+    assert text is not None and len(text) == users.MAX_SIZE
+    assert resolve("bob", users.reader_in_root(fd)).uid == 5
+
+
+def test_group_id_by_name(container: list[str]) -> None:
+    """Device=: the machine's GID of the host node's group (kvm, render…)."""
+    assert users.group_id("wheel") == 10
+    assert users.group_id("audio") == 29
+    assert users.group_id("nosuch") is None
+    assert users.group_id("weird") is None  # no numeric GID: no group
+    assert users.group_id("comment") is None  # a commented-out line
