@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         importtime.main()
     if "snapshot" in only:  # not by default: it writes several GB
         snapshot.main(["-n", str(min(args.repeats, 3))])
-    if "daemon" in only:  # last: it installs pymachined, which the others do not measure
+    if "daemon" in only:  # the CLI through pymachined against the CLI in-process
         daemon.main(["-n", str(args.repeats)])
     if "network" in only:  # not by default: 100 bridged machines; installs pymachined
         network.main(["-n", str(args.repeats)])

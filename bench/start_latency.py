@@ -16,7 +16,12 @@ Unit only: an enabled machine (``pymachine enable``) started and stopped with
 for ``machines.target``, pymachine's unit against nspawn's with no CLI on
 either side (the CLI's Python start is most of what the rows above add).
 
-    python3 -m bench.start_latency [-n REPEATS]
+With pymachined installed (``pymachine install-units``, as a host that uses
+pymachine has it): a bridged machine's runtime asks the daemon for its
+network, and the CLI's verbs go through it. ``--no-daemon``: without it, the
+CLI and the runtime doing everything themselves.
+
+    python3 -m bench.start_latency [-n REPEATS] [--no-daemon]
 """
 
 from __future__ import annotations
@@ -199,8 +204,12 @@ def unit_only(repeats: int) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("-n", "--repeats", type=int, default=10)
+    parser.add_argument("--no-daemon", action="store_true")
     args = parser.parse_args(argv)
     ensure_image()
+    if not args.no_daemon:
+        run(pymachine("install-units"))
+        run(pymachine("list"))  # activated, warm
     load_start = load()
     fg = foreground(args.repeats)
     sv = service(args.repeats)
