@@ -208,8 +208,8 @@ def _set_up_locked(
             address6.split("/", 1)[0] if address6 else None,
             nft.bridge_elements(net.name, net.subnet, net.subnet6 if has6 else None),
         )
-        ifindex = links.create_veth(ipr, machine, ifname, bridge_index, netns_fd)
-    links.configure_inside(netns_fd, lease, net, ipv6=has6)
+        ifindex, peer_index = links.create_veth(ipr, machine, ifname, bridge_index, netns_fd)
+    links.configure_inside(netns_fd, lease, net, ipv6=has6, index=peer_index)
     net_state = NetworkState(
         host_ifname=ifname,
         host_ifindex=ifindex,

@@ -185,9 +185,12 @@ def _add_ipv6(ipr: IPRoute, index: int, address: str, prefixlen: int) -> bool:
     return True
 
 
-def create_veth(ipr: IPRoute, machine: str, ifname: str, bridge_index: int, netns_fd: int) -> int:
+def create_veth(
+    ipr: IPRoute, machine: str, ifname: str, bridge_index: int, netns_fd: int
+) -> tuple[int, int]:
     """A veth pair: ``ifname`` on the bridge and up (set in the creating
-    request), its peer ``host0`` straight in the machine's netns."""
+    request), its peer ``host0`` straight in the machine's netns: (the host
+    side's index, the peer's index in the machine's namespace)."""
     ipr.link(
         "add",
         ifname=ifname,
@@ -201,11 +204,11 @@ def create_veth(ipr: IPRoute, machine: str, ifname: str, bridge_index: int, netn
             "net_ns_fd": netns_fd,
         },
     )
-    index = index_of(ipr, ifname)
-    if index is None:
+    link = _link(ipr, ifname)
+    if link is None:
         raise PymachineError(f"veth {ifname!r} vanished right after being created")
-    ipr.link("set", index=index, ifalias=ALIAS_PREFIX + machine)  # not taken at creation
-    return index
+    ipr.link("set", index=link["index"], ifalias=ALIAS_PREFIX + machine)  # not taken at creation
+    return link["index"], link.get("IFLA_LINK")  # a veth's link is its peer
 
 
 def pymachine_links(ipr: IPRoute) -> dict[str, str]:
@@ -268,12 +271,16 @@ def host_networks(ipr: IPRoute, exclude_ifname: str | None = None) -> list[ipadd
 # --- machine side ----------------------------------------------------------------
 
 
-def configure_inside(netns_fd: int, lease: Lease, net: BridgeNet, ipv6: bool) -> None:
-    """``lo`` and ``host0`` up, the lease's addresses on ``host0``, default routes via the bridge."""
+def configure_inside(
+    netns_fd: int, lease: Lease, net: BridgeNet, ipv6: bool, index: int | None = None
+) -> None:
+    """``lo`` and ``host0`` (INDEX, when the caller knows it) up, the lease's
+    addresses on ``host0``, default routes via the bridge."""
     address = ipaddress.IPv4Interface(lease.address)
     with netns(netns_fd) as ipr:
         ipr.link("set", index=LOOPBACK_IFINDEX, state="up")
-        index = index_of(ipr, CONTAINER_IFNAME)
+        if index is None:
+            index = index_of(ipr, CONTAINER_IFNAME)
         if index is None:
             raise PymachineError(f"{CONTAINER_IFNAME} is missing in the machine's namespace")
         _ignore(

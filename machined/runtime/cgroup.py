@@ -9,13 +9,14 @@ just before (~11 ms measured in a tier-1 host, more on a loaded machine). The
 runtime therefore splits in a thread (:class:`PayloadSplit`) that it starts
 right after forking the container's intermediate, so the wait overlaps its
 imports. Imported on the start path before those imports: ``os`` and
-``_thread`` only.
+:mod:`.threads` only.
 """
 
 from __future__ import annotations
 
-import _thread
 import os
+
+from machined.runtime.threads import InThread
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 
@@ -64,25 +65,8 @@ class PayloadSplit:
     """:func:`split_for_payload` in a thread of its own; :meth:`result` waits for it."""
 
     def __init__(self, payload_pid: int) -> None:
-        self._done = _thread.allocate_lock()
-        self._done.acquire()
-        self._dirs: tuple[str, str] | None = None
-        self._error: BaseException | None = None
-        _thread.start_new_thread(self._split, (payload_pid,))
-
-    def _split(self, payload_pid: int) -> None:
-        try:
-            self._dirs = split_for_payload(payload_pid)
-        except BaseException as exc:  # raised in the runtime's thread by result()
-            self._error = exc
-        finally:
-            self._done.release()
+        self._split = InThread(split_for_payload, payload_pid)
 
     def result(self) -> tuple[str, str]:
         """(supervisor, payload) directories, once both processes are in them."""
-        with self._done:
-            pass
-        if self._error is not None:
-            raise self._error
-        assert self._dirs is not None
-        return self._dirs
+        return self._split.result()

@@ -112,6 +112,7 @@ class Supervisor:
         self.cgroups = cgroups  # the cgroup split, started with it by __main__, or by run()
         self._bus = None  # the system bus, from the network's set-up or _register on
         self.own_network = False  # set up by this process (no pymachined): torn down by it too
+        self._network_call = None  # pymachined's SetUpNetwork, under way (_setup_network)
         self._userns_fd: int | None = None  # the container's user namespace (_container_userns)
         self.handed_over = False  # service mode: PID 1 is the unit's main process now
         self.notify = None  # Notify=: the payload's notify socket (runtime/notify.py)
@@ -190,7 +191,13 @@ class Supervisor:
             names += ["hosts", "resolv.conf"]
         elif mode == NetworkMode.BRIDGE:
             if cleanup.daemon_cleans(self.paths):
-                self.network_state = self._network_from_daemon()
+                from machined.runtime.threads import InThread
+
+                # pymachined writes these in place: they exist for the binds,
+                # which the root's mounts make while it answers (_await_network)
+                for name in ("hosts", "resolv.conf"):
+                    (etc_dir / name).touch()
+                self._network_call = InThread(self._network_from_daemon)
             else:
                 from machined import network
 
@@ -206,6 +213,13 @@ class Supervisor:
             for name in names
             if (etc_dir / name).exists()
         ]
+
+    def _await_network(self) -> None:
+        """pymachined's answer to the call :meth:`_setup_network` started (its
+        error, if it failed): before PID 1 is told to go on."""
+        if self._network_call is not None:
+            call, self._network_call = self._network_call, None
+            self.network_state = call.result()
 
     def _network_from_daemon(self) -> dict:
         """pymachined's ``SetUpNetwork``: one call (it activates the daemon if it
@@ -416,13 +430,14 @@ class Supervisor:
             binds += self._setup_network()  # meanwhile the intermediate loads the set-up
             binds += self._notify_binds()
             binds += self._credential_binds()
-            _crash_point("after-network")
-            try:
+            try:  # while pymachined sets up a bridged machine's network
                 mounts.build_rootfs(self._rootfs_spec(binds, payload_cg), filesystems)
             finally:
                 for fd in filesystems:
                     if fd >= 0:
                         os.close(fd)
+            self._await_network()
+            _crash_point("after-network")
             message = self._container_message(restrictions)
             leader.send(go_write, message)
             if self.notify is not None and not self.definition.boot:  # PID 1 takes them

@@ -91,8 +91,8 @@ def test_bridge_veth_and_machine_side(namespaces: tuple[int, int]) -> None:
         bridge, has6 = links.ensure_bridge(handle, net, ipv6=True)
         assert has6 or not os.path.exists("/proc/sys/net/ipv6")
         assert links.ensure_bridge(handle, net, ipv6=True) == (bridge, has6)  # EEXIST ignored
-        index = links.create_veth(handle, "web", "vm-web", bridge, machine_fd)
-        links.configure_inside(machine_fd, lease, net, ipv6=has6)
+        index, peer = links.create_veth(handle, "web", "vm-web", bridge, machine_fd)
+        links.configure_inside(machine_fd, lease, net, ipv6=has6, index=peer)
         links.configure_inside(machine_fd, lease, net, ipv6=has6)  # again: EEXIST ignored
 
         seen = _by_name(host)
@@ -107,7 +107,7 @@ def test_bridge_veth_and_machine_side(namespaces: tuple[int, int]) -> None:
         )
         assert veth["address"] == mac_address("host:web") and "UP" in veth["flags"]
         inside = _by_name(machine)
-        assert set(inside) == {"lo", "host0"}
+        assert set(inside) == {"lo", "host0"} and inside["host0"]["ifindex"] == peer
         assert inside["host0"]["address"] == mac_address("machine:web")
         assert "UP" in inside["host0"]["flags"] and "UP" in inside["lo"]["flags"]
 
