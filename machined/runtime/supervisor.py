@@ -422,12 +422,14 @@ class Supervisor:
             if not line.startswith(b"P"):
                 raise StartError("the container exited while creating its namespaces")
             self.child = int(line[1:])
+            # while PID 1 opens its file systems (and, bridged with pymachined,
+            # until the root's mounts are made: _await_network)
+            binds += self._setup_network()
             filesystems = intermediate.filesystems(
                 keep_open=self._notifies() and not self.definition.boot
             )
             if filesystems is None:
                 raise StartError("the container failed to open its file systems (see above)")
-            binds += self._setup_network()  # meanwhile the intermediate loads the set-up
             binds += self._notify_binds()
             binds += self._credential_binds()
             try:  # while pymachined sets up a bridged machine's network
