@@ -17,12 +17,17 @@ WEB = "echo hi-from-$(hostname) > /index.html; exec httpd -f -p 80 -h /"
 SLEEP = "while :; do sleep 1; done"
 
 
-@pytest.fixture(scope="module")
-def net_host(tmp_path_factory) -> SystemdHost:
+@pytest.fixture(scope="module", params=["pymachined", "no-daemon"])
+def net_host(request, tmp_path_factory) -> SystemdHost:
+    """Every test twice: with pymachined installed (it sets up and removes the
+    machines' network) and without it (the runtime does it itself)."""
     from tests.harness import require_tier1
 
     require_tier1()
     with private_network_host(tmp_path_factory.mktemp("net-host"), "pymnet") as host:
+        if request.param == "pymachined":
+            host.run("chmod 711 /root")  # the test run's interpreter may live under /root
+            host.pymachine("install-units")
         host.pymachine("bootstrap", "--distro", "busybox", "tiny")
         # The "outside world": a namespace on a veth of its own, documentation addresses.
         host.run(
