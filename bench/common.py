@@ -218,6 +218,12 @@ def pss_kb(pid: int) -> tuple[int, int]:
     return pss, rss
 
 
+def main_pss_kb(unit: str) -> int:
+    """Pss in kB of UNIT's main process."""
+    pid = run(["systemctl", "show", "-P", "MainPID", unit]).stdout.strip()
+    return pss_kb(int(pid))[0]
+
+
 def unit_pids(unit: str) -> list[int]:
     """Every process in UNIT's cgroup (recursively), from systemd."""
     out = run(["systemctl", "show", "-p", "ControlGroup", "--value", unit]).stdout.strip()

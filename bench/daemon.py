@@ -23,6 +23,7 @@ from bench.common import (
     PAIR_HEADERS,
     ensure_image,
     load,
+    main_pss_kb,
     nspawn_machine,
     nspawn_remove,
     pair_row,
@@ -44,15 +45,6 @@ def timed(argv: list[str], env: dict[str, str] = ENV) -> float:
     start = time.perf_counter()
     subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, env=env, check=False)
     return time.perf_counter() - start
-
-
-def pss_kb(unit: str) -> int:
-    pid = run(["systemctl", "show", "-P", "MainPID", unit]).stdout.strip()
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    return 0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -122,8 +114,8 @@ def main(argv: list[str] | None = None) -> None:
         max(3, args.repeats // 2), {"first": cold, "warm": lambda: timed(pymachine("list"))}
     )
     memory = {
-        "pymachined": pss_kb("pymachined.service"),
-        "machined": pss_kb("systemd-machined.service"),
+        "pymachined": main_pss_kb("pymachined.service"),
+        "machined": main_pss_kb("systemd-machined.service"),
     }
     raw = {**cycle, **reads, **first, "list during a stop": during}
     rows = []

@@ -25,6 +25,7 @@ from bench.common import (
     PAIR_HEADERS,
     ensure_image,
     load,
+    main_pss_kb,
     nspawn_machine,
     nspawn_remove,
     pair_row,
@@ -39,15 +40,6 @@ from bench.common import (
 )
 
 OURS, REF = "bnet", "bnetref"
-
-
-def pss_kb(unit: str) -> int:
-    pid = run(["systemctl", "show", "-P", "MainPID", unit]).stdout.strip()
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    return 0
 
 
 def _settled(value: float) -> float:
@@ -66,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     ensure_image()
     run(["systemctl", "stop", "pymachined.service"], check=False)
     run(pymachine("list"))  # activated, no bridged machine yet
-    memory = {"activated": pss_kb("pymachined.service")}
+    memory = {"activated": main_pss_kb("pymachined.service")}
 
     pym_create(OURS, command=["/bin/sleep", "1000000"])
     nspawn_machine(REF, private_users=True, veth=True)
@@ -81,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         },
         before=lambda: run(["systemctl", "reset-failed", ref_unit], check=False),
     )
-    memory["after bridged starts"] = pss_kb("pymachined.service")
+    memory["after bridged starts"] = main_pss_kb("pymachined.service")
     run(pymachine("enable", OURS))
     unit = f"pymachine-{OURS}.service"
     units = rounds(
@@ -105,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     run(pymachine("start", *names), timeout=1800)
     many_start = time.perf_counter() - started
     time.sleep(2)
-    memory[f"{args.machines} bridged machines"] = pss_kb("pymachined.service")
+    memory[f"{args.machines} bridged machines"] = main_pss_kb("pymachined.service")
     started = time.perf_counter()
     run(pymachine("stop", *names), timeout=1800)
     many_stop = time.perf_counter() - started
