@@ -6,6 +6,7 @@ package's docstring (:mod:`machined.network`) for the design."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 from dataclasses import asdict, dataclass
@@ -16,6 +17,8 @@ from machined.names import validate_machine_name
 from machined.network import addresses, dns, etc, state
 from machined.network.config import NetworkConfig, NetworkMode, PortForward
 from machined.paths import Paths
+
+log = logging.getLogger("pymachined")
 
 __all__ = [
     "NetworkConfig",
@@ -101,9 +104,7 @@ def attach(
                 with Bus() as bus:
                     proxy_units.start(Systemd(bus), machine, machine_unit, proxies)
             except Exception as exc:  # the IPv4 and other IPv6 forwards still work
-                import logging
-
-                logging.getLogger("pymachined").warning(
+                log.warning(
                     "machine %s: port forwards on [::1] are not available: %s", machine, exc
                 )
     except BaseException:
@@ -128,11 +129,7 @@ def _ensure_dns(paths: Paths, bridge: str) -> bool:
         with Bus() as bus:
             return dns.ensure(Systemd(bus), paths, bridge)
     except Exception as exc:
-        import logging
-
-        logging.getLogger("pymachined").warning(
-            "names of machines on %s are not served (dnsmasq): %s", bridge, exc
-        )
+        log.warning("names of machines on %s are not served (dnsmasq): %s", bridge, exc)
         return False
 
 
