@@ -51,15 +51,13 @@ def machine_unit_of(pid: int, name: str) -> str:
     or ``.scope`` for ``run``), or :class:`AccessDenied`: the daemon configures
     the network namespace of a machine's own process, never another's (the
     host's, or a different machine's)."""
-    from machined.runtime.cgroup import own_cgroup
+    from machined.runtime.cgroup import own_cgroup, unit_of
 
-    units = {f"pymachine-{name}.service", f"pymachine-{name}.scope"}
     try:
-        parts = own_cgroup(pid).split("/")
+        unit = unit_of(own_cgroup(pid))
     except OSError:
         raise NotRunning(f"machine '{name}': process {pid} is gone") from None
-    unit = next((part for part in parts if part in units), None)
-    if unit is None:
+    if unit not in (f"pymachine-{name}.service", f"pymachine-{name}.scope"):
         raise AccessDenied(f"process {pid} is not in the unit of machine '{name}'")
     if os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat("/proc/self/ns/net").st_ino:
         raise AccessDenied(f"process {pid} of machine '{name}' has no network namespace of its own")

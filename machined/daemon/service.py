@@ -81,15 +81,18 @@ class Daemon:
             self.bus, msg.sender, action, details, interactive=interactive, what=what
         )
 
-    async def blocking(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """FN(*ARGS) on a worker thread: the library blocks on systemd's jobs."""
-        return await asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args))
+    async def blocking(
+        self, fn: Callable[..., Any], *args: Any, executor: ThreadPoolExecutor | None = None
+    ) -> Any:
+        """FN(*ARGS) on a worker thread (of EXECUTOR, else the shared pool): the
+        library blocks on systemd's jobs."""
+        return await asyncio.get_running_loop().run_in_executor(
+            executor, functools.partial(fn, *args)
+        )
 
     async def networking(self, fn: Callable[..., Any], *args: Any) -> Any:
         """FN(*ARGS) on a network worker thread (set-up, clean-up, reconciliation)."""
-        return await asyncio.get_running_loop().run_in_executor(
-            self.network_executor, functools.partial(fn, *args)
-        )
+        return await self.blocking(fn, *args, executor=self.network_executor)
 
     async def with_machines(self, fn: Callable[..., Any], *args: Any) -> Any:
         """FN(Machines, *ARGS) on a worker thread with a bus connection of its own."""

@@ -143,14 +143,7 @@ def ensure_bridge(ipr: IPRoute, net: BridgeNet, ipv6: bool) -> tuple[int, bool]:
     if kind != "bridge":
         raise Conflict(f"interface {net.name!r} exists and is not a bridge ({kind})")
     index = link["index"]
-    _ignore(
-        (errno.EEXIST,),
-        ipr.addr,
-        "add",
-        index=index,
-        address=str(net.gateway),
-        prefixlen=net.subnet.prefixlen,
-    )
+    _add_address(ipr, index, str(net.gateway), net.subnet.prefixlen)
     has6 = (
         ipv6
         and net.subnet6 is not None
@@ -165,19 +158,24 @@ def ensure_bridge(ipr: IPRoute, net: BridgeNet, ipv6: bool) -> tuple[int, bool]:
 IFA_F_NODAD = 0x02
 
 
+def _add_address(ipr: IPRoute, index: int, address: str, prefixlen: int, **extra: Any) -> None:
+    """Add an address to the interface; one it already has is no error."""
+    _ignore(
+        (errno.EEXIST,),
+        ipr.addr,
+        "add",
+        index=index,
+        address=address,
+        prefixlen=prefixlen,
+        **extra,
+    )
+
+
 def _add_ipv6(ipr: IPRoute, index: int, address: str, prefixlen: int) -> bool:
     """Add an IPv6 address without duplicate detection; False where IPv6 is
     disabled on this host or interface."""
     try:
-        _ignore(
-            (errno.EEXIST,),
-            ipr.addr,
-            "add",
-            index=index,
-            address=address,
-            prefixlen=prefixlen,
-            flags=IFA_F_NODAD,
-        )
+        _add_address(ipr, index, address, prefixlen, flags=IFA_F_NODAD)
     except NetlinkError as exc:
         if exc.code not in (errno.EACCES, errno.EPERM, errno.EAFNOSUPPORT, errno.EOPNOTSUPP):
             raise
@@ -283,14 +281,7 @@ def configure_inside(
             index = index_of(ipr, CONTAINER_IFNAME)
         if index is None:
             raise PymachineError(f"{CONTAINER_IFNAME} is missing in the machine's namespace")
-        _ignore(
-            (errno.EEXIST,),
-            ipr.addr,
-            "add",
-            index=index,
-            address=str(address.ip),
-            prefixlen=address.network.prefixlen,
-        )
+        _add_address(ipr, index, str(address.ip), address.network.prefixlen)
         use6 = ipv6 and lease.address6 is not None and net.gateway6 is not None
         if use6:
             address6 = ipaddress.IPv6Interface(lease.address6)
